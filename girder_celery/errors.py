@@ -1,0 +1,139 @@
+"""Errors: ``GirderError`` and its chain through sub-requests.
+
+A failed request is stored as a JSON-family dict (never a pickled exception, invariant 7) and
+rebuilt as a ``GirderError`` in every waiter. ``causes`` holds the failed sub-requests' errors,
+so the chain from the outermost request to the innermost failure survives any number of hops.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = ["GirderConnectionError", "GirderError", "GirderTimeout"]
+
+
+class GirderError(Exception):
+    """A girder request failed, or girder could not do what was asked.
+
+    Attributes:
+        key: the failed request's key, when there is one.
+        request: the request in readable form, e.g. ``proj.tasks.divide(1, 0)``.
+        exc_type: the qualified name of the exception raised remotely.
+        message: that exception's message.
+        remote_traceback: the traceback text from the executor that ran the request.
+        causes: the ``GirderError`` of each failed sub-request this failure came from.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        key: str | None = None,
+        request: str | None = None,
+        exc_type: str | None = None,
+        remote_traceback: str | None = None,
+        causes: list[GirderError] | tuple[GirderError, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.key = key
+        self.request = request
+        self.exc_type = exc_type
+        self.remote_traceback = remote_traceback
+        self.causes = list(causes)
+        if self.causes:
+            self.__cause__ = self.causes[0]
+
+    def chain(self) -> list[GirderError]:
+        """This error and its first cause, recursively: outermost first."""
+        links, err = [self], self
+        while err.causes:
+            err = err.causes[0]
+            links.append(err)
+        return links
+
+    def _line(self) -> str:
+        what = f"{self.exc_type}: {self.message}" if self.exc_type else self.message
+        return f"{self.request} failed: {what}" if self.request else what
+
+    def __str__(self) -> str:
+        links = self.chain()
+        lines = [links[0]._line()] + [f"  caused by {e._line()}" for e in links[1:]]
+        innermost = next((e for e in reversed(links) if e.remote_traceback), None)
+        if innermost is not None:
+            lines.append(f"Remote traceback of {innermost.request or innermost.key}:")
+            lines.append(innermost.remote_traceback.rstrip())
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-family form stored in the state store."""
+        return {
+            "message": self.message,
+            "key": self.key,
+            "request": self.request,
+            "exc_type": self.exc_type,
+            "traceback": self.remote_traceback,
+            "causes": [c.to_dict() for c in self.causes],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GirderError:
+        """Rebuild an error stored by :meth:`to_dict`."""
+        return cls(
+            data.get("message", ""),
+            key=data.get("key"),
+            request=data.get("request"),
+            exc_type=data.get("exc_type"),
+            remote_traceback=data.get("traceback"),
+            causes=[cls.from_dict(c) for c in data.get("causes") or ()],
+        )
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, *, key: str, request: str) -> GirderError:
+        """The error of a request whose function raised ``exc``."""
+        causes = [e for e in _exception_chain(exc) if isinstance(e, GirderError)]
+        exc_cls = type(exc)
+        return cls(
+            str(exc) if not isinstance(exc, GirderError) else "a sub-request failed",
+            key=key,
+            request=request,
+            exc_type=f"{exc_cls.__module__}.{exc_cls.__qualname__}".removeprefix("builtins."),
+            remote_traceback="".join(traceback.format_exception(exc)),
+            causes=causes[:1] if isinstance(exc, GirderError) else causes,
+        )
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    seen, out, cur = set(), [], exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+class GirderTimeout(GirderError, TimeoutError):
+    """A wait ran out of time; ``key`` and ``state`` say what was still pending."""
+
+    def __init__(self, message: str, *, key: str, state: str | None, request: str | None = None):
+        super().__init__(message, key=key, request=request)
+        self.state = state
+
+
+class GirderConnectionError(GirderError, ConnectionError):
+    """The state store could not be reached; ``url`` names it (without its password)."""
+
+    def __init__(self, message: str, *, url: str):
+        super().__init__(message)
+        self.url = url
+
+
+def safe_url(url: str) -> str:
+    """``url`` with any password masked, fit for an error message or a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

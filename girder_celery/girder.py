@@ -1,0 +1,290 @@
+"""``Girder(app)``: binds girder to a Celery app and is the entry point of its public API.
+
+It owns the settings, the state store client and this process's executor, makes the task base
+class and decorator, and publishes offers for new requests. Installing it adds the worker
+bootstep and the unknown-task handler, so ``celery -A proj worker`` needs no extra flags.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import cached_property
+from typing import Any
+
+import redis
+from celery import Celery, Signature
+from kombu.utils import json as kombu_json
+
+from .errors import GirderConnectionError, GirderError, safe_url
+from .execute import Executor
+from .settings import Settings
+from .store import Outcome, StateStore
+from .task import GirderTask, Request
+from .wait import Wait
+
+__all__ = ["Girder"]
+
+_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+
+#: ``@girder.task`` options of girder's own; everything else goes to Celery.
+GIRDER_OPTIONS = ("version", "cache_ttl", "cache_errors")
+#: ``app.task`` options that are not Task attributes.
+_DECORATOR_OPTIONS = {
+    "name", "base", "bind", "shared", "lazy", "filter", "autoretry_for", "dont_autoretry_for",
+    "retry_kwargs", "retry_backoff", "retry_backoff_max", "retry_jitter", "pydantic",
+    "pydantic_strict", "pydantic_context", "pydantic_dump_kwargs",
+}  # fmt: skip
+
+
+class Girder:
+    """Girder installed on a Celery app.
+
+    Args:
+        app: the Celery app whose broker, routing and result backend girder uses.
+        url: Redis URL of the state store; defaults to ``app.conf.girder_url``.
+    """
+
+    def __init__(self, app: Celery, url: str | None = None) -> None:
+        if not isinstance(app, Celery):
+            raise TypeError(f"Girder needs a Celery app, not {type(app).__name__}")
+        if url is not None and not isinstance(url, str):
+            raise TypeError(f"url must be a str, not {type(url).__name__}")
+        self.app = app
+        self._url = url
+        self.Task: type[GirderTask] = type("GirderTask", (GirderTask, app.Task), {"girder": self})
+        from .worker import install
+
+        install(self)
+
+    # -- configuration and connections -----------------------------------------------------
+
+    @cached_property
+    def settings(self) -> Settings:
+        """The app's ``girder_*`` settings, read on first use (after the app is configured)."""
+        return Settings.from_conf(self.app.conf, self._url)
+
+    @cached_property
+    def store(self) -> StateStore:
+        s = self.settings
+        client = redis.Redis.from_url(
+            s.url,
+            decode_responses=True,
+            socket_connect_timeout=s.connect_timeout,
+            socket_timeout=30.0,
+        )
+        return StateStore(client, s.key_prefix)
+
+    @cached_property
+    def executor(self) -> Executor:
+        return Executor(self)
+
+    def connection_error(self, exc: BaseException) -> GirderConnectionError:
+        url = safe_url(self.settings.url)
+        return GirderConnectionError(f"cannot reach girder's state store at {url}: {exc}", url=url)
+
+    def result_ttl_ms(self, task: GirderTask) -> int:
+        ttl = task.cache_ttl if task.cache_ttl is not None else self.settings.result_ttl
+        return int(ttl * 1000) if ttl else 0
+
+    def error_ttl_ms(self, task: GirderTask) -> int:
+        return self.result_ttl_ms(task) if task.cache_errors else int(self.settings.error_ttl * 1000)
+
+    # -- JSON-family values (invariant 7) ----------------------------------------------------
+
+    @staticmethod
+    def encode_value(value: Any) -> str:
+        return kombu_json.dumps(value)
+
+    @staticmethod
+    def decode_value(text: str) -> Any:
+        return kombu_json.loads(text)
+
+    encode_json = encode_value
+    decode_json = decode_value
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def task(self, *args: Any, **options: Any) -> Any:
+        """Decorator making a girder task: ``@girder.task`` or ``@girder.task(**options)``.
+
+        Takes every Celery task option, plus ``version`` (str, part of the key), ``cache_ttl``
+        (seconds a done value is kept) and ``cache_errors`` (memoize failures, default False).
+        """
+        _validate_task_options(options)
+        base = options.pop("base", None)
+        if base is None:
+            base = self.Task
+        elif not issubclass(base, GirderTask):
+            base = type(f"Girder{base.__name__}", (self.Task, base), {})
+        options["base"] = base
+        if len(args) == 1 and callable(args[0]):
+            return self.app.task(args[0], **options)
+        if args:
+            raise TypeError("girder.task takes the function or keyword options, not positional options")
+        return self.app.task(**options)
+
+    def _task_for(self, sig: Any) -> GirderTask:
+        if not isinstance(sig, Signature):
+            raise TypeError(f"expected a signature such as task.s(...), got {type(sig).__name__}: {sig!r}")
+        task = self.app.tasks.get(sig.task)
+        if task is None:
+            raise GirderError(f"no task named {sig.task!r} is registered with this app")
+        if not isinstance(task, GirderTask):
+            raise TypeError(f"{sig.task} is not a girder task; decorate it with @girder.task")
+        return task
+
+    def _prepare(self, sig: Any, pool: str | None) -> Request:
+        if pool is not None and (not isinstance(pool, str) or not pool):
+            raise TypeError(f"pool must be a queue name, not {pool!r}")
+        task = self._task_for(sig)
+        return task.prepare(sig.args, sig.kwargs, pool or sig.options.get("queue"))
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def request(self, sig: Signature, timeout: float | None = None, pool: str | None = None) -> Any:
+        """Request ``sig`` (e.g. ``add.s(1, 2)``) and return its value.
+
+        Args:
+            sig: a signature of a girder task.
+            timeout: seconds to wait; default ``girder_request_timeout``.
+            pool: queue to offer it to; default ``girder_pool``, then Celery's routing.
+
+        Raises:
+            GirderError: the request failed (its chain names the failing sub-requests).
+            GirderTimeout: the timeout passed first.
+            GirderConnectionError: the state store cannot be reached.
+        """
+        return self.requests([sig], timeout=timeout, pool=pool)[0]
+
+    def requests(
+        self,
+        sigs: Iterable[Signature],
+        timeout: float | None = None,
+        pool: str | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Request every signature at once and return their values in order.
+
+        With ``return_exceptions`` a failed request's ``GirderError`` takes its place in the
+        list; otherwise the first failure seen is raised.
+        """
+        if isinstance(sigs, (Signature, str, bytes)) or not isinstance(sigs, Iterable):
+            raise TypeError("requests() takes an iterable of signatures, e.g. [add.s(1, 2), add.s(3, 4)]")
+        prepared = [self._prepare(sig, pool) for sig in sigs]
+        return self.wait(prepared, timeout, return_exceptions)
+
+    def wait(
+        self, requests: list[Request], timeout: float | None = None, return_exceptions: bool = False
+    ) -> list[Any]:
+        """Submit prepared requests and wait for them (used by ``task.call`` and ``requests``)."""
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        ):
+            raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
+        if not requests:
+            return []
+        return Wait(self, requests, timeout).run(return_exceptions)
+
+    def submit(self, requests: list[Request], mailbox: str, offer: bool = True) -> list[Outcome]:
+        """Submit to the store in one round trip; publish an offer for each new request."""
+        reoffer_ms = int(self.settings.reoffer_after * 1000)
+        try:
+            outcomes = self.store.submit([r.item for r in requests], mailbox, reoffer_ms)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise self.connection_error(exc) from exc
+        if offer:
+            for request, outcome in zip(requests, outcomes):
+                if outcome.verdict == "offer":
+                    self.publish(request)
+        return outcomes
+
+    def publish(self, request: Request) -> None:
+        """Send one offer message for ``request`` (task id = key) to its pool's queue.
+
+        This is Celery's ``send_task`` minus the result-backend subscription: girder's waiter
+        hears from the state store, so no client-side result consumer is left behind.
+        """
+        task, app = request.task, self.app
+        options = {k: v for k, v in task._get_exec_options().items() if v is not None}
+        pool = request.pool or self.settings.pool
+        if pool:
+            options["queue"] = pool
+        time_limit = options.pop("time_limit", None)
+        soft_time_limit = options.pop("soft_time_limit", None)
+        options.pop("expires", None)  # an expired offer would be a lost one
+        options = app.amqp.router.route(options, task.name, request.args, request.kwargs, task)
+        parent = app.current_worker_task
+        root_id = parent_id = None
+        if parent is not None:
+            parent_id = parent.request.id
+            root_id = parent.request.root_id or parent_id
+        message = app.amqp.create_task_message(
+            request.key, task.name, list(request.args), request.kwargs,
+            time_limit=time_limit, soft_time_limit=soft_time_limit,
+            create_sent_event=app.conf.task_send_sent_event,
+            root_id=root_id, parent_id=parent_id, ignore_result=task.ignore_result,
+        )  # fmt: skip
+        with app.producer_or_acquire() as producer:
+            app.amqp.send_task_message(producer, task.name, message, **options)
+
+    # -- inspection -------------------------------------------------------------------------
+
+    def key_of(self, sig_or_key: Signature | str) -> str:
+        """The key of a signature, or a key given as its 64 hex digits."""
+        if isinstance(sig_or_key, str):
+            if not _KEY_RE.match(sig_or_key):
+                raise ValueError(f"not a girder key (64 lowercase hex digits): {sig_or_key!r}")
+            return sig_or_key
+        return self._prepare(sig_or_key, None).key
+
+    def state(self, sig_or_key: Signature | str) -> dict[str, Any]:
+        """What the store knows of a request: ``state`` (absent, queued, running, done,
+        failed), ``owner``, ``node``, ``ran_by``, ``attempts``, ``offers``, ``pool``,
+        ``request`` and the ``created_at``/``offered_at``/``started_at``/``finished_at``
+        timestamps (seconds since the epoch)."""
+        key = self.key_of(sig_or_key)
+        try:
+            record = self.store.record(key)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise self.connection_error(exc) from exc
+        return _describe(key, record)
+
+    def forget(self, sig_or_key: Signature | str) -> bool:
+        """Drop a settled request's memoized value or error; True if there was one.
+
+        A request still queued or running is left alone (its waiters are owed an answer).
+        """
+        key = self.key_of(sig_or_key)
+        try:
+            return self.store.forget(key) in ("done", "failed")
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise self.connection_error(exc) from exc
+
+
+def _describe(key: str, record: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"key": key, "state": record.get("state", "absent")}
+    for field in ("request", "name", "owner", "node", "ran_by"):
+        out[field] = record.get(field) or None
+    out["pool"] = record.get("pool") or None
+    for field in ("attempts", "offers"):
+        out[field] = int(record.get(field, 0))
+    for field in ("created_at", "offered_at", "started_at", "finished_at", "lease_until"):
+        out[field] = int(record[field]) / 1000 if record.get(field) else None
+    return out
+
+
+def _validate_task_options(options: dict[str, Any]) -> None:
+    for name in options:
+        if name not in _DECORATOR_OPTIONS and name not in GIRDER_OPTIONS and not hasattr(GirderTask, name):
+            raise TypeError(
+                f"unknown task option {name!r}: girder.task takes Celery's task options and {GIRDER_OPTIONS}"
+            )
+    version = options.get("version")
+    if version is not None and (not isinstance(version, str) or not version):
+        raise TypeError(f"version must be a non-empty str, not {version!r}")
+    ttl = options.get("cache_ttl")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
+        raise TypeError(f"cache_ttl must be a positive number of seconds or None, not {ttl!r}")
+    if "cache_errors" in options and not isinstance(options["cache_errors"], bool):
+        raise TypeError(f"cache_errors must be True or False, not {options['cache_errors']!r}")

@@ -1,0 +1,175 @@
+"""Canonical encoding of requests and their keys (invariant 6).
+
+A request is a task name, an optional version and the call's arguments bound to the function's
+signature with defaults applied, so every spelling of the same call encodes to the same text.
+The encoding is typed and exact: ``1``, ``1.0``, ``True`` and ``"1"`` differ, ``{1: x}`` and
+``{"1": x}`` differ, dict order never matters, and a tuple encodes as the list with the same items.
+The canonical text is both what is hashed (SHA-256) and the payload a worker decodes to call the
+function, so the function receives exactly what the key describes (tuples arrive as lists).
+
+Supported argument types: ``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``, ``list``,
+``tuple``, ``dict`` (keys of type ``str``, ``int``, ``float``, ``bool`` or ``None``),
+``datetime.datetime``, ``datetime.date``, ``datetime.time``, ``decimal.Decimal`` and ``uuid.UUID``.
+Anything else raises ``TypeError`` naming the argument's path, e.g. ``args[0]['a'][2]``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import hashlib
+import inspect
+import json
+import reprlib
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["bind_arguments", "decode_payload", "encode_payload", "readable", "request_key"]
+
+#: Marker of a tagged value; a user dict holding this key is itself encoded tagged.
+TAG = "__girder__"
+
+_SCALARS = (str, int, float, type(None))
+_KEY_TYPES = (str, int, float, bool, type(None))
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True).encode
+
+
+def _tagged(tag: str, value: Any) -> dict:
+    return {TAG: tag, "v": value}
+
+
+def _encode_dict(value: dict, path: str) -> Any:
+    if all(type(k) is str for k in value) and TAG not in value:
+        return {k: _encode(v, f"{path}[{k!r}]") for k, v in value.items()}
+    items = []
+    for k, v in value.items():
+        if type(k) not in _KEY_TYPES:
+            raise TypeError(
+                f"{path} has a dict key of unsupported type {type(k).__name__} ({k!r}); "
+                "girder dict keys must be str, int, float, bool or None"
+            )
+        items.append([_encode(k, path), _encode(v, f"{path}[{k!r}]")])
+    items.sort(key=lambda kv: _dumps(kv[0]))
+    return _tagged("dict", items)
+
+
+def _encode(value: Any, path: str) -> Any:
+    t = type(value)
+    if t is bool or t in _SCALARS:
+        return value
+    if t is list or t is tuple:
+        return [_encode(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if t is dict:
+        return _encode_dict(value, path)
+    if t is bytes:
+        return _tagged("bytes", base64.b64encode(value).decode("ascii"))
+    if t is dt.datetime:
+        return _tagged("datetime", value.isoformat())
+    if t is dt.date:
+        return _tagged("date", value.isoformat())
+    if t is dt.time:
+        return _tagged("time", value.isoformat())
+    if t is decimal.Decimal:
+        return _tagged("decimal", str(value))
+    if t is uuid.UUID:
+        return _tagged("uuid", str(value))
+    raise TypeError(
+        f"{path} has unsupported type {t.__module__}.{t.__qualname__} ({reprlib.repr(value)}); "
+        "girder arguments must be JSON-family values (see girder_celery.keys)"
+    )
+
+
+_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "bytes": lambda v: base64.b64decode(v),
+    "datetime": dt.datetime.fromisoformat,
+    "date": dt.date.fromisoformat,
+    "time": dt.time.fromisoformat,
+    "decimal": decimal.Decimal,
+    "uuid": uuid.UUID,
+}
+
+
+def _decode(value: Any) -> Any:
+    t = type(value)
+    if t is list:
+        return [_decode(v) for v in value]
+    if t is not dict:
+        return value
+    tag = value.get(TAG)
+    if tag is None:
+        return {k: _decode(v) for k, v in value.items()}
+    if tag == "dict":
+        return {_decode(k): _decode(v) for k, v in value["v"]}
+    return _DECODERS[tag](value["v"])
+
+
+def bind_arguments(
+    signature: inspect.Signature | None, args: tuple | list, kwargs: dict
+) -> tuple[tuple, dict]:
+    """Bind a call to ``signature`` with defaults applied: its canonical (args, kwargs).
+
+    Raises ``TypeError`` (Python's own message) when the call does not fit the signature.
+    """
+    if signature is None:
+        return tuple(args), dict(kwargs)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.args, bound.kwargs
+
+
+def encode_payload(args: tuple | list, kwargs: dict) -> str:
+    """The canonical text of bound arguments; ``TypeError`` names any unsupported argument."""
+    encoded_args = [_encode(v, f"args[{i}]") for i, v in enumerate(args)]
+    encoded_kwargs = {k: _encode(v, f"kwargs[{k!r}]") for k, v in kwargs.items()}
+    return _dumps([encoded_args, encoded_kwargs])
+
+
+def decode_payload(payload: str) -> tuple[list, dict]:
+    """The (args, kwargs) a payload from :func:`encode_payload` describes."""
+    args, kwargs = json.loads(payload)
+    return [_decode(v) for v in args], {k: _decode(v) for k, v in kwargs.items()}
+
+
+def key_of_payload(name: str, version: str | None, payload: str) -> str:
+    """SHA-256 over name, version and canonical payload: the key and the Celery task id."""
+    head = _dumps([name, version])
+    return hashlib.sha256(f"{head}\n{payload}".encode()).hexdigest()
+
+
+def request_key(
+    name: str,
+    args: tuple | list = (),
+    kwargs: dict | None = None,
+    version: str | None = None,
+    signature: inspect.Signature | None = None,
+) -> str:
+    """The canonical key of a request.
+
+    Args:
+        name: the task's registered name.
+        args: positional arguments.
+        kwargs: keyword arguments.
+        version: the task's ``version`` option, part of the key.
+        signature: the function's signature; when given, arguments are bound to it first so
+            every spelling of the same call gives the same key (``task.key()`` passes it).
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"request name must be a non-empty str, not {name!r}")
+    if version is not None and not isinstance(version, str):
+        raise TypeError(f"version must be a str or None, not {version!r}")
+    bargs, bkwargs = bind_arguments(signature, args, kwargs or {})
+    return key_of_payload(name, version, encode_payload(bargs, bkwargs))
+
+
+_repr = reprlib.Repr()
+_repr.maxstring = 60
+_repr.maxother = 60
+
+
+def readable(name: str, args: tuple | list, kwargs: dict) -> str:
+    """A short human form of a request: ``proj.tasks.divide(1, 0)``."""
+    parts = [_repr.repr(a) for a in args]
+    parts += [f"{k}={_repr.repr(v)}" for k, v in kwargs.items()]
+    return f"{name}({', '.join(parts)})"

@@ -1,0 +1,35 @@
+-- claim: an executor takes a request to run it (invariant 1).
+-- Only a queued request, or a running one whose owner's lease has expired, can be claimed;
+-- anything else means the offer is stale or a duplicate and the function must not run.
+--
+-- KEYS[1]  request record   <prefix>:req:<key>  hash
+-- ARGV[1]  owner: this claim's token, "<node>/<pid>/<nonce>"
+-- ARGV[2]  node (the Celery worker's hostname)
+-- ARGV[3]  lease (ms)
+--
+-- Transition: queued | running with an expired lease  ->  running(owner, now + lease)
+-- Returns {verdict, data, attempts}:
+--   {"claimed", payload, attempts}  run it; renew the lease while running
+--   {"running", owner, ""}          a live executor holds it: skip
+--   {"done", "", ""}                already done: skip
+--   {"failed", "", ""}              failed; only a new submit restarts it: skip
+--   {"absent", "", ""}              unknown to the store (forgotten, expired or lost)
+
+local rec = KEYS[1]
+local f = redis.call('HMGET', rec, 'state', 'payload', 'owner', 'lease_until')
+local state = f[1]
+if not state then
+  return {'absent', '', ''}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if state == 'running' and tonumber(f[4]) > now then
+  return {'running', f[3], ''}
+end
+if state ~= 'queued' and state ~= 'running' then
+  return {state, '', ''}
+end
+redis.call('HSET', rec, 'state', 'running', 'owner', ARGV[1], 'node', ARGV[2],
+  'lease_until', now + tonumber(ARGV[3]), 'started_at', now)
+local attempts = redis.call('HINCRBY', rec, 'attempts', 1)
+return {'claimed', f[2], attempts}

@@ -1,0 +1,37 @@
+-- complete: store a request's value, then wake its waiters (invariants 1, 4).
+-- The value is written before any waiter is notified, and a done value is never overwritten:
+-- a duplicate or late completion changes nothing.
+--
+-- KEYS[1]  request record   <prefix>:req:<key>      hash
+-- KEYS[2]  waiter set       <prefix>:waiters:<key>  set of mailbox names
+-- ARGV[1]  the request's key
+-- ARGV[2]  owner token of the executor that ran it
+-- ARGV[3]  value (JSON)
+-- ARGV[4]  result TTL (ms); 0 keeps it forever
+-- ARGV[5]  mailbox TTL (ms)
+--
+-- Transition: anything but done or memoized failed  ->  done(value)
+-- Each waiter's mailbox receives "done:<key>:<value>".
+-- Returns 1 stored, 0 already settled (nothing written).
+
+local rec = KEYS[1]
+local f = redis.call('HMGET', rec, 'state', 'memo')
+if f[1] == 'done' or (f[1] == 'failed' and f[2] == '1') then
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HDEL', rec, 'error', 'memo', 'lease_until')
+redis.call('HSET', rec, 'state', 'done', 'value', ARGV[3], 'ran_by', ARGV[2], 'finished_at', now)
+if tonumber(ARGV[4]) > 0 then
+  redis.call('PEXPIRE', rec, ARGV[4])
+else
+  redis.call('PERSIST', rec)
+end
+local entry = 'done:' .. ARGV[1] .. ':' .. ARGV[3]
+for _, mailbox in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  redis.call('RPUSH', mailbox, entry)
+  redis.call('PEXPIRE', mailbox, ARGV[5])
+end
+redis.call('DEL', KEYS[2])
+return 1

@@ -1,0 +1,39 @@
+-- fail: store a request's error, then wake its waiters (invariants 1, 4).
+-- Every waiter in flight hears of the failure. Unless memoized (the task's cache_errors), the
+-- failed record only informs girder.state(): the next submit starts the request again.
+--
+-- KEYS[1]  request record   <prefix>:req:<key>      hash
+-- KEYS[2]  waiter set       <prefix>:waiters:<key>  set of mailbox names
+-- ARGV[1]  the request's key
+-- ARGV[2]  owner token of the executor that ran it ("" when it never ran, e.g. unknown task)
+-- ARGV[3]  error (JSON)
+-- ARGV[4]  "1" to memoize the error, "0" not to
+-- ARGV[5]  record TTL (ms); 0 keeps it forever
+-- ARGV[6]  mailbox TTL (ms)
+--
+-- Transition: anything but done or memoized failed  ->  failed(error)
+-- Each waiter's mailbox receives "failed:<key>:<error>".
+-- Returns 1 stored, 0 already settled (nothing written).
+
+local rec = KEYS[1]
+local f = redis.call('HMGET', rec, 'state', 'memo')
+if f[1] == 'done' or (f[1] == 'failed' and f[2] == '1') then
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HDEL', rec, 'lease_until')
+redis.call('HSET', rec, 'state', 'failed', 'error', ARGV[3], 'memo', ARGV[4],
+  'ran_by', ARGV[2], 'finished_at', now)
+if tonumber(ARGV[5]) > 0 then
+  redis.call('PEXPIRE', rec, ARGV[5])
+else
+  redis.call('PERSIST', rec)
+end
+local entry = 'failed:' .. ARGV[1] .. ':' .. ARGV[3]
+for _, mailbox in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  redis.call('RPUSH', mailbox, entry)
+  redis.call('PEXPIRE', mailbox, ARGV[6])
+end
+redis.call('DEL', KEYS[2])
+return 1

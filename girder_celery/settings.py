@@ -1,0 +1,68 @@
+"""Girder's settings: ``app.conf.girder_*``, read once, validated, with documented defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["Settings"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``girder_`` settings of a Celery app (each field is ``app.conf.girder_<field>``)."""
+
+    #: Redis URL of the state store; ``Girder(app, url=...)`` takes precedence.
+    url: str | None = None
+    #: Prefix of every Redis key girder writes.
+    key_prefix: str = "girder"
+    #: Queue that top-level requests go to; None lets Celery's routing decide (task_routes,
+    #: then ``task_default_queue``), so a plain ``celery -A proj worker`` serves them.
+    pool: str | None = None
+    #: Seconds a caller waits for a request before ``GirderTimeout``; None waits as long as the
+    #: request is alive (a lost or orphaned request is re-offered, never waited on forever).
+    request_timeout: float | None = None
+    #: Seconds an executor's claim lasts without renewal; renewed every third of it.
+    lease_seconds: float = 30.0
+    #: Seconds a done value is kept; None keeps it forever. A task's ``cache_ttl`` overrides.
+    result_ttl: float | None = None
+    #: Seconds a failure that is not memoized stays visible to ``girder.state()``.
+    error_ttl: float = 86400.0
+    #: Seconds between a waiter's checks that what it waits on is still alive.
+    check_interval: float = 5.0
+    #: Seconds after which a request still queued gets a fresh offer (a lost message).
+    reoffer_after: float = 300.0
+    #: Seconds to connect to the state store before giving up with a clear error.
+    connect_timeout: float = 5.0
+
+    @classmethod
+    def from_conf(cls, conf: Any, url: str | None = None) -> Settings:
+        values = {f.name: conf.get(f"girder_{f.name}", f.default) for f in fields(cls)}
+        if url is not None:
+            values["url"] = url
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not self.url or not isinstance(self.url, str):
+            raise ValueError(
+                "girder needs a Redis URL for its state store: pass Girder(app, url='redis://...') "
+                "or set app.conf.girder_url"
+            )
+        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"girder_url must be a redis://, rediss:// or unix:// URL, not {self.url!r}")
+        if not isinstance(self.key_prefix, str) or not self.key_prefix:
+            raise ValueError(f"girder_key_prefix must be a non-empty str, not {self.key_prefix!r}")
+        if self.pool is not None and (not isinstance(self.pool, str) or not self.pool):
+            raise ValueError(f"girder_pool must be a queue name or None, not {self.pool!r}")
+        for name in ("lease_seconds", "error_ttl", "check_interval", "reoffer_after", "connect_timeout"):
+            _positive(name, getattr(self, name))
+        for name in ("request_timeout", "result_ttl"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"girder_{name} must be a positive number of seconds, not {value!r}")
