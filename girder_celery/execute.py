@@ -59,9 +59,7 @@ class Executor:
         # own arguments are the request. It runs under its canonical key.
         request = task.prepare(args, kwargs)
         if request.key != key:
-            logger.warning(
-                "girder: message id %s of %s is not its request key %s", key, task.name, request.key
-            )
+            logger.warning("girder: message id %s of %s is not its request key %s", key, task.name, request.key)
         self.girder.submit([request], mailbox="", offer=False)
         verdict, data, _ = self.girder.store.claim(request.key, owner, node, self.leases.lease_ms)
         return request.key, verdict, data
@@ -76,9 +74,7 @@ class Executor:
             except _CONTROL_FLOW:
                 raise
             except Exception as exc:
-                error = GirderError.from_exception(
-                    exc, key=key, request=keys.readable(task.name, args, kwargs)
-                )
+                error = GirderError.from_exception(exc, key=key, request=keys.readable(task.name, args, kwargs))
                 store.fail(
                     key,
                     owner,

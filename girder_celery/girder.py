@@ -174,13 +174,9 @@ class Girder:
         prepared = [self._prepare(sig, pool) for sig in sigs]
         return self.wait(prepared, timeout, return_exceptions)
 
-    def wait(
-        self, requests: list[Request], timeout: float | None = None, return_exceptions: bool = False
-    ) -> list[Any]:
+    def wait(self, requests: list[Request], timeout: float | None = None, return_exceptions: bool = False) -> list[Any]:
         """Submit prepared requests and wait for them (used by ``task.call`` and ``requests``)."""
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
-        ):
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
         if not requests:
             return []

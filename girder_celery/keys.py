@@ -105,9 +105,7 @@ def _decode(value: Any) -> Any:
     return _DECODERS[tag](value["v"])
 
 
-def bind_arguments(
-    signature: inspect.Signature | None, args: tuple | list, kwargs: dict
-) -> tuple[tuple, dict]:
+def bind_arguments(signature: inspect.Signature | None, args: tuple | list, kwargs: dict) -> tuple[tuple, dict]:
     """Bind a call to ``signature`` with defaults applied: its canonical (args, kwargs).
 
     Raises ``TypeError`` (Python's own message) when the call does not fit the signature.

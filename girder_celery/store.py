@@ -102,9 +102,7 @@ class StateStore:
     def renew(self, leases: dict[str, str], lease_ms: int) -> dict[str, bool]:
         """Extend the leases ``{key: owner}``: ``{key: still ours}``."""
         keys = list(leases)
-        replies = self._scripts["renew"](
-            [self.record_key(k) for k in keys], [lease_ms, *(leases[k] for k in keys)]
-        )
+        replies = self._scripts["renew"]([self.record_key(k) for k in keys], [lease_ms, *(leases[k] for k in keys)])
         return {k: bool(r) for k, r in zip(keys, replies)}
 
     def complete(self, key: str, owner: str, value: str, ttl_ms: int) -> bool:

@@ -66,9 +66,7 @@ class GirderTask(celery.Task):
         except (TypeError, ValueError):
             return None
 
-    def prepare(
-        self, args: tuple | list = (), kwargs: dict | None = None, pool: str | None = None
-    ) -> Request:
+    def prepare(self, args: tuple | list = (), kwargs: dict | None = None, pool: str | None = None) -> Request:
         """Bind, validate and encode a call; ``TypeError`` before anything is sent."""
         if not isinstance(args, (tuple, list)):
             raise TypeError(f"{self.name}: args must be a tuple or list, not {type(args).__name__}")
@@ -79,9 +77,7 @@ class GirderTask(celery.Task):
         except TypeError as exc:
             raise TypeError(f"{self.name}(): {exc}") from None
         payload = keys.encode_payload(bargs, bkwargs)
-        return Request(
-            self, keys.key_of_payload(self.name, self.version, payload), payload, bargs, bkwargs, pool
-        )
+        return Request(self, keys.key_of_payload(self.name, self.version, payload), payload, bargs, bkwargs, pool)
 
     def key(self, *args: Any, **kwargs: Any) -> str:
         """The request key of ``self(*args, **kwargs)``; also its Celery task id."""
@@ -120,15 +116,11 @@ class GirderTask(celery.Task):
             )
         outcome = self.girder.submit([request], mailbox="", offer=False)[0]
         if outcome.verdict == "offer":
-            return super().apply_async(
-                args, kwargs, request.key, producer, link, link_error, shadow, **options
-            )
+            return super().apply_async(args, kwargs, request.key, producer, link, link_error, shadow, **options)
         if outcome.verdict == "done":
             self.backend.mark_as_done(request.key, self.girder.decode_value(outcome.data))
         elif outcome.verdict == "failed":
-            self.backend.mark_as_failure(
-                request.key, GirderError.from_dict(self.girder.decode_json(outcome.data))
-            )
+            self.backend.mark_as_failure(request.key, GirderError.from_dict(self.girder.decode_json(outcome.data)))
         return self.AsyncResult(request.key)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -10,6 +10,7 @@ after a Redis restart. A Redis error mid-wait is retried for a bounded window, n
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -69,9 +70,7 @@ class Wait:
                 if now < until:
                     self._pop(min(until - now, MAX_BLOCK))
                 if self.pending and time.monotonic() >= next_check:
-                    self._absorb(
-                        self.girder.submit([r for r in self.unique if r.key in self.pending], self.mailbox)
-                    )
+                    self._absorb(self.girder.submit([r for r in self.unique if r.key in self.pending], self.mailbox))
                     next_check = time.monotonic() + interval
                 failing_since = None
             except (redis.ConnectionError, redis.TimeoutError, GirderConnectionError) as exc:
@@ -121,7 +120,5 @@ class Wait:
         )
 
     def _withdraw(self) -> None:
-        try:
+        with contextlib.suppress(redis.RedisError):  # else the mailbox expires on its own
             self.girder.store.unregister(list(self.pending), self.mailbox)
-        except redis.RedisError:
-            pass  # the mailbox expires on its own

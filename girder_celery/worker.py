@@ -48,9 +48,7 @@ def install(girder: Girder) -> None:
     app.girder = girder
     app.steps["worker"].add(GirderStep)
 
-    def on_unknown_task(
-        sender: Any = None, message: Any = None, name: str = "", id: str = "", **_: Any
-    ) -> None:
+    def on_unknown_task(sender: Any = None, message: Any = None, name: str = "", id: str = "", **_: Any) -> None:
         if getattr(sender, "app", None) is not app or not _KEY_RE.match(id or ""):
             return
         hostname = getattr(sender, "hostname", None) or "this worker"

