@@ -1,8 +1,9 @@
 """Running a request: claim, run with a renewed lease, complete or fail (invariants 1, 4, 7).
 
 A worker that receives an offer claims the key first; only a successful claim runs the function,
-so a duplicate, stale or hoisted copy of a message never runs it twice. The value is written to
-the state store (waking every waiter) before Celery mirrors it into its result backend.
+so a duplicate, stale or hoisted copy of a message never runs it twice. An inline run arrives
+already claimed. Either way the value is written to the state store (waking every waiter) before
+Celery mirrors it into its result backend.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore, Reject, Retry
 
-from . import keys
+from . import inline, keys
 from .errors import GirderError
 from .lease import LeaseKeeper
+from .store import Outcome
 
 if TYPE_CHECKING:
     from .girder import Girder
@@ -41,18 +43,20 @@ class Executor:
         return f"{node}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
 
     def take_offer(self, task: GirderTask, context: Any, args: tuple, kwargs: dict) -> tuple[Any] | None:
-        """Claim and run the request a message offers: ``(value,)``, or None if it was skipped."""
+        """Run what a Celery request carries: ``(value,)``, or None if the offer was skipped."""
+        claim = getattr(context, "girder_inline", None)
+        if claim is not None:
+            return (self.run_claimed(task, context.id, claim.owner, args, kwargs, context, claim),)
         key, node = context.id, context.hostname or "unknown"
         owner = self.owner_token(node)
-        store = self.girder.store
-        verdict, data, _ = store.claim(key, owner, node, self.leases.lease_ms)
+        verdict, data, _ = self.girder.store.claim(key, owner, node, self.leases.lease_ms)
         if verdict == "absent":
             key, verdict, data = self._adopt(task, key, args, kwargs, owner, node)
         if verdict != "claimed":
             logger.info("girder: skipping offer of %s[%s]: %s", task.name, key, verdict)
             return None
         call_args, call_kwargs = keys.decode_payload(data)
-        return (self.run_claimed(task, key, owner, call_args, call_kwargs),)
+        return (self.run_claimed(task, key, owner, call_args, call_kwargs, context),)
 
     def _adopt(self, task, key, args, kwargs, owner, node) -> tuple[str, str, str]:
         # The store has no record (lost, expired, or sent by plain send_task): the message's
@@ -64,27 +68,38 @@ class Executor:
         verdict, data, _ = self.girder.store.claim(request.key, owner, node, self.leases.lease_ms)
         return request.key, verdict, data
 
-    def run_claimed(self, task: GirderTask, key: str, owner: str, args: list, kwargs: dict) -> Any:
-        """Run a claimed request and settle it in the store; returns the value or raises."""
-        girder, store = self.girder, self.girder.store
+    def run_claimed(
+        self,
+        task: GirderTask,
+        key: str,
+        owner: str,
+        args: list | tuple,
+        kwargs: dict,
+        context: Any,
+        claim: inline.InlineClaim | None = None,
+    ) -> Any:
+        """Run a claimed request and settle it in the store; returns the value or raises.
+
+        With an inline ``claim`` the outcome is also left on it for the waiting frame, and
+        Celery control-flow exceptions count as failures (there is no message to retry).
+        """
+        parent = claim.parent if claim is not None else None
+        frame = inline.Frame(key, context.hostname or "unknown", context.root_id or key, parent)
+        skip_mailbox = claim.skip_mailbox if claim is not None else ""
+        token = inline.enter(frame)
         self.leases.hold(key, owner)
         try:
             try:
                 value = task.run(*args, **kwargs)
-            except _CONTROL_FLOW:
-                raise
             except Exception as exc:
-                error = GirderError.from_exception(exc, key=key, request=keys.readable(task.name, args, kwargs))
-                store.fail(
-                    key,
-                    owner,
-                    girder.encode_json(error.to_dict()),
-                    task.cache_errors,
-                    girder.error_ttl_ms(task),
-                )
+                if claim is None and isinstance(exc, _CONTROL_FLOW):
+                    raise
+                outcome = self._fail(task, key, owner, args, kwargs, exc, skip_mailbox)
+                if claim is not None:
+                    claim.outcome = outcome
                 raise
             try:
-                encoded = girder.encode_value(value)
+                encoded = self.girder.encode_value(value)
             except TypeError as exc:
                 error = GirderError(
                     f"its result is not JSON-serializable: {exc}",
@@ -92,15 +107,28 @@ class Executor:
                     request=keys.readable(task.name, args, kwargs),
                     exc_type="TypeError",
                 )
-                store.fail(
-                    key,
-                    owner,
-                    girder.encode_json(error.to_dict()),
-                    task.cache_errors,
-                    girder.error_ttl_ms(task),
-                )
+                outcome = self._fail(task, key, owner, args, kwargs, error, skip_mailbox)
+                if claim is not None:
+                    claim.outcome = outcome
                 raise error from exc
-            store.complete(key, owner, encoded, girder.result_ttl_ms(task))
+            self.girder.store.complete(key, owner, encoded, self.girder.result_ttl_ms(task), skip_mailbox)
+            if claim is not None:
+                claim.outcome = Outcome(key, "done", encoded)
             return value
         finally:
             self.leases.release(key)
+            inline.leave(token)
+
+    def _fail(self, task, key, owner, args, kwargs, exc: BaseException, skip_mailbox: str) -> Outcome:
+        if isinstance(exc, GirderError) and exc.key == key:
+            error = exc
+        else:
+            error = GirderError.from_exception(exc, key=key, request=keys.readable(task.name, args, kwargs))
+        encoded = self.girder.encode_json(error.to_dict())
+        self.girder.store.fail(key, owner, encoded, task.cache_errors, self.girder.error_ttl_ms(task), skip_mailbox)
+        return Outcome(key, "failed", encoded)
+
+    def fail_internal(self, task, key, owner, args, kwargs, skip_mailbox: str) -> Outcome:
+        """Fail an inline run whose tracer broke before the function ran."""
+        error = RuntimeError(f"Celery's tracer failed before running {task.name}; see the worker log")
+        return self._fail(task, key, owner, args, kwargs, error, skip_mailbox)

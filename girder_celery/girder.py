@@ -18,10 +18,12 @@ from kombu.utils import json as kombu_json
 
 from .errors import GirderConnectionError, GirderError, safe_url
 from .execute import Executor
+from .inline import current_frame
+from .keys import decode_payload
 from .settings import Settings
-from .store import Outcome, StateStore
+from .store import Claim, Outcome, StateStore
 from .task import GirderTask, Request
-from .wait import Wait
+from .wait import InlineWait, Wait
 
 __all__ = ["Girder"]
 
@@ -79,6 +81,15 @@ class Girder:
     def executor(self) -> Executor:
         return Executor(self)
 
+    #: Whether this worker sends task events (``-E``); set by the worker bootstep.
+    worker_events: bool = False
+
+    def node_queue(self, node: str) -> str:
+        """The queue of one node (worker hostname): where its sub-requests are offered first."""
+        return f"{self.settings.key_prefix}.node.{node}"
+
+    decode_payload = staticmethod(decode_payload)
+
     def connection_error(self, exc: BaseException) -> GirderConnectionError:
         url = safe_url(self.settings.url)
         return GirderConnectionError(f"cannot reach girder's state store at {url}: {exc}", url=url)
@@ -118,6 +129,9 @@ class Girder:
         elif not issubclass(base, GirderTask):
             base = type(f"Girder{base.__name__}", (self.Task, base), {})
         options["base"] = base
+        # A girder task belongs to this Girder's app: Celery's default shared=True would
+        # register it on every other app too, bound to the wrong state store.
+        options.setdefault("shared", False)
         if len(args) == 1 and callable(args[0]):
             return self.app.task(args[0], **options)
         if args:
@@ -180,13 +194,29 @@ class Girder:
             raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
         if not requests:
             return []
-        return Wait(self, requests, timeout).run(return_exceptions)
+        frame = current_frame()
+        if frame is None:
+            return Wait(self, requests, timeout).run(return_exceptions)
+        return InlineWait(self, requests, timeout, frame).run(return_exceptions)
 
-    def submit(self, requests: list[Request], mailbox: str, offer: bool = True) -> list[Outcome]:
-        """Submit to the store in one round trip; publish an offer for each new request."""
-        reoffer_ms = int(self.settings.reoffer_after * 1000)
+    def submit(
+        self,
+        requests: list[Request],
+        mailbox: str,
+        offer: bool = True,
+        requester: str = "",
+        claim: Claim | None = None,
+    ) -> list[Outcome]:
+        """Submit to the store in one round trip; publish an offer for each new request.
+
+        ``requester`` and ``claim`` are for sub-requests (see ``StateStore.submit``).
+        """
+        s = self.settings
+        edge_ttl_ms = int((2 * s.lease_seconds + s.check_interval) * 1000)
         try:
-            outcomes = self.store.submit([r.item for r in requests], mailbox, reoffer_ms)
+            outcomes = self.store.submit(
+                [r.item for r in requests], mailbox, int(s.reoffer_after * 1000), requester, edge_ttl_ms, claim
+            )
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self.connection_error(exc) from exc
         if offer:

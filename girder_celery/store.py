@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-__all__ = ["Outcome", "StateStore"]
+__all__ = ["Claim", "Outcome", "StateStore"]
 
 #: How long a notification waits in a mailbox nobody reads (a waiter that died).
 MAILBOX_TTL_MS = 24 * 3600 * 1000
@@ -23,6 +23,19 @@ MAILBOX_TTL_MS = 24 * 3600 * 1000
 
 def _load(name: str) -> str:
     return (importlib.resources.files("girder_celery") / "lua" / f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who claims a request at submission, to run it inline: owner token, node, lease."""
+
+    key: str
+    owner: str
+    node: str
+    lease_ms: int
+
+
+_NO_CLAIM = Claim("", "", "", 0)
 
 
 @dataclass(frozen=True)
@@ -68,30 +81,34 @@ class StateStore:
         items: list[tuple[str, str, str, str, str]],
         mailbox: str,
         reoffer_after_ms: int,
+        requester: str = "",
+        edge_ttl_ms: int = 0,
+        claim: Claim | None = None,
     ) -> list[Outcome]:
         """Submit requests given as ``(key, payload, name, readable, pool)``, in one round trip.
 
         Registers ``mailbox`` (a full mailbox key, or ``""`` for none) as a waiter on each
-        request that is not settled. See ``lua/submit.lua``.
+        request that is not settled. A ``requester`` (the key of the running request making
+        these) gets waits-for edges to each, and a cycle is answered ``cycle``; ``claim``
+        claims the request it names for an inline run. See ``lua/submit.lua``.
         """
         script = self._scripts["submit"]
-        if len(items) == 1:
-            key, payload, name, readable, pool = items[0]
-            replies = [
+        waits = f"{self.prefix}:waits:"
+        edges = waits + requester if requester else waits
+        client = self.client if len(items) == 1 else self.client.pipeline(transaction=False)
+        replies = []
+        for key, payload, name, readable, pool in items:
+            claimer = claim if claim is not None and claim.key == key else _NO_CLAIM
+            replies.append(
                 script(
-                    (self.record_key(key), self.waiters_key(key)),
-                    (payload, name, readable, pool, mailbox, reoffer_after_ms),
+                    (self.record_key(key), self.waiters_key(key), edges),
+                    (payload, name, readable, pool, mailbox, reoffer_after_ms, key, requester, waits, edge_ttl_ms,
+                     claimer.owner, claimer.node, claimer.lease_ms),
+                    client=client,
                 )
-            ]
-        else:
-            pipe = self.client.pipeline(transaction=False)
-            for key, payload, name, readable, pool in items:
-                script(
-                    (self.record_key(key), self.waiters_key(key)),
-                    (payload, name, readable, pool, mailbox, reoffer_after_ms),
-                    client=pipe,
-                )
-            replies = pipe.execute()
+            )  # fmt: skip
+        if client is not self.client:
+            replies = client.execute()
         return [Outcome(item[0], v, d or "") for item, (v, d) in zip(items, replies)]
 
     def claim(self, key: str, owner: str, node: str, lease_ms: int) -> tuple[str, str, int]:
@@ -105,23 +122,35 @@ class StateStore:
         replies = self._scripts["renew"]([self.record_key(k) for k in keys], [lease_ms, *(leases[k] for k in keys)])
         return {k: bool(r) for k, r in zip(keys, replies)}
 
-    def complete(self, key: str, owner: str, value: str, ttl_ms: int) -> bool:
-        """Store ``value`` (JSON) and wake the waiters; False if it was already settled."""
+    def complete(self, key: str, owner: str, value: str, ttl_ms: int, skip_mailbox: str = "") -> bool:
+        """Store ``value`` (JSON) and wake the waiters but ``skip_mailbox``; False if it was
+        already settled."""
         return bool(
             self._scripts["complete"](
-                (self.record_key(key), self.waiters_key(key)),
-                (key, owner, value, ttl_ms, MAILBOX_TTL_MS),
+                self._settle_keys(key),
+                (key, owner, value, ttl_ms, MAILBOX_TTL_MS, skip_mailbox),
             )
         )
 
-    def fail(self, key: str, owner: str, error: str, memoize: bool, ttl_ms: int) -> bool:
-        """Store ``error`` (JSON) and wake the waiters; False if it was already settled."""
+    def fail(self, key: str, owner: str, error: str, memoize: bool, ttl_ms: int, skip_mailbox: str = "") -> bool:
+        """Store ``error`` (JSON) and wake the waiters but ``skip_mailbox``; False if it was
+        already settled."""
         return bool(
             self._scripts["fail"](
-                (self.record_key(key), self.waiters_key(key)),
-                (key, owner, error, "1" if memoize else "0", ttl_ms, MAILBOX_TTL_MS),
+                self._settle_keys(key),
+                (key, owner, error, "1" if memoize else "0", ttl_ms, MAILBOX_TTL_MS, skip_mailbox),
             )
         )
+
+    def _settle_keys(self, key: str) -> tuple[str, str, str]:
+        return self.record_key(key), self.waiters_key(key), f"{self.prefix}:waits:{key}"
+
+    def requests_of(self, keys: list[str]) -> list[str | None]:
+        """The readable request of each key (None where unknown), for messages."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(self.record_key(key), "request")
+        return pipe.execute()
 
     def forget(self, key: str) -> str:
         """Drop a settled request; returns the state it had (``absent`` if none)."""

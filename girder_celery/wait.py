@@ -1,4 +1,4 @@
-"""Waiting for requests: register, then block on one mailbox until every answer is in.
+"""Waiting for requests, at top level or inside a running request (invariants 2, 3, 4, 5).
 
 A waiter submits its requests with its mailbox registered in the same atomic step that reads
 their state (invariant 4), then blocks on a single ``BLPOP`` of that mailbox: completions push
@@ -6,11 +6,18 @@ the outcome there, so the value arrives with the wake-up. Every block is bounded
 ``check_interval`` the waiter re-submits what is still pending, which re-offers a request that
 was lost (absent, an expired lease, an offer older than ``reoffer_after``) and re-registers it
 after a Redis restart. A Redis error mid-wait is retried for a bounded window, never hangs.
+
+Inside a running request the waiter never blocks on unclaimed work (invariant 2): it claims the
+newest of its own pending sub-requests that is still queued and runs it inline, and blocks only
+when every one left is running on a live executor. It runs nothing but its own sub-requests
+(invariant 3), and a sub-request that waits, transitively, for its requester is refused by the
+submit script as a cycle (invariant 5).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -18,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from .errors import GirderConnectionError, GirderError, GirderTimeout
-from .store import Outcome
+from .inline import Frame, run_inline
+from .store import Claim, Outcome
 
 if TYPE_CHECKING:
     from .girder import Girder
     from .task import Request
 
-__all__ = ["Wait"]
+__all__ = ["InlineWait", "Wait"]
 
 #: Longest single BLPOP, kept below the client's socket timeout.
 MAX_BLOCK = 10.0
@@ -33,16 +41,17 @@ RECONNECT_WINDOW = 30.0
 
 
 class Wait:
-    """One caller waiting for a list of requests."""
+    """A caller outside any girder request, waiting for a list of requests."""
 
     def __init__(self, girder: Girder, requests: list[Request], timeout: float | None) -> None:
         self.girder = girder
         self.requests = requests
-        self.unique = list({r.key: r for r in requests}.values())
+        self.unique = {r.key: r for r in requests}
         self.timeout = girder.settings.request_timeout if timeout is None else timeout
         self.mailbox = girder.store.mailbox_key(uuid.uuid4().hex)
         self.settled: dict[str, Outcome] = {}
-        self.pending: dict[str, str] = {}
+        self.pending: dict[str, str] = {}  # key -> last verdict seen, in request order
+        self.fail_fast = True
 
     def run(self, return_exceptions: bool = False) -> list[Any]:
         """Values in request order; a failure raises its ``GirderError`` unless
@@ -50,12 +59,26 @@ class Wait:
         self.fail_fast = not return_exceptions
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
-            self._absorb(self.girder.submit(self.unique, self.mailbox))
+            self._absorb(self._submit(list(self.unique.values())))
             self._wait_pending(deadline)
         finally:
             if self.pending:
                 self._withdraw()
         return [self._result(self.settled[r.key]) for r in self.requests]
+
+    # -- hooks an inline waiter overrides ----------------------------------------------------
+
+    def _submit(self, requests: list[Request]) -> list[Outcome]:
+        return self.girder.submit(requests, self.mailbox)
+
+    def _resubmit(self) -> list[Outcome]:
+        return self._submit([self.unique[k] for k in self.pending])
+
+    def _run_one_inline(self) -> bool:
+        """Run one pending request here if possible; True if it did. Top level never does."""
+        return False
+
+    # -- the loop ----------------------------------------------------------------------------
 
     def _wait_pending(self, deadline: float | None) -> None:
         interval = self.girder.settings.check_interval
@@ -65,12 +88,14 @@ class Wait:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise self._timeout()
-            until = next_check if deadline is None else min(next_check, deadline)
             try:
+                if self._run_one_inline():
+                    continue
+                until = next_check if deadline is None else min(next_check, deadline)
                 if now < until:
                     self._pop(min(until - now, MAX_BLOCK))
                 if self.pending and time.monotonic() >= next_check:
-                    self._absorb(self.girder.submit([r for r in self.unique if r.key in self.pending], self.mailbox))
+                    self._absorb(self._resubmit())
                     next_check = time.monotonic() + interval
                 failing_since = None
             except (redis.ConnectionError, redis.TimeoutError, GirderConnectionError) as exc:
@@ -91,6 +116,8 @@ class Wait:
         for outcome in outcomes:
             if outcome.settled:
                 self._settle(outcome)
+            elif outcome.verdict == "cycle":
+                raise self._cycle(outcome)
             else:
                 self.pending[outcome.key] = outcome.verdict
 
@@ -100,6 +127,8 @@ class Wait:
         if self.fail_fast and outcome.verdict == "failed":
             raise self._error(outcome)
 
+    # -- results and errors ------------------------------------------------------------------
+
     def _result(self, outcome: Outcome) -> Any:
         if outcome.verdict == "done":
             return self.girder.decode_value(outcome.data)
@@ -108,9 +137,18 @@ class Wait:
     def _error(self, outcome: Outcome) -> GirderError:
         return GirderError.from_dict(self.girder.decode_json(outcome.data))
 
+    def _cycle(self, outcome: Outcome) -> GirderError:
+        keys = outcome.data.split()
+        names = self.girder.store.requests_of(keys)
+        path = " -> ".join(name or key for key, name in zip(keys, names))
+        request = self.unique[outcome.key]
+        return GirderError(
+            f"request cycle: {path}", key=outcome.key, request=request.readable, exc_type="girder_celery.RequestCycle"
+        )
+
     def _timeout(self) -> GirderTimeout:
         key, state = next(iter(self.pending.items()))
-        request = next(r for r in self.unique if r.key == key)
+        request = self.unique[key]
         more = f" (and {len(self.pending) - 1} more)" if len(self.pending) > 1 else ""
         return GirderTimeout(
             f"timed out after {self.timeout}s waiting for {request.readable} [{key}], which is {state}{more}",
@@ -122,3 +160,42 @@ class Wait:
     def _withdraw(self) -> None:
         with contextlib.suppress(redis.RedisError):  # else the mailbox expires on its own
             self.girder.store.unregister(list(self.pending), self.mailbox)
+
+
+class InlineWait(Wait):
+    """A running request waiting for its sub-requests: it runs queued ones itself, newest first."""
+
+    def __init__(self, girder: Girder, requests: list[Request], timeout: float | None, frame: Frame) -> None:
+        node_queue = girder.node_queue(frame.node)
+        local = [r if r.pool else dataclasses.replace(r, pool=node_queue) for r in requests]
+        super().__init__(girder, local, timeout)
+        self.frame = frame
+        self.owner = girder.executor.owner_token(frame.node)
+        self.lease_ms = girder.executor.leases.lease_ms
+
+    def _submit(self, requests: list[Request], claim_newest: bool = True) -> list[Outcome]:
+        claim = Claim(requests[-1].key, self.owner, self.frame.node, self.lease_ms) if claim_newest else None
+        return self.girder.submit(requests, self.mailbox, requester=self.frame.key, claim=claim)
+
+    def _resubmit(self) -> list[Outcome]:
+        # Whatever became claimable again (an expired lease, a lost record) is run here, not
+        # offered: this executor is free for it right now.
+        return self.girder.submit(
+            [self.unique[k] for k in self.pending], self.mailbox, offer=False, requester=self.frame.key
+        )
+
+    def _run_one_inline(self) -> bool:
+        for key in reversed(self.pending):
+            verdict = self.pending[key]
+            if verdict == "claimed":
+                break
+            if verdict in ("queued", "offer"):
+                verdict, _, _ = self.girder.store.claim(key, self.owner, self.frame.node, self.lease_ms)
+                if verdict == "claimed":
+                    break
+                self.pending[key] = "running"  # or settled: the mailbox will tell
+        else:
+            return False
+        outcome = run_inline(self.girder, self.unique[key], self.owner, self.mailbox, self.frame)
+        self._settle(outcome)
+        return True

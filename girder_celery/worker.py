@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from celery import bootsteps, signals
+from kombu import Exchange, Queue
 
 from .errors import GirderError, safe_url
 
@@ -28,9 +29,22 @@ _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class GirderStep(bootsteps.StartStopStep):
-    """Checks girder's state store as the worker starts and logs where it is."""
+    """Adds the node's own queue, and checks girder's state store as the worker starts.
+
+    The node queue is where sub-requests made on this node are offered first (local first);
+    it is added before the consumer starts, and auto-deleted on RabbitMQ when the node goes.
+    """
 
     label = "Girder"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        girder = worker.app.girder
+        girder.worker_events = bool(worker.task_events)
+        name = girder.node_queue(worker.hostname)
+        queues = worker.app.amqp.queues
+        if name not in queues:
+            queues.select_add(Queue(name, Exchange(name, type="direct"), routing_key=name, auto_delete=True))
+        super().__init__(worker, **kwargs)
 
     def start(self, worker: Any) -> None:
         girder = worker.app.girder

@@ -7,6 +7,7 @@ Tasks count their executions in Redis, so tests can assert "ran exactly once".
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 
@@ -95,5 +96,6 @@ def plain_add(x, y):
     return x + y
 
 
-# Tasks of the re-entrant suite live in their own module; it registers on this app.
-from tests import reentrant_tasks  # noqa: E402,F401
+# Tasks of the re-entrant suite live in their own module; it registers on this app (and is
+# reloaded with it, so that a test process reconfiguring the app gets them on the new one).
+reentrant_tasks = importlib.reload(importlib.import_module("tests.reentrant_tasks"))

@@ -4,13 +4,15 @@
 --
 -- KEYS[1]  request record   <prefix>:req:<key>      hash
 -- KEYS[2]  waiter set       <prefix>:waiters:<key>  set of mailbox names
+-- KEYS[3]  its edges        <prefix>:waits:<key>    set of keys it waited for
 -- ARGV[1]  the request's key
 -- ARGV[2]  owner token of the executor that ran it
 -- ARGV[3]  value (JSON)
 -- ARGV[4]  result TTL (ms); 0 keeps it forever
 -- ARGV[5]  mailbox TTL (ms)
+-- ARGV[6]  mailbox not to notify (the inline runner's own, which has the value), or ""
 --
--- Transition: anything but done or memoized failed  ->  done(value)
+-- Transition: anything but done or memoized failed  ->  done(value); its waits-for edges go.
 -- Each waiter's mailbox receives "done:<key>:<value>".
 -- Returns 1 stored, 0 already settled (nothing written).
 
@@ -28,6 +30,8 @@ if tonumber(ARGV[4]) > 0 then
 else
   redis.call('PERSIST', rec)
 end
+redis.call('DEL', KEYS[3])
+redis.call('SREM', KEYS[2], ARGV[6])
 local entry = 'done:' .. ARGV[1] .. ':' .. ARGV[3]
 for _, mailbox in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   redis.call('RPUSH', mailbox, entry)

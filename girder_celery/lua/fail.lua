@@ -4,14 +4,16 @@
 --
 -- KEYS[1]  request record   <prefix>:req:<key>      hash
 -- KEYS[2]  waiter set       <prefix>:waiters:<key>  set of mailbox names
+-- KEYS[3]  its edges        <prefix>:waits:<key>    set of keys it waited for
 -- ARGV[1]  the request's key
 -- ARGV[2]  owner token of the executor that ran it ("" when it never ran, e.g. unknown task)
 -- ARGV[3]  error (JSON)
 -- ARGV[4]  "1" to memoize the error, "0" not to
 -- ARGV[5]  record TTL (ms); 0 keeps it forever
 -- ARGV[6]  mailbox TTL (ms)
+-- ARGV[7]  mailbox not to notify (the inline runner's own, which has the error), or ""
 --
--- Transition: anything but done or memoized failed  ->  failed(error)
+-- Transition: anything but done or memoized failed  ->  failed(error); its waits-for edges go.
 -- Each waiter's mailbox receives "failed:<key>:<error>".
 -- Returns 1 stored, 0 already settled (nothing written).
 
@@ -30,6 +32,8 @@ if tonumber(ARGV[5]) > 0 then
 else
   redis.call('PERSIST', rec)
 end
+redis.call('DEL', KEYS[3])
+redis.call('SREM', KEYS[2], ARGV[7])
 local entry = 'failed:' .. ARGV[1] .. ':' .. ARGV[3]
 for _, mailbox in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   redis.call('RPUSH', mailbox, entry)

@@ -1,28 +1,42 @@
--- submit: make a request known to the state store and register its waiter (invariants 1, 4).
+-- submit: make a request known to the state store and register its waiter (invariants 1, 4, 5).
 -- Registering and reading the state happen in this one atomic step, so no result can be
--- written between them and missed (register, then check).
+-- written between them and missed (register, then check). A request made inside a running
+-- request (the requester) records the edge requester -> request in the waits-for graph and is
+-- refused if that edge closes a cycle; the requester may also claim it here, to run it inline.
 --
--- KEYS[1]  request record   <prefix>:req:<key>      hash
--- KEYS[2]  waiter set       <prefix>:waiters:<key>  set of mailbox names
--- ARGV[1]  payload: the canonical arguments (JSON)
--- ARGV[2]  task name
--- ARGV[3]  readable request, e.g. "proj.tasks.divide(1, 0)"
--- ARGV[4]  pool (queue) the offer goes to
--- ARGV[5]  waiter's mailbox name, or "" when nobody waits (apply_async)
--- ARGV[6]  re-offer after (ms): a request queued longer than this gets a fresh offer
+-- KEYS[1]   request record        <prefix>:req:<key>        hash
+-- KEYS[2]   waiter set            <prefix>:waiters:<key>    set of mailbox names
+-- KEYS[3]   requester's edges     <prefix>:waits:<requester> set of keys (unused without one)
+-- ARGV[1]   payload: the canonical arguments (JSON)
+-- ARGV[2]   task name
+-- ARGV[3]   readable request, e.g. "proj.tasks.divide(1, 0)"
+-- ARGV[4]   pool (queue) the offer goes to
+-- ARGV[5]   waiter's mailbox name, or "" when nobody waits (apply_async)
+-- ARGV[6]   re-offer after (ms): a request queued longer than this gets a fresh offer
+-- ARGV[7]   the request's key
+-- ARGV[8]   requester's key, or "" at top level
+-- ARGV[9]   "<prefix>:waits:", to walk the waits-for graph
+-- ARGV[10]  TTL (ms) of the requester's edges (refreshed by each submit)
+-- ARGV[11]  claimer's owner token, or "" not to claim
+-- ARGV[12]  claimer's node
+-- ARGV[13]  lease (ms)
 --
 -- Transitions:
 --   absent | failed (not memoized) | running with an expired lease  ->  queued
 --   queued, last offered more than ARGV[6] ms ago                    ->  queued (re-offered)
+--   with a claimer, instead: any of those, or queued                 ->  running(claimer, lease)
 -- Returns {verdict, data}:
---   {"offer", ""}        now queued: the caller must publish an offer; waiter registered
---   {"queued", ""}       already queued and offered; waiter registered
---   {"running", owner}   a live executor holds it; waiter registered
---   {"done", value}      the memoized value (JSON); nothing registered
---   {"failed", error}    the memoized error (JSON); nothing registered
+--   {"offer", ""}         now queued: the caller must publish an offer; waiter registered
+--   {"queued", ""}        already queued and offered; waiter registered
+--   {"running", owner}    a live executor holds it; waiter registered
+--   {"claimed", payload}  the claimer holds it now and runs it; no waiter registered
+--   {"done", value}       the memoized value (JSON); nothing registered
+--   {"failed", error}     the memoized error (JSON); nothing registered
+--   {"cycle", keys}       it (transitively) waits for the requester: space-separated keys of
+--                         the cycle, requester first and last; nothing changed
 
 local rec = KEYS[1]
-local f = redis.call('HMGET', rec, 'state', 'value', 'error', 'memo', 'lease_until', 'offered_at', 'owner')
+local f = redis.call('HMGET', rec, 'state', 'value', 'error', 'memo', 'lease_until', 'offered_at', 'owner', 'payload')
 local state = f[1]
 if state == 'done' then
   return {'done', f[2]}
@@ -31,16 +45,49 @@ if state == 'failed' and f[4] == '1' then
   return {'failed', f[3]}
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if ARGV[5] ~= '' then
-  redis.call('SADD', KEYS[2], ARGV[5])
+local requester = ARGV[8]
+if requester ~= '' then
+  -- Breadth-first walk from the request along waits-for edges, looking for the requester.
+  local came_from = {[ARGV[7]] = false}
+  local queue, head, found = {ARGV[7]}, 1, ARGV[7] == requester
+  while not found and head <= #queue and head <= 10000 do
+    local node = queue[head]
+    head = head + 1
+    for _, next_key in ipairs(redis.call('SMEMBERS', ARGV[9] .. node)) do
+      if came_from[next_key] == nil then
+        came_from[next_key] = node
+        queue[#queue + 1] = next_key
+        if next_key == requester then
+          found = true
+          break
+        end
+      end
+    end
+  end
+  if found then
+    local path, node = {}, requester
+    while node do
+      table.insert(path, 1, node)
+      node = came_from[node]
+    end
+    table.insert(path, 1, requester)
+    return {'cycle', table.concat(path, ' ')}
+  end
+  redis.call('SADD', KEYS[3], ARGV[7])
+  redis.call('PEXPIRE', KEYS[3], ARGV[10])
 end
 
-if state == 'running' and tonumber(f[5]) > now then
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local live = state == 'running' and tonumber(f[5]) > now
+local claimer = ARGV[11]
+if ARGV[5] ~= '' and (claimer == '' or live) then
+  redis.call('SADD', KEYS[2], ARGV[5])
+end
+if live then
   return {'running', f[7]}
 end
-if state == 'queued' and now - tonumber(f[6]) < tonumber(ARGV[6]) then
+if claimer == '' and state == 'queued' and now - tonumber(f[6]) < tonumber(ARGV[6]) then
   return {'queued', ''}
 end
 
@@ -51,6 +98,12 @@ if state ~= 'queued' then
   redis.call('HSET', rec, 'state', 'queued', 'payload', ARGV[1], 'name', ARGV[2],
     'request', ARGV[3], 'pool', ARGV[4])
   redis.call('HSETNX', rec, 'created_at', now)
+end
+if claimer ~= '' then
+  redis.call('HSET', rec, 'state', 'running', 'owner', claimer, 'node', ARGV[12],
+    'lease_until', now + tonumber(ARGV[13]), 'started_at', now)
+  redis.call('HINCRBY', rec, 'attempts', 1)
+  return {'claimed', f[8] or ARGV[1]}
 end
 redis.call('HSET', rec, 'offered_at', now)
 redis.call('HINCRBY', rec, 'offers', 1)
