@@ -8,6 +8,7 @@ Celery mirrors it into its result backend.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import uuid
@@ -24,9 +25,22 @@ if TYPE_CHECKING:
     from .girder import Girder
     from .task import GirderTask
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "unique_id"]
 
 logger = logging.getLogger(__name__)
+
+_nonce: tuple[int, str] = (0, "")
+_counter = itertools.count()
+
+
+def unique_id() -> str:
+    """Unique across processes and time: a random nonce drawn once per process, and a counter
+    (cheaper than a uuid4 per claim or mailbox, which costs a system call)."""
+    global _nonce
+    if _nonce[0] != os.getpid():
+        _nonce = (os.getpid(), uuid.uuid4().hex[:16])
+    return f"{_nonce[1]}{next(_counter):x}"
+
 
 #: Exceptions that are Celery control flow, not a failure of the function.
 _CONTROL_FLOW = (Ignore, Reject, Retry)
@@ -40,7 +54,8 @@ class Executor:
         self.leases = LeaseKeeper(lambda: girder.store, girder.settings.lease_seconds)
 
     def owner_token(self, node: str) -> str:
-        return f"{node}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
+        """A token no other claim shares: node, process, a per-process nonce and a counter."""
+        return f"{node}/{os.getpid()}/{unique_id()}"
 
     def take_offer(self, task: GirderTask, context: Any, args: tuple, kwargs: dict) -> tuple[Any] | None:
         """Run what a Celery request carries: ``(value,)``, or None if the offer was skipped."""
@@ -113,11 +128,13 @@ class Executor:
                 raise error from exc
             self.girder.store.complete(key, owner, encoded, self.girder.result_ttl_ms(task), skip_mailbox)
             if claim is not None:
-                claim.outcome = Outcome(key, "done", encoded)
+                claim.outcome, claim.value = Outcome(key, "done", encoded), value
             return value
         finally:
             self.leases.release(key)
             inline.leave(token)
+            if claim is None:
+                self.girder.mirror.flush()  # the request a message brought is done
 
     def _fail(self, task, key, owner, args, kwargs, exc: BaseException, skip_mailbox: str) -> Outcome:
         if isinstance(exc, GirderError) and exc.key == key:

@@ -20,6 +20,7 @@ from .errors import GirderConnectionError, GirderError, safe_url
 from .execute import Executor
 from .inline import current_frame
 from .keys import decode_payload
+from .mirror import Mirror
 from .settings import Settings
 from .store import Claim, Outcome, StateStore
 from .task import GirderTask, Request
@@ -80,6 +81,10 @@ class Girder:
     @cached_property
     def executor(self) -> Executor:
         return Executor(self)
+
+    @cached_property
+    def mirror(self) -> Mirror:
+        return Mirror()
 
     #: Whether this worker sends task events (``-E``); set by the worker bootstep.
     worker_events: bool = False

@@ -3,7 +3,8 @@
 A *frame* is one girder request running in this process; frames nest as requests run their
 sub-requests inline. An inline run goes through Celery's own tracer, so it has a real request
 context (``self.request.id`` is the key, with ``parent_id``, ``root_id`` and ``hostname``), fires
-``task_prerun``/``task_postrun``, is logged, and its result is mirrored to the result backend;
+``task_prerun``/``task_postrun``, is logged, and its result is mirrored to the result backend
+(asynchronously, by ``mirror.py``);
 task events are sent when the worker sends them (``-E``), so Flower shows inline runs.
 
 Depth: nested inline runs would exhaust the interpreter's stack long before a 2,000-deep chain
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from celery.app.task import Context
 from celery.app.trace import build_tracer
 from celery.utils.saferepr import saferepr
 
@@ -75,6 +77,7 @@ class InlineClaim:
     skip_mailbox: str
     parent: Frame
     outcome: Outcome | None = field(default=None)
+    value: Any = None
 
 
 def _stack_is_deep() -> bool:
@@ -97,6 +100,8 @@ def run_inline(girder: Girder, request: Request, owner: str, mailbox: str, paren
             result.append(context.run(_trace, girder, request, owner, mailbox, parent))
         except BaseException as exc:  # handed to the waiting thread
             result.append(exc)
+        finally:
+            girder.mirror.flush()  # this thread's buffer ends with it
 
     thread = threading.Thread(target=hop, name=f"girder-inline-{request.key[:8]}", daemon=True)
     thread.start()
@@ -129,6 +134,9 @@ def _trace(girder: Girder, request: Request, owner: str, mailbox: str, parent: F
         "delivery_info": {"exchange": "", "routing_key": "", "priority": None, "redelivered": False},
         "correlation_id": key,
         "girder_inline": claim,
+        # The tracer must not store the result itself: girder.mirror copies it off the
+        # critical path (failures are still stored by the tracer, synchronously).
+        "ignore_result": True,
     }
     events = girder.worker_events
     if events:
@@ -140,6 +148,8 @@ def _trace(girder: Girder, request: Request, owner: str, mailbox: str, parent: F
     outcome = claim.outcome
     if outcome is None:  # the tracer failed before our code ran
         outcome = girder.executor.fail_internal(task, key, owner, args, kwargs, mailbox)
+    elif outcome.verdict == "done" and not task.ignore_result:
+        girder.mirror.put(task, key, claim.value, outcome.data, Context(context, args=args, kwargs=kwargs))
     if events:
         if outcome.verdict == "done":
             _send_event(task, node, "task-succeeded", key, result=outcome.data, runtime=time.monotonic() - started)

@@ -19,12 +19,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import redis
 
 from .errors import GirderConnectionError, GirderError, GirderTimeout
+from .execute import unique_id
 from .inline import Frame, run_inline
 from .store import Claim, Outcome
 
@@ -48,7 +48,7 @@ class Wait:
         self.requests = requests
         self.unique = {r.key: r for r in requests}
         self.timeout = girder.settings.request_timeout if timeout is None else timeout
-        self.mailbox = girder.store.mailbox_key(uuid.uuid4().hex)
+        self.mailbox = girder.store.mailbox_key(unique_id())
         self.settled: dict[str, Outcome] = {}
         self.pending: dict[str, str] = {}  # key -> last verdict seen, in request order
         self.fail_fast = True
@@ -106,6 +106,7 @@ class Wait:
                 next_check = time.monotonic()  # re-submit as soon as Redis is back
 
     def _pop(self, block: float) -> None:
+        self.girder.mirror.flush()  # nothing buffered waits on this executor's block
         item = self.girder.store.client.blpop([self.mailbox], timeout=max(block, 0.01))
         if item is not None:
             verdict, key, data = item[1].split(":", 2)
