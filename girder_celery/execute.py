@@ -101,40 +101,61 @@ class Executor:
         parent = claim.parent if claim is not None else None
         frame = inline.Frame(key, context.hostname or "unknown", context.root_id or key, parent)
         skip_mailbox = claim.skip_mailbox if claim is not None else ""
+        # Inline runs and girder's own offers leave the result backend to girder (mirror.py).
+        mirror = not task.ignore_result and (claim is not None or getattr(context, "girder_mirror", False))
         token = inline.enter(frame)
         self.leases.hold(key, owner)
         try:
-            try:
-                value = task.run(*args, **kwargs)
-            except Exception as exc:
-                if claim is None and isinstance(exc, _CONTROL_FLOW):
-                    raise
-                outcome = self._fail(task, key, owner, args, kwargs, exc, skip_mailbox)
-                if claim is not None:
-                    claim.outcome = outcome
-                raise
-            try:
-                encoded = self.girder.encode_value(value)
-            except TypeError as exc:
-                error = GirderError(
-                    f"its result is not JSON-serializable: {exc}",
-                    key=key,
-                    request=keys.readable(task.name, args, kwargs),
-                    exc_type="TypeError",
-                )
-                outcome = self._fail(task, key, owner, args, kwargs, error, skip_mailbox)
-                if claim is not None:
-                    claim.outcome = outcome
-                raise error from exc
-            self.girder.store.complete(key, owner, encoded, self.girder.result_ttl_ms(task), skip_mailbox)
-            if claim is not None:
-                claim.outcome, claim.value = Outcome(key, "done", encoded), value
+            outcome, value = self._run(task, key, owner, args, kwargs, claim, skip_mailbox)
+        except Exception as exc:
+            if mirror:
+                self._mirror_failure(task, key, exc, context)
+            raise
+        else:
+            if mirror:
+                self.girder.mirror.put(task, key, value, outcome.data, context)
             return value
         finally:
             self.leases.release(key)
             inline.leave(token)
             if claim is None:
                 self.girder.mirror.flush()  # the request a message brought is done
+
+    def _run(self, task, key, owner, args, kwargs, claim, skip_mailbox) -> tuple[Outcome, Any]:
+        try:
+            value = task.run(*args, **kwargs)
+        except Exception as exc:
+            if claim is None and isinstance(exc, _CONTROL_FLOW):
+                raise
+            outcome = self._fail(task, key, owner, args, kwargs, exc, skip_mailbox)
+            if claim is not None:
+                claim.outcome = outcome
+            raise
+        try:
+            encoded = self.girder.encode_value(value)
+        except TypeError as exc:
+            error = GirderError(
+                f"its result is not JSON-serializable: {exc}",
+                key=key,
+                request=keys.readable(task.name, args, kwargs),
+                exc_type="TypeError",
+            )
+            outcome = self._fail(task, key, owner, args, kwargs, error, skip_mailbox)
+            if claim is not None:
+                claim.outcome = outcome
+            raise error from exc
+        self.girder.store.complete(key, owner, encoded, self.girder.result_ttl_ms(task), skip_mailbox)
+        outcome = Outcome(key, "done", encoded)
+        if claim is not None:
+            claim.outcome = outcome
+        return outcome, value
+
+    @staticmethod
+    def _mirror_failure(task, key, exc: Exception, context: Any) -> None:
+        try:
+            task.backend.mark_as_failure(key, exc, exc.__traceback__, request=context)
+        except Exception:
+            logger.warning("girder: could not mirror the failure of %s to the result backend", key, exc_info=True)
 
     def _fail(self, task, key, owner, args, kwargs, exc: BaseException, skip_mailbox: str) -> Outcome:
         if isinstance(exc, GirderError) and exc.key == key:

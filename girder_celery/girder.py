@@ -19,7 +19,7 @@ from kombu.utils import json as kombu_json
 from .errors import GirderConnectionError, GirderError, safe_url
 from .execute import Executor
 from .inline import current_frame
-from .keys import decode_payload
+from .keys import decode_payload, readable_args
 from .mirror import Mirror
 from .settings import Settings
 from .store import Claim, Outcome, StateStore
@@ -254,10 +254,12 @@ class Girder:
             request.key, task.name, list(request.args), request.kwargs,
             time_limit=time_limit, soft_time_limit=soft_time_limit,
             create_sent_event=app.conf.task_send_sent_event,
-            root_id=root_id, parent_id=parent_id, ignore_result=task.ignore_result,
+            root_id=root_id, parent_id=parent_id, ignore_result=True,
+            argsrepr=readable_args(request.args), kwargsrepr=readable_args(request.kwargs),
         )  # fmt: skip
+        # Celery does not store this offer's result; the executor mirrors it (see mirror.py).
         with app.producer_or_acquire() as producer:
-            app.amqp.send_task_message(producer, task.name, message, **options)
+            app.amqp.send_task_message(producer, task.name, message, headers={"girder_mirror": True}, **options)
 
     # -- inspection -------------------------------------------------------------------------
 

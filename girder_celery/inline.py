@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from celery.app.task import Context
 from celery.app.trace import build_tracer
 from celery.utils.saferepr import saferepr
 
@@ -77,7 +76,6 @@ class InlineClaim:
     skip_mailbox: str
     parent: Frame
     outcome: Outcome | None = field(default=None)
-    value: Any = None
 
 
 def _stack_is_deep() -> bool:
@@ -134,8 +132,7 @@ def _trace(girder: Girder, request: Request, owner: str, mailbox: str, parent: F
         "delivery_info": {"exchange": "", "routing_key": "", "priority": None, "redelivered": False},
         "correlation_id": key,
         "girder_inline": claim,
-        # The tracer must not store the result itself: girder.mirror copies it off the
-        # critical path (failures are still stored by the tracer, synchronously).
+        # The tracer must not store the result: the executor mirrors it (see mirror.py).
         "ignore_result": True,
     }
     events = girder.worker_events
@@ -148,8 +145,6 @@ def _trace(girder: Girder, request: Request, owner: str, mailbox: str, parent: F
     outcome = claim.outcome
     if outcome is None:  # the tracer failed before our code ran
         outcome = girder.executor.fail_internal(task, key, owner, args, kwargs, mailbox)
-    elif outcome.verdict == "done" and not task.ignore_result:
-        girder.mirror.put(task, key, claim.value, outcome.data, Context(context, args=args, kwargs=kwargs))
     if events:
         if outcome.verdict == "done":
             _send_event(task, node, "task-succeeded", key, result=outcome.data, runtime=time.monotonic() - started)

@@ -26,14 +26,15 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["bind_arguments", "decode_payload", "encode_payload", "readable", "request_key"]
+__all__ = ["bind_arguments", "decode_payload", "encode_payload", "readable", "readable_args", "request_key"]
 
 #: Marker of a tagged value; a user dict holding this key is itself encoded tagged.
 TAG = "__girder__"
 
 _SCALARS = (str, int, float, type(None))
 _KEY_TYPES = (str, int, float, bool, type(None))
-_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True).encode
+# ASCII escapes keep every str encodable, lone surrogates (os.fsdecode) included.
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True).encode
 
 
 def _tagged(tag: str, value: Any) -> dict:
@@ -164,6 +165,11 @@ def request_key(
 _repr = reprlib.Repr()
 _repr.maxstring = 60
 _repr.maxother = 60
+
+
+def readable_args(value: tuple | list | dict) -> str:
+    """A short repr of positional or keyword arguments, for Celery's argsrepr and kwargsrepr."""
+    return _repr.repr(value)
 
 
 def readable(name: str, args: tuple | list, kwargs: dict) -> str:
