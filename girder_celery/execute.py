@@ -51,7 +51,7 @@ class Executor:
 
     def __init__(self, girder: Girder) -> None:
         self.girder = girder
-        self.leases = LeaseKeeper(lambda: girder.store, girder.settings.lease_seconds)
+        self.leases = LeaseKeeper(lambda: girder.store, girder.settings.lease_seconds, girder.edge_ttl_seconds)
 
     def owner_token(self, node: str) -> str:
         """A token no other claim shares: node, process, a per-process nonce and a counter."""

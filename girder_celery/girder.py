@@ -99,6 +99,12 @@ class Girder:
         url = safe_url(self.settings.url)
         return GirderConnectionError(f"cannot reach girder's state store at {url}: {exc}", url=url)
 
+    @property
+    def edge_ttl_seconds(self) -> float:
+        """How long a waits-for edge outlives its last refresh: renewals and re-submissions
+        refresh it, so it goes only when its requester has died."""
+        return 2 * self.settings.lease_seconds + self.settings.check_interval
+
     def result_ttl_ms(self, task: GirderTask) -> int:
         ttl = task.cache_ttl if task.cache_ttl is not None else self.settings.result_ttl
         return int(ttl * 1000) if ttl else 0
@@ -217,7 +223,7 @@ class Girder:
         ``requester`` and ``claim`` are for sub-requests (see ``StateStore.submit``).
         """
         s = self.settings
-        edge_ttl_ms = int((2 * s.lease_seconds + s.check_interval) * 1000)
+        edge_ttl_ms = int(self.edge_ttl_seconds * 1000)
         try:
             outcomes = self.store.submit(
                 [r.item for r in requests], mailbox, int(s.reoffer_after * 1000), requester, edge_ttl_ms, claim

@@ -24,9 +24,10 @@ logger = logging.getLogger(__name__)
 class LeaseKeeper:
     """The leases held in this process, ``{key: owner}``, and the thread that renews them."""
 
-    def __init__(self, store: Callable[[], StateStore], lease_seconds: float) -> None:
+    def __init__(self, store: Callable[[], StateStore], lease_seconds: float, edge_ttl_seconds: float) -> None:
         self._store = store
         self.lease_ms = int(lease_seconds * 1000)
+        self.edge_ttl_ms = int(edge_ttl_seconds * 1000)
         self.interval = lease_seconds / 3
         self._held: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -66,7 +67,7 @@ class LeaseKeeper:
         if not leases:
             return
         try:
-            renewed = self._store().renew(leases, self.lease_ms)
+            renewed = self._store().renew(leases, self.lease_ms, self.edge_ttl_ms)
         except Exception:
             logger.warning("girder: could not renew %d lease(s); will retry", len(leases), exc_info=True)
             return

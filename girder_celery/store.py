@@ -71,6 +71,9 @@ class StateStore:
     def waiters_key(self, key: str) -> str:
         return f"{self.prefix}:waiters:{key}"
 
+    def edges_key(self, key: str) -> str:
+        return f"{self.prefix}:waits:{key}"
+
     def mailbox_key(self, mailbox_id: str) -> str:
         return f"{self.prefix}:mailbox:{mailbox_id}"
 
@@ -93,8 +96,8 @@ class StateStore:
         claims the request it names for an inline run. See ``lua/submit.lua``.
         """
         script = self._scripts["submit"]
-        waits = f"{self.prefix}:waits:"
-        edges = waits + requester if requester else waits
+        waits = self.edges_key("")
+        edges = self.edges_key(requester)
         client = self.client if len(items) == 1 else self.client.pipeline(transaction=False)
         replies = []
         for key, payload, name, readable, pool in items:
@@ -116,10 +119,15 @@ class StateStore:
         verdict, data, attempts = self._scripts["claim"]((self.record_key(key),), (owner, node, lease_ms))
         return verdict, data, int(attempts or 0)
 
-    def renew(self, leases: dict[str, str], lease_ms: int) -> dict[str, bool]:
-        """Extend the leases ``{key: owner}``: ``{key: still ours}``."""
+    def renew(self, leases: dict[str, str], lease_ms: int, edge_ttl_ms: int | None = None) -> dict[str, bool]:
+        """Extend the leases ``{key: owner}`` and their waits-for edges (by ``edge_ttl_ms``,
+        default twice the lease): ``{key: still ours}``."""
         keys = list(leases)
-        replies = self._scripts["renew"]([self.record_key(k) for k in keys], [lease_ms, *(leases[k] for k in keys)])
+        edge_ttl_ms = 2 * lease_ms if edge_ttl_ms is None else edge_ttl_ms
+        replies = self._scripts["renew"](
+            [*(self.record_key(k) for k in keys), *(self.edges_key(k) for k in keys)],
+            [lease_ms, *(leases[k] for k in keys), edge_ttl_ms],
+        )
         return {k: bool(r) for k, r in zip(keys, replies)}
 
     def complete(self, key: str, owner: str, value: str, ttl_ms: int, skip_mailbox: str = "") -> bool:
@@ -143,7 +151,7 @@ class StateStore:
         )
 
     def _settle_keys(self, key: str) -> tuple[str, str, str]:
-        return self.record_key(key), self.waiters_key(key), f"{self.prefix}:waits:{key}"
+        return self.record_key(key), self.waiters_key(key), self.edges_key(key)
 
     def requests_of(self, keys: list[str]) -> list[str | None]:
         """The readable request of each key (None where unknown), for messages."""
