@@ -64,7 +64,8 @@ class Executor:
             return (self.run_claimed(task, context.id, claim.owner, args, kwargs, context, claim),)
         key, node = context.id, context.hostname or "unknown"
         owner = self.owner_token(node)
-        verdict, data, _ = self.girder.store.claim(key, owner, node, self.leases.lease_ms)
+        via = (context.delivery_info or {}).get("routing_key") or ""
+        verdict, data, _ = self.girder.store.claim(key, owner, node, self.leases.lease_ms, via)
         if verdict == "absent":
             key, verdict, data = self._adopt(task, key, args, kwargs, owner, node)
         if verdict != "claimed":

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 from celery import Celery, Signature
+from kombu import Exchange, Queue
 from kombu.utils import json as kombu_json
 
 from .errors import GirderConnectionError, GirderError, safe_url
@@ -88,10 +89,19 @@ class Girder:
 
     #: Whether this worker sends task events (``-E``); set by the worker bootstep.
     worker_events: bool = False
+    #: The pool this worker is a node of; set by the worker bootstep.
+    worker_pool: str | None = None
 
     def node_queue(self, node: str) -> str:
         """The queue of one node (worker hostname): where its sub-requests are offered first."""
         return f"{self.settings.key_prefix}.node.{node}"
+
+    def queue_declaration(self, name: str) -> Queue | str:
+        """How to declare queue ``name``: a node queue is auto-deleted with its node (a dead
+        node's offers are recovered by their waiters), a pool is Celery's to declare."""
+        if name.startswith(f"{self.settings.key_prefix}.node."):
+            return Queue(name, Exchange(name, type="direct"), routing_key=name, auto_delete=True)
+        return name
 
     decode_payload = staticmethod(decode_payload)
 
@@ -225,9 +235,8 @@ class Girder:
         s = self.settings
         edge_ttl_ms = int(self.edge_ttl_seconds * 1000)
         try:
-            outcomes = self.store.submit(
-                [r.item for r in requests], mailbox, int(s.reoffer_after * 1000), requester, edge_ttl_ms, claim
-            )
+            items = [(r.key, r.payload, r.task.name, r.readable, self.queue_for(r)) for r in requests]
+            outcomes = self.store.submit(items, mailbox, int(s.reoffer_after * 1000), requester, edge_ttl_ms, claim)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise self.connection_error(exc) from exc
         if offer:
@@ -236,36 +245,52 @@ class Girder:
                     self.publish(request)
         return outcomes
 
+    def queue_for(self, request: Request) -> str:
+        """The queue (pool) a request is offered on: its ``pool``, else ``girder_pool``, else
+        Celery's routing for the task (``task_routes``, the task's ``queue``, the default)."""
+        if request.pool:
+            return request.pool
+        if self.settings.pool:
+            return self.settings.pool
+        task, conf = request.task, self.app.conf
+        if not conf.task_routes and not getattr(task, "queue", None):
+            return conf.task_default_queue
+        route = self.app.amqp.router.route({}, task.name, request.args, request.kwargs, task)
+        return route["queue"].name
+
     def publish(self, request: Request) -> None:
-        """Send one offer message for ``request`` (task id = key) to its pool's queue.
+        """Send one offer message for ``request`` (task id = key) to its queue."""
+        self.publish_offer(request.task.name, request.key, request.args, request.kwargs, self.queue_for(request))
+
+    def publish_offer(self, name: str, key: str, args: tuple | list, kwargs: dict, queue: str) -> None:
+        """Send an offer of request ``key`` of task ``name`` to ``queue``: an original or a copy.
 
         This is Celery's ``send_task`` minus the result-backend subscription: girder's waiter
         hears from the state store, so no client-side result consumer is left behind.
         """
-        task, app = request.task, self.app
-        options = {k: v for k, v in task._get_exec_options().items() if v is not None}
-        pool = request.pool or self.settings.pool
-        if pool:
-            options["queue"] = pool
+        app = self.app
+        task = app.tasks.get(name)
+        options = {k: v for k, v in task._get_exec_options().items() if v is not None} if task else {}
+        options["queue"] = self.queue_declaration(queue)
         time_limit = options.pop("time_limit", None)
         soft_time_limit = options.pop("soft_time_limit", None)
         options.pop("expires", None)  # an expired offer would be a lost one
-        options = app.amqp.router.route(options, task.name, request.args, request.kwargs, task)
+        options = app.amqp.router.route(options, name, args, kwargs, task)
         parent = app.current_worker_task
         root_id = parent_id = None
         if parent is not None:
             parent_id = parent.request.id
             root_id = parent.request.root_id or parent_id
         message = app.amqp.create_task_message(
-            request.key, task.name, list(request.args), request.kwargs,
+            key, name, list(args), kwargs,
             time_limit=time_limit, soft_time_limit=soft_time_limit,
             create_sent_event=app.conf.task_send_sent_event,
             root_id=root_id, parent_id=parent_id, ignore_result=True,
-            argsrepr=readable_args(request.args), kwargsrepr=readable_args(request.kwargs),
+            argsrepr=readable_args(args), kwargsrepr=readable_args(kwargs),
         )  # fmt: skip
         # Celery does not store this offer's result; the executor mirrors it (see mirror.py).
         with app.producer_or_acquire() as producer:
-            app.amqp.send_task_message(producer, task.name, message, headers={"girder_mirror": True}, **options)
+            app.amqp.send_task_message(producer, name, message, headers={"girder_mirror": True}, **options)
 
     # -- inspection -------------------------------------------------------------------------
 
@@ -280,8 +305,10 @@ class Girder:
     def state(self, sig_or_key: Signature | str) -> dict[str, Any]:
         """What the store knows of a request: ``state`` (absent, queued, running, done,
         failed), ``owner``, ``node``, ``ran_by``, ``attempts``, ``offers``, ``pool``,
-        ``request`` and the ``created_at``/``offered_at``/``started_at``/``finished_at``
-        timestamps (seconds since the epoch)."""
+        ``request``, the ``created_at``/``offered_at``/``started_at``/``finished_at``
+        timestamps (seconds since the epoch), and where it ran: ``placement`` (``inline`` in
+        a waiter, ``local`` from the queue it was offered on, ``hoisted`` from a copy sent up
+        a tier), ``claimed_via`` (that queue) and ``hoists`` (copies made)."""
         key = self.key_of(sig_or_key)
         try:
             record = self.store.record(key)
@@ -303,10 +330,10 @@ class Girder:
 
 def _describe(key: str, record: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {"key": key, "state": record.get("state", "absent")}
-    for field in ("request", "name", "owner", "node", "ran_by"):
+    for field in ("request", "name", "owner", "node", "ran_by", "placement", "claimed_via"):
         out[field] = record.get(field) or None
     out["pool"] = record.get("pool") or None
-    for field in ("attempts", "offers"):
+    for field in ("attempts", "offers", "hoists"):
         out[field] = int(record.get(field, 0))
     for field in ("created_at", "offered_at", "started_at", "finished_at", "lease_until"):
         out[field] = int(record[field]) / 1000 if record.get(field) else None

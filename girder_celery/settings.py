@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = ["Settings"]
@@ -34,6 +34,11 @@ class Settings:
     reoffer_after: float = 300.0
     #: Seconds to connect to the state store before giving up with a clear error.
     connect_timeout: float = 5.0
+    #: Seconds an offer may wait in a queue before it is copied up to the next tier: from a
+    #: node's queue to its pool, from a pool to its parent pool (0 turns hoisting off).
+    hoist_after: float = 0.1
+    #: The pool tree: ``{pool: parent pool or None}``, e.g. ``{"desk": "region", "region": None}``.
+    pools: dict = field(default_factory=dict)
 
     @classmethod
     def from_conf(cls, conf: Any, url: str | None = None) -> Settings:
@@ -61,6 +66,31 @@ class Settings:
         for name in ("request_timeout", "result_ttl"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        if isinstance(self.hoist_after, bool) or not isinstance(self.hoist_after, (int, float)) or self.hoist_after < 0:
+            raise ValueError(f"girder_hoist_after must be a number of seconds >= 0, not {self.hoist_after!r}")
+        _validate_pools(self.pools)
+
+    def pool_chain(self, pool: str) -> list[str]:
+        """``pool`` and its ancestors, nearest first."""
+        chain = [pool]
+        while self.pools.get(chain[-1]):
+            chain.append(self.pools[chain[-1]])
+        return chain
+
+
+def _validate_pools(pools: Any) -> None:
+    if not isinstance(pools, dict):
+        raise ValueError(f"girder_pools must be a dict {{pool: parent or None}}, not {pools!r}")
+    for pool, parent in pools.items():
+        if not isinstance(pool, str) or not pool or not (parent is None or (isinstance(parent, str) and parent)):
+            raise ValueError(f"girder_pools maps queue names to a parent queue name or None, not {pool!r}: {parent!r}")
+    for pool in pools:
+        seen, cur = {pool}, pools.get(pool)
+        while cur:
+            if cur in seen:
+                raise ValueError(f"girder_pools has a cycle through {cur!r}")
+            seen.add(cur)
+            cur = pools.get(cur)
 
 
 def _positive(name: str, value: Any) -> None:

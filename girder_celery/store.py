@@ -58,7 +58,7 @@ class Outcome:
 class StateStore:
     """Atomic transitions of request records in one Redis database."""
 
-    SCRIPTS = ("submit", "claim", "renew", "complete", "fail", "forget")
+    SCRIPTS = ("submit", "claim", "renew", "complete", "fail", "forget", "hoist")
 
     def __init__(self, client: redis.Redis, prefix: str = "girder") -> None:
         self.client = client
@@ -70,6 +70,9 @@ class StateStore:
 
     def waiters_key(self, key: str) -> str:
         return f"{self.prefix}:waiters:{key}"
+
+    def offers_key(self, queue: str) -> str:
+        return f"{self.prefix}:offers:{queue}"
 
     def edges_key(self, key: str) -> str:
         return f"{self.prefix}:waits:{key}"
@@ -96,7 +99,7 @@ class StateStore:
         claims the request it names for an inline run. See ``lua/submit.lua``.
         """
         script = self._scripts["submit"]
-        waits = self.edges_key("")
+        waits, offers = self.edges_key(""), self.offers_key("")
         edges = self.edges_key(requester)
         client = self.client if len(items) == 1 else self.client.pipeline(transaction=False)
         replies = []
@@ -104,9 +107,9 @@ class StateStore:
             claimer = claim if claim is not None and claim.key == key else _NO_CLAIM
             replies.append(
                 script(
-                    (self.record_key(key), self.waiters_key(key), edges),
+                    (self.record_key(key), self.waiters_key(key), edges, offers + pool),
                     (payload, name, readable, pool, mailbox, reoffer_after_ms, key, requester, waits, edge_ttl_ms,
-                     claimer.owner, claimer.node, claimer.lease_ms),
+                     claimer.owner, claimer.node, claimer.lease_ms, offers),
                     client=client,
                 )
             )  # fmt: skip
@@ -114,9 +117,12 @@ class StateStore:
             replies = client.execute()
         return [Outcome(item[0], v, d or "") for item, (v, d) in zip(items, replies)]
 
-    def claim(self, key: str, owner: str, node: str, lease_ms: int) -> tuple[str, str, int]:
-        """Claim ``key`` for ``owner``: ``(verdict, payload or owner, attempts)``."""
-        verdict, data, attempts = self._scripts["claim"]((self.record_key(key),), (owner, node, lease_ms))
+    def claim(self, key: str, owner: str, node: str, lease_ms: int, via: str = "") -> tuple[str, str, int]:
+        """Claim ``key`` for ``owner``, from an offer on queue ``via`` (``""``: a waiter claiming
+        its own sub-request): ``(verdict, payload or owner, attempts)``."""
+        verdict, data, attempts = self._scripts["claim"](
+            (self.record_key(key),), (owner, node, lease_ms, via, self.offers_key(""), key)
+        )
         return verdict, data, int(attempts or 0)
 
     def renew(self, leases: dict[str, str], lease_ms: int, edge_ttl_ms: int | None = None) -> dict[str, bool]:
@@ -163,6 +169,15 @@ class StateStore:
     def forget(self, key: str) -> str:
         """Drop a settled request; returns the state it had (``absent`` if none)."""
         return self._scripts["forget"]((self.record_key(key),), ())
+
+    def hoist(self, source: str, destination: str | None, after_ms: int, limit: int = 100) -> list[tuple[str, ...]]:
+        """Move offers queued on ``source`` for over ``after_ms`` to ``destination`` (None at the
+        top: only drop stale entries): the ``(key, name, payload)`` to publish there."""
+        reply = self._scripts["hoist"](
+            (self.offers_key(source), self.offers_key(destination or source)),
+            (after_ms, self.record_key(""), destination or "", limit),
+        )
+        return [tuple(reply[i : i + 3]) for i in range(0, len(reply), 3)]
 
     # -- reads and housekeeping -------------------------------------------------------------
 

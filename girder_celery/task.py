@@ -40,11 +40,6 @@ class Request:
     def readable(self) -> str:
         return keys.readable(self.task.name, self.args, self.kwargs)
 
-    @property
-    def item(self) -> tuple[str, str, str, str, str]:
-        """The fields ``StateStore.submit`` takes."""
-        return self.key, self.payload, self.task.name, self.readable, self.pool or ""
-
 
 class GirderTask(celery.Task):
     """Base class of ``@girder.task`` tasks (``Girder`` binds a subclass to itself)."""

@@ -1,20 +1,24 @@
-"""Worker integration: the girder bootstep and the unknown-task handler.
+"""Worker integration: girder's bootsteps, its worker option and the unknown-task handler.
 
-``Girder(app)`` installs both, so ``celery -A proj worker`` runs girder tasks with no extra flags.
-The bootstep checks the state store when the worker starts, so a wrong URL is a clear error at
-start rather than a failure per task. The handler fails a girder request whose message names a
-task this worker does not know, so its waiters hear of it instead of waiting (invariant 1).
+``Girder(app)`` installs them, so ``celery -A proj worker`` runs girder tasks with no extra flags.
+``GirderStep`` makes the worker a node of its pool (``--girder-pool``, else ``girder_pool``, else
+Celery's default queue): it consumes its own node queue, its pool and the pool's ancestors, and
+checks the state store at start, so a wrong URL is a clear error there rather than per task.
+``Hoister`` runs on the worker's timer and copies offers that waited longer than
+``girder_hoist_after`` up a tier (the seed's distributor). The handler fails a girder request
+whose message names a task this worker does not know, so its waiters hear of it (invariant 1).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 from typing import TYPE_CHECKING, Any
 
+import click
 import redis
 from celery import bootsteps, signals
-from kombu import Exchange, Queue
 
 from .errors import GirderError, safe_url
 
@@ -37,13 +41,17 @@ class GirderStep(bootsteps.StartStopStep):
 
     label = "Girder"
 
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
+    def __init__(self, worker: Any, girder_pool: str | None = None, **kwargs: Any) -> None:
         girder = worker.app.girder
         girder.worker_events = bool(worker.task_events)
-        name = girder.node_queue(worker.hostname)
+        girder.worker_pool = girder_pool or girder.settings.pool or worker.app.conf.task_default_queue
         queues = worker.app.amqp.queues
-        if name not in queues:
-            queues.select_add(Queue(name, Exchange(name, type="direct"), routing_key=name, auto_delete=True))
+        node = girder.node_queue(worker.hostname)
+        if node not in queues:
+            queues.select_add(girder.queue_declaration(node))
+        for pool in girder.settings.pool_chain(girder.worker_pool):
+            if pool not in queues.consume_from:
+                queues.select_add(pool)
         super().__init__(worker, **kwargs)
 
     def start(self, worker: Any) -> None:
@@ -56,11 +64,63 @@ class GirderStep(bootsteps.StartStopStep):
         logger.info("girder: state store %s, key prefix %r", url, girder.settings.key_prefix)
 
 
+class Hoister(bootsteps.StartStopStep):
+    """Every half ``girder_hoist_after``, copies this node's stale offers up the pool tree.
+
+    It runs in a thread of its own (a greenlet under gevent), not on the worker's timer: under
+    ``-P solo`` the timer shares the thread that runs tasks, and an overburdened node is exactly
+    one whose executors are all busy.
+    """
+
+    label = "Girder hoister"
+    requires = (GirderStep,)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        self.stopping = threading.Event()
+        super().__init__(worker, **kwargs)
+
+    def start(self, worker: Any) -> None:
+        girder = worker.app.girder
+        if not girder.settings.hoist_after:
+            return
+        tiers = [girder.node_queue(worker.hostname), *girder.settings.pool_chain(girder.worker_pool)]
+        self.stopping.clear()
+        threading.Thread(target=self._run, args=(girder, tiers), name="girder-hoister", daemon=True).start()
+
+    def _run(self, girder: Girder, tiers: list[str]) -> None:
+        while not self.stopping.wait(girder.settings.hoist_after / 2):
+            hoist_once(girder, tiers)
+
+    def stop(self, worker: Any) -> None:
+        self.stopping.set()
+
+
+def hoist_once(girder: Girder, tiers: list[str]) -> None:
+    """One pass up ``tiers`` (node queue, pool, ancestors); a Redis or broker error is logged
+    and the next tick tries again."""
+    after_ms = int(girder.settings.hoist_after * 1000)
+    try:
+        for source, destination in zip(tiers, [*tiers[1:], None]):
+            for key, name, payload in girder.store.hoist(source, destination, after_ms):
+                args, kwargs = girder.decode_payload(payload)
+                girder.publish_offer(name, key, args, kwargs, destination)
+    except Exception:
+        logger.warning("girder: hoisting failed; will retry", exc_info=True)
+
+
 def install(girder: Girder) -> None:
-    """Install girder's worker bootstep and signal handlers on ``girder.app``."""
+    """Install girder's worker bootsteps, option and signal handlers on ``girder.app``."""
     app = girder.app
     app.girder = girder
     app.steps["worker"].add(GirderStep)
+    app.steps["worker"].add(Hoister)
+    app.user_options["worker"].add(
+        click.Option(
+            ["--girder-pool"],
+            default=None,
+            help="The girder pool (a queue) this node belongs to; default: girder_pool, else Celery's default queue.",
+        )
+    )
 
     def on_unknown_task(sender: Any = None, message: Any = None, name: str = "", id: str = "", **_: Any) -> None:
         if getattr(sender, "app", None) is not app or not _KEY_RE.match(id or ""):

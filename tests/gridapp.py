@@ -8,7 +8,9 @@ Tasks count their executions in Redis, so tests can assert "ran exactly once".
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import sys
 import time
 
 import redis
@@ -28,6 +30,7 @@ app.conf.update(
     girder_key_prefix=PREFIX,
     girder_lease_seconds=float(os.environ.get("GIRDER_TEST_LEASE", "30")),
     girder_check_interval=float(os.environ.get("GIRDER_TEST_CHECK", "5")),
+    girder_pools=json.loads(os.environ.get("GIRDER_TEST_POOLS", "{}")),
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
 )
@@ -96,6 +99,57 @@ def plain_add(x, y):
     return x + y
 
 
-# Tasks of the re-entrant suite live in their own module; it registers on this app (and is
-# reloaded with it, so that a test process reconfiguring the app gets them on the new one).
-reentrant_tasks = importlib.reload(importlib.import_module("tests.reentrant_tasks"))
+# -- core suite tasks
+
+
+def gate_key(tag: str) -> str:
+    return f"{PREFIX}:test:gate:{tag}"
+
+
+@girder.task(bind=True, name="grid.inspect_args")
+def inspect_args(self, *args, **kwargs):
+    """What the function received: each argument's type name and repr."""
+    count_run(self)
+    return {
+        "args": [[type(a).__name__, repr(a)] for a in args],
+        "kwargs": {k: [type(v).__name__, repr(v)] for k, v in kwargs.items()},
+    }
+
+
+@girder.task(bind=True, name="grid.gated")
+def gated(self, tag, outcome="value"):
+    """Runs until the test opens ``tag``'s gate (at most 20 s), then returns ``tag``, raises
+    (``outcome="raise"``) or returns a value that is not JSON (``outcome="set"``)."""
+    count_run(self)
+    _counter.blpop([gate_key(tag)], timeout=20)
+    if outcome == "raise":
+        raise ValueError(f"gate {tag} failed")
+    if outcome == "set":
+        return {tag}
+    return tag
+
+
+@girder.task(bind=True, name="grid.retrying", autoretry_for=(ValueError,), max_retries=3, default_retry_delay=0)
+def retrying(self, tag):
+    """Fails its first run with ValueError; Celery's autoretry runs it again."""
+    runs = _counter.incr(runs_key(self.name, self.request.id))
+    if runs < 2:
+        raise ValueError(f"first run of {tag} fails")
+    return runs
+
+
+@girder.task(bind=True, name="grid.outer_divide")
+def outer_divide(self, x):
+    """Requests ``grid.divide(x, 0)``: its failure is this one's cause."""
+    count_run(self)
+    return girder.request(divide.s(x, 0), timeout=15)
+
+
+# Tasks of the re-entrant and tier suites live in their own modules; they register on this app,
+# and a test process that reconfigures (reloads) this app reloads them onto the new one.
+def _task_module(name: str):
+    return importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+
+
+reentrant_tasks = _task_module("tests.reentrant_tasks")
+tier_tasks = _task_module("tests.tier_tasks")

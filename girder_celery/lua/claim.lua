@@ -6,8 +6,12 @@
 -- ARGV[1]  owner: this claim's token, "<node>/<pid>/<nonce>"
 -- ARGV[2]  node (the Celery worker's hostname)
 -- ARGV[3]  lease (ms)
+-- ARGV[4]  queue the offer came from, or "" for a waiter claiming its own sub-request
+-- ARGV[5]  "<prefix>:offers:", to drop the offer from the queue that holds it
+-- ARGV[6]  the request's key
 --
--- Transition: queued | running with an expired lease  ->  running(owner, now + lease)
+-- Transition: queued | running with an expired lease  ->  running(owner, now + lease), with its
+-- placement: "inline" (a waiter), "local" (from the queue it was offered on), "hoisted" (a copy).
 -- Returns {verdict, data, attempts}:
 --   {"claimed", payload, attempts}  run it; renew the lease while running
 --   {"running", owner, ""}          a live executor holds it: skip
@@ -16,7 +20,7 @@
 --   {"absent", "", ""}              unknown to the store (forgotten, expired or lost)
 
 local rec = KEYS[1]
-local f = redis.call('HMGET', rec, 'state', 'payload', 'owner', 'lease_until')
+local f = redis.call('HMGET', rec, 'state', 'payload', 'owner', 'lease_until', 'pool', 'offered_on')
 local state = f[1]
 if not state then
   return {'absent', '', ''}
@@ -29,7 +33,15 @@ end
 if state ~= 'queued' and state ~= 'running' then
   return {state, '', ''}
 end
+local placement = 'inline'
+if ARGV[4] ~= '' then
+  placement = (ARGV[4] == f[5]) and 'local' or 'hoisted'
+end
+if f[6] then
+  redis.call('ZREM', ARGV[5] .. f[6], ARGV[6])
+  redis.call('HDEL', rec, 'offered_on')
+end
 redis.call('HSET', rec, 'state', 'running', 'owner', ARGV[1], 'node', ARGV[2],
-  'lease_until', now + tonumber(ARGV[3]), 'started_at', now)
+  'lease_until', now + tonumber(ARGV[3]), 'started_at', now, 'placement', placement, 'claimed_via', ARGV[4])
 local attempts = redis.call('HINCRBY', rec, 'attempts', 1)
 return {'claimed', f[2], attempts}

@@ -7,6 +7,7 @@
 -- KEYS[1]   request record        <prefix>:req:<key>        hash
 -- KEYS[2]   waiter set            <prefix>:waiters:<key>    set of mailbox names
 -- KEYS[3]   requester's edges     <prefix>:waits:<requester> set of keys (unused without one)
+-- KEYS[4]   the pool's offers      <prefix>:offers:<pool>    zset of keys by offer time (ms)
 -- ARGV[1]   payload: the canonical arguments (JSON)
 -- ARGV[2]   task name
 -- ARGV[3]   readable request, e.g. "proj.tasks.divide(1, 0)"
@@ -20,11 +21,15 @@
 -- ARGV[11]  claimer's owner token, or "" not to claim
 -- ARGV[12]  claimer's node
 -- ARGV[13]  lease (ms)
+-- ARGV[14]  "<prefix>:offers:", to drop an older offer from the queue that holds it
 --
 -- Transitions:
 --   absent | failed (not memoized) | running with an expired lease  ->  queued
 --   queued, last offered more than ARGV[6] ms ago                    ->  queued (re-offered)
---   with a claimer, instead: any of those, or queued                 ->  running(claimer, lease)
+--   with a claimer, instead: any of those, or queued                 ->  running(claimer, lease),
+--                                                                       placement "inline"
+-- Every offer is recorded in KEYS[4] (and the record's offered_on), so hoist.lua can copy it up
+-- a tier if it waits too long; a claim removes it.
 -- Returns {verdict, data}:
 --   {"offer", ""}         now queued: the caller must publish an offer; waiter registered
 --   {"queued", ""}        already queued and offered; waiter registered
@@ -36,7 +41,8 @@
 --                         the cycle, requester first and last; nothing changed
 
 local rec = KEYS[1]
-local f = redis.call('HMGET', rec, 'state', 'value', 'error', 'memo', 'lease_until', 'offered_at', 'owner', 'payload')
+local f = redis.call('HMGET', rec, 'state', 'value', 'error', 'memo', 'lease_until', 'offered_at', 'owner', 'payload',
+  'offered_on')
 local state = f[1]
 if state == 'done' then
   return {'done', f[2]}
@@ -91,9 +97,14 @@ if claimer == '' and state == 'queued' and now - tonumber(f[6]) < tonumber(ARGV[
   return {'queued', ''}
 end
 
+if f[9] then
+  redis.call('ZREM', ARGV[14] .. f[9], ARGV[7])
+  redis.call('HDEL', rec, 'offered_on')
+end
 if state ~= 'queued' then
   -- absent, failed (not memoized) or running on an expired lease: (re)start from queued.
-  redis.call('HDEL', rec, 'owner', 'node', 'lease_until', 'started_at', 'finished_at', 'error', 'memo')
+  redis.call('HDEL', rec, 'owner', 'node', 'lease_until', 'started_at', 'finished_at', 'error', 'memo', 'placement',
+    'claimed_via')
   redis.call('PERSIST', rec)
   redis.call('HSET', rec, 'state', 'queued', 'payload', ARGV[1], 'name', ARGV[2],
     'request', ARGV[3], 'pool', ARGV[4])
@@ -101,10 +112,11 @@ if state ~= 'queued' then
 end
 if claimer ~= '' then
   redis.call('HSET', rec, 'state', 'running', 'owner', claimer, 'node', ARGV[12],
-    'lease_until', now + tonumber(ARGV[13]), 'started_at', now)
+    'lease_until', now + tonumber(ARGV[13]), 'started_at', now, 'placement', 'inline')
   redis.call('HINCRBY', rec, 'attempts', 1)
   return {'claimed', f[8] or ARGV[1]}
 end
-redis.call('HSET', rec, 'offered_at', now)
+redis.call('HSET', rec, 'offered_at', now, 'offered_on', ARGV[4])
 redis.call('HINCRBY', rec, 'offers', 1)
+redis.call('ZADD', KEYS[4], now, ARGV[7])
 return {'offer', ''}

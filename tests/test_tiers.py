@@ -1,0 +1,80 @@
+"""Tiers: local first, hoisting to the pool when a node is overburdened, nested pools.
+
+Real workers: each node consumes its own queue, its pool and the pool's ancestors, and hoists
+offers that waited longer than ``girder_hoist_after`` (100 ms) one tier up.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+from tests.conftest import configure_gridapp
+from tests.harness import Grid
+
+
+@pytest.fixture
+def tiers(redis_server, broker):
+    """A grid whose pool tree is ``{a: r, b: r, r: None}``, with queue names of its own."""
+    g = Grid(redis_server, broker)
+    a, b, r = (f"{g.queue}-{name}" for name in "abr")
+    g.pools = {"a": a, "b": b, "r": r}
+    g.env["GIRDER_TEST_POOLS"] = json.dumps({a: r, b: r, r: None})
+    g.app_module = configure_gridapp(g)
+    yield g
+    g.stop()
+    for queue in (a, b, r):
+        if broker == "amqp":
+            from tests.harness import _delete_amqp_queue
+
+            _delete_amqp_queue(queue)
+    g.app_module.app.close()
+
+
+def runs(grid, task, *args) -> int:
+    m = grid.app_module
+    return int(m._counter.get(m.runs_key(task.name, task.key(*args))) or 0)
+
+
+def test_local_first_small_children_run_on_the_parents_node(grid):
+    w1, w2 = grid.worker("w1", "solo", 1), grid.worker("w2", "solo", 1)
+    m, t = grid.app_module, grid.app_module.tier_tasks
+    tag = uuid.uuid4().hex
+    result = m.girder.request(t.tier_fan.s(10, 0.001, tag), timeout=30)
+    assert result["parent"] in (w1.hostname, w2.hostname)
+    assert result["children"] == [result["parent"]] * 10
+    placements = {m.girder.state(t.tier_child.s(0.001, f"{tag}.{i}"))["placement"] for i in range(10)}
+    assert placements <= {"inline", "local"}
+
+
+def test_an_overburdened_node_gets_help_from_an_idle_one(grid):
+    w1, w2 = grid.worker("w1", "solo", 1), grid.worker("w2", "solo", 1)
+    m, t = grid.app_module, grid.app_module.tier_tasks
+    tag = uuid.uuid4().hex
+    started = time.monotonic()
+    result = m.girder.request(t.tier_fan.s(20, 0.2, tag), timeout=60, pool=m.girder.node_queue(w1.hostname))
+    elapsed = time.monotonic() - started
+    assert result["parent"] == w1.hostname
+    helped = result["children"].count(w2.hostname)
+    assert helped >= 6, result
+    assert elapsed < 0.75 * 20 * 0.2, f"{elapsed:.2f}s is not well under the serial 4 s"
+    states = [m.girder.state(t.tier_child.s(0.2, f"{tag}.{i}")) for i in range(20)]
+    assert sum(s["placement"] == "hoisted" for s in states) == helped
+    # Hoisted copies are offers only: every child ran exactly once.
+    assert [runs(grid, t.tier_child, 0.2, f"{tag}.{i}") for i in range(20)] == [1] * 20
+
+
+def test_nested_pools_a_fan_out_in_a_gets_help_from_b(tiers):
+    wa = tiers.worker("wa", "solo", 1, "--girder-pool", tiers.pools["a"])
+    wb = tiers.worker("wb", "solo", 1, "--girder-pool", tiers.pools["b"])
+    m, t = tiers.app_module, tiers.app_module.tier_tasks
+    tag = uuid.uuid4().hex
+    result = m.girder.request(t.tier_fan.s(20, 0.2, tag), timeout=60, pool=tiers.pools["a"])
+    assert result["parent"] == wa.hostname
+    assert result["children"].count(wb.hostname) >= 4, result
+    helped = [m.girder.state(t.tier_child.s(0.2, f"{tag}.{i}")) for i in range(20)]
+    assert {s["claimed_via"] for s in helped if s["node"] == wb.hostname} == {tiers.pools["r"]}
+    assert [runs(tiers, t.tier_child, 0.2, f"{tag}.{i}") for i in range(20)] == [1] * 20

@@ -1,0 +1,20 @@
+"""Tasks of the tier suite: fan-outs whose children report the node that ran them."""
+
+import time
+
+from tests.gridapp import count_run, girder
+
+
+@girder.task(bind=True, name="grid.tier_child")
+def tier_child(self, seconds, tag):
+    count_run(self)
+    time.sleep(seconds)
+    return self.request.hostname
+
+
+@girder.task(bind=True, name="grid.tier_fan")
+def tier_fan(self, n, seconds, tag):
+    """Requests ``n`` distinct children of ``seconds`` each; the nodes that ran them, in order."""
+    count_run(self)
+    nodes = girder.requests([tier_child.s(seconds, f"{tag}.{i}") for i in range(n)], timeout=60)
+    return {"parent": self.request.hostname, "children": nodes}
