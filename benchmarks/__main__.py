@@ -1,24 +1,24 @@
-"""girder-celery benchmarks: girder side by side with stock Celery, on real servers.
+"""girder-celery benchmarks: girder side by side with stock Celery and Dask, on real servers.
 
 Run from the repository root::
 
     python -m benchmarks                  # every suite, on Redis and on RabbitMQ
     python -m benchmarks --json out.json  # also write every figure as JSON
-    python -m benchmarks --broker redis --hits 300 --cold 100   # quicker
+    python -m benchmarks --suite bogosity --broker redis    # one suite, one broker
+    python -m benchmarks --broker redis --hits 300 --cold 100 --runs 5   # quicker
 
 What it starts
     A private ``redis-server`` on a free port (db 0: girder's state store, db 1: the Redis broker,
     db 2: Celery's result backend, for girder and stock Celery alike). For each broker, Redis
     (db 1) and RabbitMQ (``$GIRDER_TEST_AMQP_URL``, default ``amqp://guest:guest@127.0.0.1:5672//``;
-    skipped with a message when unreachable), a fresh queue and key prefix, and real
-    ``celery -A benchmarks.benchapp worker`` subprocesses. One worker process serves both the girder
-    task ``inc(x)`` and the plain Celery task ``plain_inc(x)`` (the same function) with the same
-    flags, printed with the results; the default ``-P solo -c 1`` adds no pool IPC to either side.
-    The RabbitMQ queue is deleted at the end, the private Redis stopped.
+    skipped with a message when unreachable), and for each suite, a fresh queue and key prefix and
+    real ``celery -A benchmarks.benchapp worker`` subprocesses, with the flags printed with the
+    results (default ``-P solo -c 1``: no pool IPC). One worker process serves the girder tasks
+    and the plain Celery task alike. The RabbitMQ queues are deleted at the end, the private Redis
+    stopped. Every suite runs on every broker given; Dask does not use the broker, so its figures
+    repeat per broker as a same-run reference.
 
-What it measures (suite ``roundtrip``)
-    N sequential round trips from one client process, each timed with ``perf_counter_ns``:
-
+Suite ``roundtrip``: N sequential round trips from one client process, each timed with ``perf_counter_ns``
     - ``stock``: ``plain_inc.delay(x).get()``, a fresh x each time (the baseline);
     - ``girder cold``: ``inc.call(x)``, a fresh x each time, so nothing is memoized: submit script,
       offer message, claim and complete scripts on the worker, wake-up by BLPOP;
@@ -29,9 +29,36 @@ What it measures (suite ``roundtrip``)
     the median and nearest-rank p90 (ms), and the ratio of its median to the stock median, rounded
     up, against the targets: cache hit <= 0.07x stock, cold <= 0.9x stock (judged unrounded).
 
+Suite ``inline``: the cost of an inline sub-request (one worker)
+    A girder task ``many_children(n, salt)`` requests ``leaf(salt, i)`` for i < n one by one
+    (``leaf.call``), each claimed and run inline by the waiting parent. Per inline child = (median
+    wall time of the parent with 1,000 children - median of the otherwise identical parent with 0)
+    / 1,000, target <= 0.3 ms. For context, the median cold ``leaf.call`` from the client.
+
+Suite ``fib``: memoized recursion (one worker)
+    ``fib(n, salt) = fib.call(n-1, salt) + fib.call(n-2, salt)``, n < 2 -> n. Median wall time of
+    ``fib.call(500, salt)`` from cold (fresh salt per run), in ms and per distinct request (501).
+
+Suite ``bogosity``: the seed post's workload (two worker nodes), against the ideal and against Dask
+    ``bogosity(msec, jobnum, reclevel, numrecjobs, args)`` requests ``bogosity(msec, k, reclevel-1,
+    numrecjobs, args)`` for k < reclevel (all at once), sleeps msec, and returns a string naming
+    the node of each request. The client requests ``bogosity(20, j, 3, 5, salt)`` for j < 10 at
+    once: 16 distinct requests. Ideal = the optimal makespan of that DAG on the grid's executors
+    (2 for two solo nodes: 180 ms), computed exactly and explained in the output next to the naive
+    bound (total work / executors, 160 ms); efficiency = ideal / median wall time, target >= 90%.
+    The same workload runs on Dask distributed, interleaved run by run: a ``LocalCluster`` of as
+    many worker processes and threads, sub-requests through ``worker_client()`` with ``pure=True``
+    keys; girder / Dask wall time, target <= 1x (girder faster). Extra line: girder on
+    ``-P gevent -c 10`` nodes (``--skip-gevent`` to leave it out).
+
+    Re-entrant suites time ``--runs`` runs per scenario (after an untimed warm-up run), one per
+    round, each run with a fresh salt so nothing is memoized, and print every derived figure with
+    how it was derived, rounded against girder (costs up, efficiencies down).
+
 Adding scenarios
-    A suite is a function ``(grid, options) -> list[Scenario]`` registered with ``@suite(...)`` in
-    ``benchmarks/suites.py``, naming how many worker nodes it needs; ``runner.measure`` times it.
+    A suite is a function ``(grid, options) -> list[Scenario] | Plan`` registered with
+    ``@suite(...)`` in ``benchmarks/suites.py``, naming how many worker nodes it needs;
+    ``runner.measure`` times it, ``runner.run_plan`` also derives a plan's figures.
 
 Profiling the hot paths: ``python -m benchmarks.profiling`` (see its docstring).
 """
@@ -48,7 +75,7 @@ from importlib import metadata
 from typing import Any
 
 from .grid import BROKER_DB, Grid
-from .runner import format_table, measure
+from .runner import Plan, format_figures, format_table, run_plan
 from .servers import AMQP_URL, RedisServer, amqp_reachable
 from .suites import SUITES
 
@@ -69,9 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cold", type=int, default=300, help="timed cold and stock round trips each (default 300)")
     p.add_argument("--warmup", type=int, default=30, help="untimed round trips per scenario first (default 30)")
     p.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
+    p.add_argument(
+        "--runs", type=int, default=7, help="timed runs per scenario of the inline, fib and bogosity suites (default 7)"
+    )
+    p.add_argument("--skip-gevent", action="store_true", help="leave out the bogosity suite's gevent line")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = p.parse_args(argv)
-    for name in ("hits", "cold", "rounds", "concurrency"):
+    for name in ("hits", "cold", "rounds", "concurrency", "runs"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     if args.warmup < 0:
@@ -130,10 +161,16 @@ def run_suite(redis_server: RedisServer, broker: str, url: str, s, args: argpars
         print(f"  broker {_safe(url)}, backend redis db 2, state store redis db 0")
         print(f"  {s.nodes} worker(s): celery -A benchmarks.benchapp worker {flags}")
         t0 = time.monotonic()
-        scenarios = s.build(grid, args)
-        results = measure(scenarios, rounds=args.rounds)
+        plan = s.build(grid, args)
+        if not isinstance(plan, Plan):
+            plan = Plan(plan)
+        results, figures, notes = run_plan(plan, args.rounds)
         elapsed = time.monotonic() - t0
         print(format_table(f"  {broker} / {s.name}  ({elapsed:.1f}s; ratios rounded up)", results))
+        for note in notes:
+            print(f"  {note}")
+        if figures:
+            print(format_figures(figures))
         return {
             "broker": broker,
             "broker_url": _safe(url),
@@ -142,6 +179,8 @@ def run_suite(redis_server: RedisServer, broker: str, url: str, s, args: argpars
             "worker_flags": flags,
             "seconds": elapsed,
             "scenarios": {name: r.as_dict() for name, r in results.items()},
+            "figures": {f.name.strip(): f.as_dict() for f in figures},
+            "notes": notes,
         }
     finally:
         grid.close()
@@ -160,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [
         f"{run['broker']}/{run['suite']}/{name}"
         for run in report["runs"]
-        for name, fig in run.get("scenarios", {}).items()
+        for kind in ("scenarios", "figures")
+        for name, fig in run.get(kind, {}).items()
         if fig["passed"] is False
     ]
     if failed:

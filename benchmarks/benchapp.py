@@ -3,12 +3,18 @@
 One app, one worker process serving both kinds of task, so girder and stock Celery share the
 broker, the queue, the result backend and the worker flags: ``inc`` is a girder task, ``plain_inc``
 the same function as a plain Celery task. Configured from ``GIRDER_BENCH_*`` environment variables
-set by ``benchmarks.__main__`` (the client re-imports this module per broker).
+set by ``benchmarks.__main__`` (the client re-imports this module per grid).
+
+Re-entrant workloads (suites ``inline``, ``fib`` and ``bogosity``): ``leaf``, ``many_children``,
+``fib`` and ``bogosity`` are girder tasks that request other girder tasks from inside a running
+request. Each takes a ``salt`` (``args`` for bogosity) that it only passes down, so every run of a
+suite uses distinct requests and nothing is memoized from an earlier run.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import redis
 from celery import Celery, signals
@@ -46,6 +52,42 @@ def inc(x):
     return x + 1
 
 
-@app.task(name="bench.plain_inc")
+@app.task(name="bench.plain_inc", shared=False)
 def plain_inc(x):
     return x + 1
+
+
+@girder.task(name="bench.leaf")
+def leaf(salt, i):
+    """A trivial child request: distinct per ``(salt, i)``."""
+    return i
+
+
+@girder.task(name="bench.many_children")
+def many_children(n, salt):
+    """Request ``n`` distinct children one by one (each waited for before the next)."""
+    total = 0
+    for i in range(n):
+        total += leaf.call(salt, i)
+    return total
+
+
+@girder.task(name="bench.fib")
+def fib(n, salt):
+    """Memoized Fibonacci as recursive sub-requests: fib(n) makes n + 1 distinct requests."""
+    if n < 2:
+        return n
+    return fib.call(n - 1, salt) + fib.call(n - 2, salt)
+
+
+@girder.task(name="bench.bogosity", bind=True)
+def bogosity(self, msec, jobnum, reclevel, numrecjobs, args):
+    """The seed post's recursion test: request ``reclevel`` sub-requests one level down (all at
+    once), then sleep ``msec`` and report where each request ran. ``numrecjobs`` is unused, as in
+    the post; ``args`` only thwarts the cache."""
+    values = []
+    if reclevel > 0:
+        values = girder.requests([bogosity.s(msec, k, reclevel - 1, numrecjobs, args) for k in range(reclevel)])
+    time.sleep(msec / 1000)
+    node = self.request.hostname
+    return f"Bogosity:{node}:{jobnum}:{msec}:{reclevel}:{args}:[{','.join(values)}]"

@@ -5,6 +5,10 @@ A ``Scenario`` is one kind of round trip (a callable that performs one and check
 scenario in a rotated order, so slow drift (a growing Redis, a warming broker) spreads evenly over
 all of them instead of favouring whichever ran first. Figures are medians and p90s of the
 per-round-trip wall times measured with ``perf_counter_ns`` in the one client process.
+
+A suite may instead return a ``Plan``: its scenarios, how many rounds to interleave them in,
+``Figure``s derived from the measured medians (a per-child cost, an efficiency), notes to print,
+a further stage to measure afterwards (other workers, say) and what to close at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Result", "Scenario", "format_table", "measure"]
+__all__ = ["Figure", "Plan", "Result", "Scenario", "format_figures", "format_table", "measure", "run_plan"]
 
 
 @dataclass
@@ -92,7 +96,101 @@ class Result:
             "target": self.scenario.target,
             "passed": self.passed,
             "note": self.scenario.note,
+            **({"samples_ms": [ns / 1e6 for ns in self.samples_ns]} if len(self.samples_ns) <= 100 else {}),
         }
+
+
+@dataclass
+class Figure:
+    """A figure derived from measured medians, e.g. a per-child cost or a parallel efficiency.
+
+    ``target`` is an upper bound, or a lower bound when ``higher_is_better``; it is judged on the
+    unrounded value, and the printed value is rounded against the measured side (up for a cost,
+    down for an efficiency), so it never looks better than measured.
+    """
+
+    name: str
+    value: float
+    unit: str  # "ms", "%" (value given as a fraction), "x" (a ratio)
+    target: float | None = None
+    higher_is_better: bool = False
+    note: str = ""
+
+    @property
+    def passed(self) -> bool | None:
+        if self.target is None:
+            return None
+        return self.value >= self.target if self.higher_is_better else self.value <= self.target
+
+    def _show(self, value: float) -> str:
+        if self.unit == "%":
+            return f"{_round_against(value * 100, 1, self.higher_is_better):.1f}%"
+        if self.unit == "x":
+            return f"{_round_against(value, 3, self.higher_is_better):.3f}x"
+        return f"{_round_against(value, 3, self.higher_is_better):.3f} {self.unit}"
+
+    @property
+    def shown(self) -> str:
+        return self._show(self.value)
+
+    @property
+    def shown_target(self) -> str:
+        if self.target is None:
+            return ""
+        if self.unit == "%":
+            target = f"{self.target * 100:g}%"
+        elif self.unit == "x":
+            target = f"{self.target:g}x"
+        else:
+            target = f"{self.target:g} {self.unit}"
+        return (">= " if self.higher_is_better else "<= ") + target
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "unit": "fraction" if self.unit == "%" else self.unit,
+            "target": self.target,
+            "higher_is_better": self.higher_is_better,
+            "passed": self.passed,
+            "note": self.note,
+        }
+
+
+@dataclass
+class Plan:
+    """What a suite measures: scenarios interleaved in ``rounds`` rounds (None: ``--rounds``),
+    ``derive`` turning every stage's results into figures, ``notes`` printed with the table,
+    ``then`` building a further stage (measured after this one) and ``close`` run at the end."""
+
+    scenarios: list[Scenario]
+    rounds: int | None = None
+    derive: Callable[[dict[str, Result]], list[Figure]] | None = None
+    notes: list[str] = field(default_factory=list)
+    then: Callable[[], Plan | None] | None = None
+    close: Callable[[], None] | None = None
+
+
+def run_plan(plan: Plan, default_rounds: int) -> tuple[dict[str, Result], list[Figure], list[str]]:
+    """Measure a plan and its further stages; their results, derived figures and notes."""
+    results: dict[str, Result] = {}
+    stages: list[Plan] = []
+    try:
+        stage: Plan | None = plan
+        while stage is not None:
+            stages.append(stage)
+            measured = measure(stage.scenarios, rounds=stage.rounds or default_rounds)
+            clash = set(measured) & set(results)
+            if clash:
+                raise ValueError(f"scenario names repeated across stages: {sorted(clash)}")
+            results.update(measured)
+            stage = stage.then() if stage.then is not None else None
+        figures = [f for s in stages if s.derive is not None for f in s.derive(results)]
+        notes = [n for s in stages for n in s.notes]
+        return results, figures, notes
+    finally:
+        for s in reversed(stages):
+            if s.close is not None:
+                s.close()
 
 
 def measure(scenarios: list[Scenario], rounds: int = 10) -> dict[str, Result]:
@@ -128,6 +226,12 @@ def _ceil(value: float, places: int = 3) -> float:
     return math.ceil(value * scale) / scale
 
 
+def _round_against(value: float, places: int, higher_is_better: bool) -> float:
+    """Round so that the shown value is never better than the measured one."""
+    scale = 10**places
+    return (math.floor if higher_is_better else math.ceil)(value * scale) / scale
+
+
 def format_table(title: str, results: dict[str, Result]) -> str:
     """A side-by-side table; ratios are rounded up, so they never look better than measured."""
     header = ("scenario", "n", "median ms", "p90 ms", "vs baseline", "target", "")
@@ -146,3 +250,20 @@ def format_table(title: str, results: dict[str, Result]) -> str:
 
     rule = "-" * len(line(header))
     return "\n".join([title, rule, line(header), rule, *(line(row) for row in rows), rule])
+
+
+def format_figures(figures: list[Figure], indent: str = "  ") -> str:
+    """Derived figures, one a line: name, value, target and verdict, then how it was derived."""
+    if not figures:
+        return ""
+    rows = []
+    for f in figures:
+        verdict = {None: "", True: "PASS", False: "FAIL"}[f.passed]
+        rows.append((f.name, f.shown, f.shown_target, verdict))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = []
+    for f, row in zip(figures, rows):
+        cells = [row[0].ljust(widths[0]), row[1].rjust(widths[1]), row[2].ljust(widths[2]), row[3].ljust(widths[3])]
+        note = f"({f.note})" if f.note else ""
+        lines.append((indent + "  ".join([*cells, note])).rstrip())
+    return "\n".join(lines)

@@ -126,6 +126,7 @@ class Worker:
         self.flags = flags
         self.log = logdir / f"{hostname.split('@')[0]}.log"
         self.proc: subprocess.Popen | None = None
+        self.terminated = False
 
     @property
     def command(self) -> list[str]:
@@ -148,6 +149,7 @@ class Worker:
             **self.env,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
+        self.terminated = False
         self.proc = subprocess.Popen(
             self.command,
             cwd=ROOT,
@@ -171,10 +173,16 @@ class Worker:
     def output(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (one SIGTERM) without waiting; ``stop`` waits."""
+        if self.proc and self.proc.poll() is None and not self.terminated:
+            self.terminated = True
+            os.killpg(self.proc.pid, signal.SIGTERM)
+
     def stop(self, timeout: float = 15) -> None:
         if not self.proc or self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.terminate()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -1,19 +1,30 @@
 """Benchmark suites: each names how many worker nodes it needs and builds its scenarios.
 
-To add one, write a function ``(grid, options) -> list[Scenario]`` and register it with
+To add one, write a function ``(grid, options) -> list[Scenario] | Plan`` and register it with
 ``@suite(name, description, nodes=...)``; ``python -m benchmarks`` runs every registered suite on
-every broker (or those given with ``--suite``), starting ``nodes`` identical workers for it.
+every broker (or those given with ``--suite``), in registration order, starting ``nodes``
+identical workers for it.
+
+- ``roundtrip``: client round trips, girder (cache hit, cold) against stock Celery;
+- ``inline``: the cost of one inline sub-request, from a parent requesting 1,000 children;
+- ``fib``: memoized fib(500) as recursive sub-requests, from cold;
+- ``bogosity``: the seed post's recursive workload on two nodes, against its ideal time and
+  against Dask distributed running the same workload (and, extra, on gevent nodes).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import re
+import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .dag import bogosity_dag, critical_path, level_formula, optimal_slots
 from .grid import Grid
-from .runner import Scenario
+from .runner import Figure, Plan, Result, Scenario
 
 __all__ = ["SUITES", "Suite", "suite"]
 
@@ -22,6 +33,17 @@ HIT_TARGET = 0.07
 COLD_TARGET = 0.9
 #: Seconds any single round trip may take before the run is called broken.
 TIMEOUT = 30.0
+#: Inline suite: children per parent request, and the most one inline child may cost (ms).
+CHILDREN = 1000
+INLINE_TARGET_MS = 0.3
+#: Fib suite: the top-level n (n + 1 distinct requests).
+FIB_N = 500
+#: Bogosity suite: the seed's launch, bogosity(msec, j, reclevel, numrecjobs, salt) for j < jobs,
+#: and the least parallel efficiency (ideal / measured wall time) that meets the goal.
+BOGOSITY = {"msec": 20, "jobs": 10, "reclevel": 3, "numrecjobs": 5}
+EFFICIENCY_TARGET = 0.9
+#: The extra bogosity line: nodes whose waiting requests park as greenlets.
+GEVENT_CONCURRENCY = 10
 
 
 @dataclass(frozen=True)
@@ -29,14 +51,14 @@ class Suite:
     name: str
     description: str
     nodes: int
-    build: Callable[[Grid, argparse.Namespace], list[Scenario]]
+    build: Callable[[Grid, argparse.Namespace], list[Scenario] | Plan]
 
 
 SUITES: dict[str, Suite] = {}
 
 
 def suite(name: str, description: str, nodes: int = 1):
-    def register(build: Callable[[Grid, argparse.Namespace], list[Scenario]]):
+    def register(build: Callable[[Grid, argparse.Namespace], list[Scenario] | Plan]):
         SUITES[name] = Suite(name, description, nodes, build)
         return build
 
@@ -96,3 +118,330 @@ def roundtrip(grid: Grid, options: argparse.Namespace) -> list[Scenario]:
             note="inc.call(x), x memoized",
         ),
     ]
+
+
+def _salts(what: str):
+    """Fresh arguments per run: nothing a run requests was requested before, in any run."""
+    tag = uuid.uuid4().hex[:8]
+    return (f"{what}-{tag}-{i}" for i in itertools.count())
+
+
+def _executors_per_node(pool: str, concurrency: int) -> int:
+    return 1 if pool == "solo" else concurrency
+
+
+def _settler(m) -> Callable[[], None]:
+    """A fresh no-op round trip through the worker, after a timed request: what the worker still
+    does after answering (writing results to Celery's result backend) is then timed with the
+    request that caused it rather than delaying whatever is timed next."""
+    salt, args = f"settle-{uuid.uuid4().hex[:8]}", itertools.count()
+
+    def settle() -> None:
+        i = next(args)
+        _check(m.leaf.call(salt, i), i, "leaf.call (no-op)")
+
+    return settle
+
+
+# -- inline ---------------------------------------------------------------------------------------
+
+
+@suite("inline", f"one girder task requesting {CHILDREN:,} trivial distinct children one by one, run inline")
+def inline(grid: Grid, options: argparse.Namespace) -> Plan:
+    m = grid.app_module
+    salts = _salts("inline")
+    settle = _settler(m)
+
+    def parent(n: int) -> Callable[[], None]:
+        def step() -> None:
+            _check(m.many_children.call(n, next(salts)), n * (n - 1) // 2, f"many_children.call({n}, salt)")
+            settle()
+
+        return step
+
+    client_salt = next(salts)
+    client_args = itertools.count()
+
+    def client_cold() -> None:
+        i = next(client_args)
+        _check(m.leaf.call(client_salt, i), i, "leaf.call (client, cold)")
+
+    full, empty, cold = f"parent, {CHILDREN} children", "parent, 0 children", "client cold leaf.call"
+    runs = options.runs
+    scenarios = [
+        Scenario(full, runs, parent(CHILDREN), warmup=1, note=f"many_children.call({CHILDREN}, fresh salt) + no-op"),
+        Scenario(empty, runs, parent(0), warmup=2, note="many_children.call(0, fresh salt) + no-op"),
+        Scenario(cold, runs * 30, client_cold, warmup=30, note="leaf.call(salt, fresh i) from the client"),
+    ]
+    notes = [
+        "each parent sample is the parent request then a fresh no-op leaf.call on the same worker, so work the "
+        "worker does after answering (mirroring the children's results to Celery's result backend) is counted "
+        "in its own sample; the no-op cancels out of the difference"
+    ]
+
+    def derive(results: dict[str, Result]) -> list[Figure]:
+        per_child = (results[full].median_ms - results[empty].median_ms) / CHILDREN
+        cold_ms = results[cold].median_ms
+        return [
+            Figure(
+                "per inline child",
+                per_child,
+                "ms",
+                target=INLINE_TARGET_MS,
+                note=f"(median parent with {CHILDREN} children - median parent with 0) / {CHILDREN}",
+            ),
+            Figure(
+                "  for context: client cold call",
+                cold_ms,
+                "ms",
+                note="median leaf.call from the client: submit, offer message, claim, complete, wake-up",
+            ),
+            Figure("  inline child / client cold call", per_child / cold_ms, "x"),
+        ]
+
+    return Plan(scenarios, rounds=runs, derive=derive, notes=notes)
+
+
+# -- fib ------------------------------------------------------------------------------------------
+
+
+def _fib(n: int) -> int:
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+
+@suite("fib", f"memoized fib({FIB_N}) as recursive sub-requests, from cold: {FIB_N + 1} distinct requests")
+def fib(grid: Grid, options: argparse.Namespace) -> Plan:
+    m = grid.app_module
+    salts = _salts("fib")
+    want = _fib(FIB_N)
+    settle = _settler(m)
+
+    def step() -> None:
+        _check(m.fib.call(FIB_N, next(salts)), want, f"fib.call({FIB_N}, salt)")
+        settle()
+
+    name = f"fib({FIB_N}) cold"
+    scenarios = [Scenario(name, options.runs, step, warmup=1, note=f"fib.call({FIB_N}, fresh salt) + no-op")]
+
+    def derive(results: dict[str, Result]) -> list[Figure]:
+        total = results[name].median_ms
+        return [
+            Figure(
+                f"fib({FIB_N}) from cold",
+                total,
+                "ms",
+                note="median wall time of the top-level request, plus a trailing no-op round trip (~1.5 ms) "
+                "that times the worker's after-answer work",
+            ),
+            Figure(
+                "per distinct request",
+                total / (FIB_N + 1),
+                "ms",
+                note=f"/ {FIB_N + 1}; each also makes one memoized request (fib(n-2) is done by then)",
+            ),
+        ]
+
+    return Plan(scenarios, rounds=options.runs, derive=derive)
+
+
+# -- bogosity -------------------------------------------------------------------------------------
+
+_BOGOSITY_RE = re.compile(r"Bogosity:([^:]*):(\d+):\d+:(\d+):")
+
+
+def _bogosity_expected(msec: int, jobnum: int, reclevel: int, args: str) -> str:
+    """The value of bogosity(...) with every node name replaced by ``N``."""
+    subs = ",".join(_bogosity_expected(msec, k, reclevel - 1, args) for k in range(reclevel)) if reclevel > 0 else ""
+    return f"Bogosity:N:{jobnum}:{msec}:{reclevel}:{args}:[{subs}]"
+
+
+class BogosityCheck:
+    """Checks a run's values and tallies where each distinct request ran."""
+
+    def __init__(self, distinct: int, label: Callable[[str], str]) -> None:
+        self.distinct = distinct
+        self.label = label
+        self.per_node: Counter[str] = Counter()
+        self.runs = 0
+
+    def __call__(self, values: list[str], salt: str, who: str) -> None:
+        p = BOGOSITY
+        want = [_bogosity_expected(p["msec"], j, p["reclevel"], salt) for j in range(p["jobs"])]
+        got = [_BOGOSITY_RE.sub(lambda mt: f"Bogosity:N:{mt[2]}:{p['msec']}:{mt[3]}:", v) for v in values]
+        _check(got, want, f"{who} bogosity (node names replaced by N)")
+        ran: dict[tuple[str, str], set[str]] = {}
+        for value in values:
+            for node, jobnum, reclevel in _BOGOSITY_RE.findall(value):
+                ran.setdefault((reclevel, jobnum), set()).add(node)
+        twice = {k: v for k, v in ran.items() if len(v) > 1}
+        if twice or len(ran) != self.distinct:
+            raise AssertionError(f"{who}: {len(ran)} distinct requests, expected {self.distinct}; on 2 nodes: {twice}")
+        self.per_node.update(self.label(next(iter(nodes))) for nodes in ran.values())
+        self.runs += 1
+
+    def split(self) -> str:
+        """Requests run per node, over every run checked (warm-up included)."""
+        tally = ", ".join(f"{node} {count}" for node, count in sorted(self.per_node.items()))
+        return f"requests run per node over {self.runs} runs (warm-up included): {tally}"
+
+
+def _girder_node(hostname: str) -> str:
+    return hostname.split("-", 1)[0]  # bench1-<prefix>@localhost -> bench1
+
+
+def _dask_node(name: str) -> str:
+    return f"worker{name}"
+
+
+@suite(
+    "bogosity",
+    "the seed's bogosity(20, j, 3, 5, salt) for j < 10, at once, on two nodes; ideal time; vs Dask distributed",
+    nodes=2,
+)
+def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
+    m = grid.app_module
+    p = BOGOSITY
+    msec, jobs, reclevel, numrecjobs = p["msec"], p["jobs"], p["reclevel"], p["numrecjobs"]
+    dag = bogosity_dag(jobs, reclevel)
+    nodes = len(grid.workers)
+    per_node = _executors_per_node(options.pool, options.concurrency)
+    executors = nodes * per_node
+    slots = optimal_slots(dag, executors)
+    ideal_ms = slots * msec
+    levels, level_slots = level_formula(dag, executors)
+    work_ms = len(dag) * msec / executors
+    path_ms = critical_path(dag) * msec
+    notes = [
+        f"workload: bogosity({msec}, j, {reclevel}, {numrecjobs}, salt) for j < {jobs}, requested at once, "
+        f"fresh salt per run: {len(dag)} distinct requests of {msec} ms each",
+        f"ideal = {ideal_ms:g} ms: the optimal makespan of these {len(dag)} requests on {executors} executors "
+        f"({nodes} nodes x {per_node}) with zero overhead, a request's own {msec} ms starting only after all its "
+        "sub-requests finish; exact (search over slots). Every level needs all of the level below, so levels "
+        f"run in turn: {levels} = {level_slots} slots x {msec} ms"
+        + ("" if level_slots == slots else f" (the search found {slots})"),
+        f"for transparency: total work / executors = {len(dag)} x {msec} / {executors} = {work_ms:g} ms, a bound "
+        f"only: {slots} slots x {executors} executors hold {len(dag)} requests, leaving {slots * executors - len(dag)} "
+        f"executor-slots idle where a level has too few requests; critical path {path_ms:g} ms",
+        "efficiency = ideal / median measured wall time (client submit to last value)",
+    ]
+    salts = _salts("bogosity")
+    girder_check, dask_check = BogosityCheck(len(dag), _girder_node), BogosityCheck(len(dag), _dask_node)
+
+    def girder_step() -> None:
+        salt = next(salts)
+        values = m.girder.requests([m.bogosity.s(msec, j, reclevel, numrecjobs, salt) for j in range(jobs)])
+        girder_check(values, salt, "girder")
+
+    runs = options.runs
+    girder_name = f"girder, {options.pool} x{per_node}" if per_node > 1 else f"girder, {options.pool}"
+    scenarios = [Scenario(girder_name, runs, girder_step, warmup=1, note="girder.requests([...]) from the client")]
+
+    peer = None
+    try:
+        from .daskpeer import DaskPeer
+    except ImportError as exc:
+        notes.append(f"Dask distributed not installed ({exc}): no peer run (pip install 'girder-celery[bench]')")
+    else:
+        try:
+            peer = DaskPeer(nodes, per_node)
+        except Exception as exc:
+            notes.append(f"Dask LocalCluster failed to start ({type(exc).__name__}: {exc}): no peer run")
+    if peer is not None:
+        print(
+            f"  peer: Dask distributed {peer.version}, LocalCluster(n_workers={nodes}, threads_per_worker={per_node}, "
+            "processes=True, host=127.0.0.1, dashboard off); sub-requests by worker_client(), pure=True keys"
+        )
+
+        def dask_step() -> None:
+            salt = next(salts)
+            dask_check(peer.bogosity_jobs(msec, jobs, reclevel, numrecjobs, salt), salt, "dask")
+
+        scenarios.append(Scenario("dask", runs, dask_step, warmup=1, note="client.submit x10, gather"))
+        scenarios[0].baseline = "dask"
+
+    def close_peer() -> None:
+        if peer is not None:
+            peer.close()
+
+    gevent_name = f"girder, gevent x{GEVENT_CONCURRENCY}"
+    gevent_check = BogosityCheck(len(dag), _girder_node)
+    gevent_ideal = optimal_slots(dag, nodes * GEVENT_CONCURRENCY) * msec
+
+    def gevent_stage() -> Plan | None:
+        if options.skip_gevent or options.pool == "gevent":
+            return None
+        close_peer()
+        grid.stop_workers()
+        gevent_grid = Grid(grid.redis_server, grid.broker, grid.broker_url, "gevent", GEVENT_CONCURRENCY)
+        try:
+            gevent_grid.start_workers(nodes)
+        except BaseException:
+            gevent_grid.close()
+            raise
+        flags = " ".join(gevent_grid.worker_flags).replace(gevent_grid.queue, "<queue>")
+        print(f"  extra: {nodes} worker(s): celery -A benchmarks.benchapp worker {flags}")
+        g = gevent_grid.app_module
+
+        def step() -> None:
+            salt = next(salts)
+            values = g.girder.requests([g.bogosity.s(msec, j, reclevel, numrecjobs, salt) for j in range(jobs)])
+            gevent_check(values, salt, "girder gevent")
+
+        return Plan(
+            [Scenario(gevent_name, runs, step, warmup=1, note="the same, on gevent nodes")],
+            rounds=runs,
+            close=gevent_grid.close,
+            notes=[
+                f"{gevent_name}: ideal on {nodes} x {GEVENT_CONCURRENCY} executors = critical path = "
+                f"{gevent_ideal:g} ms (the requests sleep, so a node's greenlets overlap; no Dask counterpart)"
+            ],
+        )
+
+    def derive(results: dict[str, Result]) -> list[Figure]:
+        girder_ms = results[girder_name].median_ms
+        figures = [
+            Figure("ideal", ideal_ms, "ms", note=f"{executors} executors; naive bound {work_ms:g} ms"),
+            Figure(
+                "girder efficiency",
+                ideal_ms / girder_ms,
+                "%",
+                target=EFFICIENCY_TARGET,
+                higher_is_better=True,
+                note=f"{ideal_ms:g} / {girder_ms:.1f} ms; {girder_check.split()}",
+            ),
+        ]
+        if "dask" in results:
+            dask_ms = results["dask"].median_ms
+            faster = girder_ms < dask_ms
+            figures += [
+                Figure(
+                    "dask efficiency",
+                    ideal_ms / dask_ms,
+                    "%",
+                    note=f"{ideal_ms:g} / {dask_ms:.1f} ms; {dask_check.split()}",
+                ),
+                Figure(
+                    "girder / dask wall time",
+                    girder_ms / dask_ms,
+                    "x",
+                    target=1.0,
+                    note=f"girder {'faster' if faster else 'NOT faster'}: median {girder_ms:.1f} vs {dask_ms:.1f} ms",
+                ),
+            ]
+        if gevent_name in results:
+            gevent_ms = results[gevent_name].median_ms
+            figures.append(
+                Figure(
+                    "girder gevent efficiency",
+                    gevent_ideal / gevent_ms,
+                    "%",
+                    note=f"{gevent_ideal:g} / {gevent_ms:.1f} ms, ideal on {nodes * GEVENT_CONCURRENCY} executors; "
+                    f"{gevent_check.split()}",
+                )
+            )
+        return figures
+
+    return Plan(scenarios, rounds=runs, derive=derive, notes=notes, then=gevent_stage, close=close_peer)

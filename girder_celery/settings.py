@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 __all__ = ["Settings"]
@@ -42,7 +42,7 @@ class Settings:
 
     @classmethod
     def from_conf(cls, conf: Any, url: str | None = None) -> Settings:
-        values = {f.name: conf.get(f"girder_{f.name}", f.default) for f in fields(cls)}
+        values = {f.name: conf.get(f"girder_{f.name}", _default(f)) for f in fields(cls)}
         if url is not None:
             values["url"] = url
         settings = cls(**values)
@@ -91,6 +91,10 @@ def _validate_pools(pools: Any) -> None:
                 raise ValueError(f"girder_pools has a cycle through {cur!r}")
             seen.add(cur)
             cur = pools.get(cur)
+
+
+def _default(f: Field) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
 
 
 def _positive(name: str, value: Any) -> None:
