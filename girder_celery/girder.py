@@ -7,6 +7,7 @@ bootstep and the unknown-task handler, so ``celery -A proj worker`` needs no ext
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable
 from functools import cached_property
@@ -89,8 +90,9 @@ class Girder:
 
     #: Whether this worker sends task events (``-E``); set by the worker bootstep.
     worker_events: bool = False
-    #: The pool this worker is a node of; set by the worker bootstep.
+    #: The pool this worker is a node of, and its number of executors; set by the worker bootstep.
     worker_pool: str | None = None
+    worker_concurrency: int = 0
 
     def node_queue(self, node: str) -> str:
         """The queue of one node (worker hostname): where its sub-requests are offered first."""
@@ -242,8 +244,21 @@ class Girder:
         if offer:
             for request, outcome in zip(requests, outcomes):
                 if outcome.verdict == "offer":
-                    self.publish(request)
+                    self._publish_or_withdraw(request)
         return outcomes
+
+    def _publish_or_withdraw(self, request: Request) -> None:
+        queue = self.queue_for(request)
+        try:
+            self.publish_offer(request.task.name, request.key, request.args, request.kwargs, queue)
+        except Exception as exc:
+            with contextlib.suppress(redis.RedisError):  # else re-offered after girder_reoffer_after
+                self.store.unoffer(request.key, queue)
+            raise GirderError(
+                f"could not offer {request.readable} to queue {queue!r}: {type(exc).__name__}: {exc}",
+                key=request.key,
+                request=request.readable,
+            ) from exc
 
     def queue_for(self, request: Request) -> str:
         """The queue (pool) a request is offered on: its ``pool``, else ``girder_pool``, else
@@ -257,10 +272,6 @@ class Girder:
             return conf.task_default_queue
         route = self.app.amqp.router.route({}, task.name, request.args, request.kwargs, task)
         return route["queue"].name
-
-    def publish(self, request: Request) -> None:
-        """Send one offer message for ``request`` (task id = key) to its queue."""
-        self.publish_offer(request.task.name, request.key, request.args, request.kwargs, self.queue_for(request))
 
     def publish_offer(self, name: str, key: str, args: tuple | list, kwargs: dict, queue: str) -> None:
         """Send an offer of request ``key`` of task ``name`` to ``queue``: an original or a copy.

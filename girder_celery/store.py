@@ -58,7 +58,7 @@ class Outcome:
 class StateStore:
     """Atomic transitions of request records in one Redis database."""
 
-    SCRIPTS = ("submit", "claim", "renew", "complete", "fail", "forget", "hoist")
+    SCRIPTS = ("submit", "claim", "renew", "complete", "fail", "forget", "hoist", "unoffer")
 
     def __init__(self, client: redis.Redis, prefix: str = "girder") -> None:
         self.client = client
@@ -165,6 +165,10 @@ class StateStore:
         for key in keys:
             pipe.hget(self.record_key(key), "request")
         return pipe.execute()
+
+    def unoffer(self, key: str, pool: str) -> bool:
+        """Withdraw the offer of ``key`` on ``pool`` whose message was never sent."""
+        return bool(self._scripts["unoffer"]((self.record_key(key), self.offers_key(pool)), (key,)))
 
     def forget(self, key: str) -> str:
         """Drop a settled request; returns the state it had (``absent`` if none)."""

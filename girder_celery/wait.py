@@ -170,13 +170,17 @@ class InlineWait(Wait):
         node_queue = girder.node_queue(frame.node)
         local = [r if r.pool else dataclasses.replace(r, pool=node_queue) for r in requests]
         super().__init__(girder, local, timeout)
+        # On a node whose only executor is this waiter, a message on its own queue could only
+        # ever reach the waiter itself: the offer is recorded, not sent, and the hoister copies
+        # it up to the pool if it waits longer than girder_hoist_after.
+        self.send_offers = girder.worker_concurrency != 1 or any(r.pool != node_queue for r in local)
         self.frame = frame
         self.owner = girder.executor.owner_token(frame.node)
         self.lease_ms = girder.executor.leases.lease_ms
 
     def _submit(self, requests: list[Request], claim_newest: bool = True) -> list[Outcome]:
         claim = Claim(requests[-1].key, self.owner, self.frame.node, self.lease_ms) if claim_newest else None
-        return self.girder.submit(requests, self.mailbox, requester=self.frame.key, claim=claim)
+        return self.girder.submit(requests, self.mailbox, offer=self.send_offers, requester=self.frame.key, claim=claim)
 
     def _resubmit(self) -> list[Outcome]:
         # Whatever became claimable again (an expired lease, a lost record) is run here, not

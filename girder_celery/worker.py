@@ -44,6 +44,7 @@ class GirderStep(bootsteps.StartStopStep):
     def __init__(self, worker: Any, girder_pool: str | None = None, **kwargs: Any) -> None:
         girder = worker.app.girder
         girder.worker_events = bool(worker.task_events)
+        girder.worker_concurrency = worker.concurrency
         girder.worker_pool = girder_pool or girder.settings.pool or worker.app.conf.task_default_queue
         queues = worker.app.amqp.queues
         node = girder.node_queue(worker.hostname)
