@@ -11,6 +11,8 @@ import traceback
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import redis
+
 __all__ = ["GirderConnectionError", "GirderError", "GirderTimeout"]
 
 
@@ -128,6 +130,10 @@ class GirderConnectionError(GirderError, ConnectionError):
     def __init__(self, message: str, *, url: str):
         super().__init__(message)
         self.url = url
+
+
+#: What the Redis client raises when the state store is unreachable or is not a Redis server.
+STORE_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.InvalidResponse)
 
 
 def safe_url(url: str) -> str:

@@ -18,7 +18,7 @@ from celery import Celery, Signature
 from kombu import Exchange, Queue
 from kombu.utils import json as kombu_json
 
-from .errors import GirderConnectionError, GirderError, safe_url
+from .errors import STORE_UNREACHABLE, GirderConnectionError, GirderError, safe_url
 from .execute import Executor
 from .inline import current_frame
 from .keys import decode_payload, readable_args
@@ -239,7 +239,7 @@ class Girder:
         try:
             items = [(r.key, r.payload, r.task.name, r.readable, self.queue_for(r)) for r in requests]
             outcomes = self.store.submit(items, mailbox, int(s.reoffer_after * 1000), requester, edge_ttl_ms, claim)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except STORE_UNREACHABLE as exc:
             raise self.connection_error(exc) from exc
         if offer:
             for request, outcome in zip(requests, outcomes):
@@ -323,7 +323,7 @@ class Girder:
         key = self.key_of(sig_or_key)
         try:
             record = self.store.record(key)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except STORE_UNREACHABLE as exc:
             raise self.connection_error(exc) from exc
         return _describe(key, record)
 
@@ -335,7 +335,7 @@ class Girder:
         key = self.key_of(sig_or_key)
         try:
             return self.store.forget(key) in ("done", "failed")
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except STORE_UNREACHABLE as exc:
             raise self.connection_error(exc) from exc
 
 

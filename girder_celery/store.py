@@ -146,14 +146,32 @@ class StateStore:
             )
         )
 
-    def fail(self, key: str, owner: str, error: str, memoize: bool, ttl_ms: int, skip_mailbox: str = "") -> bool:
+    def fail(
+        self,
+        key: str,
+        owner: str,
+        error: str,
+        memoize: bool,
+        ttl_ms: int,
+        skip_mailbox: str = "",
+        only_if_queued: bool = False,
+    ) -> bool:
         """Store ``error`` (JSON) and wake the waiters but ``skip_mailbox``; False if it was
-        already settled."""
+        already settled (or, with ``only_if_queued``, claimed by an executor)."""
         return bool(
             self._scripts["fail"](
                 self._settle_keys(key),
-                (key, owner, error, "1" if memoize else "0", ttl_ms, MAILBOX_TTL_MS, skip_mailbox),
-            )
+                (
+                    key,
+                    owner,
+                    error,
+                    "1" if memoize else "0",
+                    ttl_ms,
+                    MAILBOX_TTL_MS,
+                    skip_mailbox,
+                    "1" if only_if_queued else "",
+                ),
+            )  # fmt: skip
         )
 
     def _settle_keys(self, key: str) -> tuple[str, str, str]:

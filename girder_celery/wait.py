@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from .errors import GirderConnectionError, GirderError, GirderTimeout
+from .errors import STORE_UNREACHABLE, GirderConnectionError, GirderError, GirderTimeout
 from .execute import unique_id
 from .inline import Frame, run_inline
 from .store import Claim, Outcome
@@ -98,7 +98,7 @@ class Wait:
                     self._absorb(self._resubmit())
                     next_check = time.monotonic() + interval
                 failing_since = None
-            except (redis.ConnectionError, redis.TimeoutError, GirderConnectionError) as exc:
+            except (*STORE_UNREACHABLE, GirderConnectionError) as exc:
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > RECONNECT_WINDOW:
                     raise self.girder.connection_error(exc) from exc
@@ -148,7 +148,8 @@ class Wait:
         )
 
     def _timeout(self) -> GirderTimeout:
-        key, state = next(iter(self.pending.items()))
+        key, verdict = next(iter(self.pending.items()))
+        state = "queued" if verdict == "offer" else verdict
         request = self.unique[key]
         more = f" (and {len(self.pending) - 1} more)" if len(self.pending) > 1 else ""
         return GirderTimeout(

@@ -134,10 +134,12 @@ def install(girder: Girder) -> None:
             exc_type="celery.exceptions.NotRegistered",
         )
         try:
-            if girder.store.record(id):
-                girder.store.fail(
-                    id, "", girder.encode_json(error.to_dict()), False, int(girder.settings.error_ttl * 1000)
-                )
+            # Only a request nobody has claimed: a stale copy reaching a node deployed without the
+            # task must not fail a run that is going on, or done, elsewhere.
+            girder.store.fail(
+                id, "", girder.encode_json(error.to_dict()), False, int(girder.settings.error_ttl * 1000),
+                only_if_queued=True,
+            )  # fmt: skip
         except redis.RedisError:
             logger.warning("girder: could not fail request %s of unknown task %r", id, name, exc_info=True)
 

@@ -12,6 +12,7 @@
 -- ARGV[5]  record TTL (ms); 0 keeps it forever
 -- ARGV[6]  mailbox TTL (ms)
 -- ARGV[7]  mailbox not to notify (the inline runner's own, which has the error), or ""
+-- ARGV[8]  "1" to fail it only if nobody has claimed it (still queued), else ""
 --
 -- Transition: anything but done or memoized failed  ->  failed(error); its waits-for edges go.
 -- Each waiter's mailbox receives "failed:<key>:<error>".
@@ -19,7 +20,7 @@
 
 local rec = KEYS[1]
 local f = redis.call('HMGET', rec, 'state', 'memo')
-if f[1] == 'done' or (f[1] == 'failed' and f[2] == '1') then
+if f[1] == 'done' or (f[1] == 'failed' and f[2] == '1') or (ARGV[8] == '1' and f[1] ~= 'queued') then
   return 0
 end
 local t = redis.call('TIME')
