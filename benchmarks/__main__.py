@@ -51,6 +51,13 @@ Suite ``bogosity``: the seed post's workload (two worker nodes), against the ide
     keys; girder / Dask wall time, target <= 1x (girder faster). Extra line: girder on
     ``-P gevent -c 10`` nodes (``--skip-gevent`` to leave it out).
 
+Suite ``fanout``: tiers (one, then two, then four nodes of the same pool)
+    One request (``fan_parent``) fans out to 200 children of 20 ms at once. Its node runs them
+    inline; the hoister copies those still waiting after ``girder_hoist_after`` to the pool, where
+    the other nodes volunteer. Per node count: median wall time, speed-up against one node,
+    parallel efficiency (speed-up / nodes, target >= 90% at 2 nodes), the share of children run
+    remotely, and the figure against zero-overhead work (serial work / nodes).
+
     Re-entrant suites time ``--runs`` runs per scenario (after an untimed warm-up run), one per
     round, each run with a fresh salt so nothing is memoized, and print every derived figure with
     how it was derived, rounded against girder (costs up, efficiencies down).
@@ -97,7 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=30, help="untimed round trips per scenario first (default 30)")
     p.add_argument("--rounds", type=int, default=20, help="interleaved rounds (default 20)")
     p.add_argument(
-        "--runs", type=int, default=7, help="timed runs per scenario of the inline, fib and bogosity suites (default 7)"
+        "--runs",
+        type=int,
+        default=7,
+        help="timed runs per scenario of the inline, fib, bogosity and fanout suites (default 7)",
     )
     p.add_argument("--skip-gevent", action="store_true", help="leave out the bogosity suite's gevent line")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")

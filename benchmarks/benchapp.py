@@ -91,3 +91,16 @@ def bogosity(self, msec, jobnum, reclevel, numrecjobs, args):
     time.sleep(msec / 1000)
     node = self.request.hostname
     return f"Bogosity:{node}:{jobnum}:{msec}:{reclevel}:{args}:[{','.join(values)}]"
+
+
+@girder.task(name="bench.fan_child", bind=True)
+def fan_child(self, msec, salt, i):
+    time.sleep(msec / 1000)
+    return self.request.hostname
+
+
+@girder.task(name="bench.fan_parent", bind=True)
+def fan_parent(self, n, msec, salt):
+    """Requests ``n`` distinct children of ``msec`` ms at once: which node ran the parent and each child."""
+    children = girder.requests([fan_child.s(msec, salt, i) for i in range(n)])
+    return {"parent": self.request.hostname, "children": children}

@@ -445,3 +445,81 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
         return figures
 
     return Plan(scenarios, rounds=runs, derive=derive, notes=notes, then=gevent_stage, close=close_peer)
+
+
+# -- fan-out across tiers -------------------------------------------------------------------------
+
+FANOUT = {"children": 200, "msec": 20, "nodes": (1, 2, 4)}
+
+
+@suite(
+    "fanout",
+    f"one request fanning out to {FANOUT['children']} children of {FANOUT['msec']} ms on 1, 2 and 4 nodes of -c 1",
+    nodes=1,
+)
+def fanout(grid: Grid, options: argparse.Namespace) -> Plan:
+    """Local first, then hoisting: how much of one node's fan-out the other nodes take, and how fast."""
+    m = grid.app_module
+    n, msec = FANOUT["children"], FANOUT["msec"]
+    salts = _salts("fanout")
+    remote: dict[int, list[float]] = {}
+
+    def stage(nodes: int) -> Plan:
+        if len(grid.workers) < nodes:
+            grid.start_workers(nodes - len(grid.workers))
+        name = f"{nodes} node{'s' * (nodes > 1)}"
+
+        def step() -> None:
+            value = m.fan_parent.call(n, msec, next(salts))
+            _check(len(value["children"]), n, "children answered")
+            remote.setdefault(nodes, []).append(sum(c != value["parent"] for c in value["children"]) / n)
+
+        later = [k for k in FANOUT["nodes"] if k > nodes]
+        return Plan(
+            [Scenario(name, options.runs, step, warmup=1, note=f"fan_parent.call({n}, {msec}, salt)")],
+            rounds=options.runs,
+            then=(lambda: stage(later[0])) if later else None,
+        )
+
+    def derive(results: dict[str, Result]) -> list[Figure]:
+        one = results["1 node"].median_ms
+        figures = [Figure("serial work", n * msec, "ms", note=f"{n} x {msec} ms on one executor")]
+        for nodes in FANOUT["nodes"]:
+            ms = results[f"{nodes} node{'s' * (nodes > 1)}"].median_ms
+            shares = sorted(remote.get(nodes, [0.0]))
+            figures += [
+                Figure(
+                    f"{nodes} nodes: speed-up",
+                    one / ms,
+                    "x",
+                    higher_is_better=True,
+                    note=f"median {one:.1f} / {ms:.1f} ms",
+                ),
+                Figure(
+                    f"{nodes} nodes: parallel efficiency",
+                    one / ms / nodes,
+                    "%",
+                    target=EFFICIENCY_TARGET if nodes == 2 else None,
+                    higher_is_better=True,
+                    note=f"speed-up / {nodes} nodes",
+                ),
+                Figure(
+                    f"{nodes} nodes: vs zero overhead",
+                    n * msec / nodes / ms,
+                    "%",
+                    higher_is_better=True,
+                    note=f"(serial work / nodes = {n * msec / nodes:g} ms) / median {ms:.1f} ms: girder's and "
+                    "Celery's overhead and sleep overshoot included",
+                ),
+                Figure(f"{nodes} nodes: share run remotely", shares[len(shares) // 2], "%", note="median over runs"),
+            ]
+        return figures
+
+    plan = stage(1)
+    plan.derive = derive
+    plan.notes = [
+        "the parent runs on whichever node takes it; its children are offered on that node's queue and run there "
+        "inline, until the hoister copies the ones still waiting after girder_hoist_after (100 ms) to the pool, "
+        "where the other nodes volunteer"
+    ]
+    return plan

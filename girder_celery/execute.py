@@ -100,7 +100,7 @@ class Executor:
         Celery control-flow exceptions count as failures (there is no message to retry).
         """
         parent = claim.parent if claim is not None else None
-        frame = inline.Frame(key, context.hostname or "unknown", context.root_id or key, parent)
+        frame = inline.Frame(key, context.hostname or "unknown", context.root_id or key, owner, parent)
         skip_mailbox = claim.skip_mailbox if claim is not None else ""
         # Inline runs and girder's own offers leave the result backend to girder (mirror.py).
         mirror = not task.ignore_result and (claim is not None or getattr(context, "girder_mirror", False))

@@ -34,11 +34,13 @@ _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 #: ``@girder.task`` options of girder's own; everything else goes to Celery.
 GIRDER_OPTIONS = ("version", "cache_ttl", "cache_errors")
-#: ``app.task`` options that are not Task attributes.
+#: ``app.task`` options that are not Task attributes: decorator options, and routing and
+#: publishing options Celery reads from the task when it sends a message.
 _DECORATOR_OPTIONS = {
     "name", "base", "bind", "shared", "lazy", "filter", "autoretry_for", "dont_autoretry_for",
     "retry_kwargs", "retry_backoff", "retry_backoff_max", "retry_jitter", "pydantic",
-    "pydantic_strict", "pydantic_context", "pydantic_dump_kwargs",
+    "pydantic_strict", "pydantic_context", "pydantic_dump_kwargs", "queue", "routing_key",
+    "exchange", "exchange_type", "delivery_mode", "compression", "immediate", "mandatory",
 }  # fmt: skip
 
 
@@ -268,9 +270,10 @@ class Girder:
         if self.settings.pool:
             return self.settings.pool
         task, conf = request.task, self.app.conf
-        if not conf.task_routes and not getattr(task, "queue", None):
-            return conf.task_default_queue
-        route = self.app.amqp.router.route({}, task.name, request.args, request.kwargs, task)
+        if not conf.task_routes:
+            return getattr(task, "queue", None) or conf.task_default_queue
+        options = {k: v for k, v in task._get_exec_options().items() if v is not None}
+        route = self.app.amqp.router.route(options, task.name, request.args, request.kwargs, task)
         return route["queue"].name
 
     def publish_offer(self, name: str, key: str, args: tuple | list, kwargs: dict, queue: str) -> None:

@@ -41,6 +41,7 @@ class Frame:
     key: str
     node: str
     root_id: str
+    owner: str
     parent: Frame | None = None
 
     def ancestors(self) -> list[str]:

@@ -58,7 +58,7 @@ class Outcome:
 class StateStore:
     """Atomic transitions of request records in one Redis database."""
 
-    SCRIPTS = ("submit", "claim", "renew", "complete", "fail", "forget", "hoist", "unoffer")
+    SCRIPTS = ("submit", "claim", "renew", "complete", "fail", "forget", "hoist", "unoffer", "release")
 
     def __init__(self, client: redis.Redis, prefix: str = "girder") -> None:
         self.client = client
@@ -183,6 +183,10 @@ class StateStore:
         for key in keys:
             pipe.hget(self.record_key(key), "request")
         return pipe.execute()
+
+    def release(self, key: str, owner: str) -> bool:
+        """Give claimed ``key`` back to queued (Celery is retrying it); False if not ours."""
+        return bool(self._scripts["release"]((self.record_key(key),), (owner,)))
 
     def unoffer(self, key: str, pool: str) -> bool:
         """Withdraw the offer of ``key`` on ``pool`` whose message was never sent."""

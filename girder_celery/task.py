@@ -18,6 +18,7 @@ from celery.exceptions import Ignore
 
 from . import keys
 from .errors import GirderError
+from .inline import current_frame
 
 if TYPE_CHECKING:
     from .girder import Girder
@@ -105,6 +106,12 @@ class GirderTask(celery.Task):
         if app.conf.task_always_eager:
             return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
         request = self.prepare(args or (), kwargs, options.get("queue"))
+        frame = current_frame()
+        if options.get("retries") and frame is not None and frame.key == request.key:
+            # Celery's retry of the request running here: give the claim back, so the retry
+            # message is the request's next offer, not a duplicate of this run.
+            self.girder.store.release(request.key, frame.owner)
+            return super().apply_async(args, kwargs, request.key, producer, link, link_error, shadow, **options)
         if task_id is not None and task_id != request.key:
             raise ValueError(
                 f"{self.name}: a girder task's id is its request key {request.key}; got task_id={task_id!r}"

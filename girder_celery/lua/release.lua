@@ -1,0 +1,20 @@
+-- release: an executor gives a claimed request back, for Celery's retry (autoretry_for, or
+-- self.retry()): the retry message Celery has just published is the request's new offer, and
+-- the claim must not make that message look like a duplicate.
+--
+-- KEYS[1]  request record   <prefix>:req:<key>  hash
+-- ARGV[1]  owner token of the claim being released
+--
+-- Transition: running(owner) -> queued (offered now)
+-- Returns 1 released, 0 not ours any more (its lease lapsed and another executor took it).
+
+local f = redis.call('HMGET', KEYS[1], 'state', 'owner')
+if f[1] ~= 'running' or f[2] ~= ARGV[1] then
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HDEL', KEYS[1], 'owner', 'lease_until', 'placement', 'claimed_via')
+redis.call('HSET', KEYS[1], 'state', 'queued', 'offered_at', now)
+redis.call('HINCRBY', KEYS[1], 'offers', 1)
+return 1
