@@ -39,6 +39,10 @@ class Settings:
     hoist_after: float = 0.1
     #: The pool tree: ``{pool: parent pool or None}``, e.g. ``{"desk": "region", "region": None}``.
     pools: dict = field(default_factory=dict)
+    #: Make girder's workers volunteer: prefetch one message per executor, and with a Redis broker
+    #: only when an executor is free (Celery's ``worker_disable_prefetch``). False leaves Celery's
+    #: prefetch settings as the app has them.
+    volunteer: bool = True
 
     @classmethod
     def from_conf(cls, conf: Any, url: str | None = None) -> Settings:
@@ -69,6 +73,8 @@ class Settings:
         if isinstance(self.hoist_after, bool) or not isinstance(self.hoist_after, (int, float)) or self.hoist_after < 0:
             raise ValueError(f"girder_hoist_after must be a number of seconds >= 0, not {self.hoist_after!r}")
         _validate_pools(self.pools)
+        if not isinstance(self.volunteer, bool):
+            raise ValueError(f"girder_volunteer must be True or False, not {self.volunteer!r}")
 
     def pool_chain(self, pool: str) -> list[str]:
         """``pool`` and its ancestors, nearest first."""

@@ -31,6 +31,7 @@ app.conf.update(
     girder_lease_seconds=float(os.environ.get("GIRDER_TEST_LEASE", "30")),
     girder_check_interval=float(os.environ.get("GIRDER_TEST_CHECK", "5")),
     girder_pools=json.loads(os.environ.get("GIRDER_TEST_POOLS", "{}")),
+    girder_volunteer=os.environ.get("GIRDER_TEST_VOLUNTEER", "1") == "1",
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
 )

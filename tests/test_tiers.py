@@ -78,3 +78,29 @@ def test_nested_pools_a_fan_out_in_a_gets_help_from_b(tiers):
     helped = [m.girder.state(t.tier_child.s(0.2, f"{tag}.{i}")) for i in range(20)]
     assert {s["claimed_via"] for s in helped if s["node"] == wb.hostname} == {tiers.pools["r"]}
     assert [runs(tiers, t.tier_child, 0.2, f"{tag}.{i}") for i in range(20)] == [1] * 20
+
+
+def test_a_busy_node_holds_no_offer_an_idle_node_could_run(redis_server):
+    """girder_volunteer on a Redis broker: prefork's main process would otherwise prefetch the
+    second request while its only executor is busy, and it would wait for the first to end."""
+    grid = Grid(redis_server, "redis")
+    grid.app_module = configure_gridapp(grid)
+    try:
+        w1, w2 = grid.worker("w1", "prefork", 1), grid.worker("w2", "prefork", 1)
+        m = grid.app_module
+        first, second = uuid.uuid4().hex, uuid.uuid4().hex
+        busy = m.slow.apply_async((3.0, first))
+        deadline = time.monotonic() + 10
+        while m.girder.state(m.slow.s(3.0, first))["state"] != "running":
+            assert time.monotonic() < deadline, "the first request never started"
+            time.sleep(0.02)
+        busy_node = m.girder.state(m.slow.s(3.0, first))["node"]
+        idle_node = ({w1.hostname, w2.hostname} - {busy_node}).pop()
+        # Five in a row: a busy node that competed for them would take one by chance (1 - 1/32).
+        nodes = [m.girder.request(m.slow.s(0.1, f"{second}.{i}"), timeout=10)["node"] for i in range(5)]
+        assert m.girder.state(m.slow.s(3.0, first))["state"] == "running", "the test outlived the busy request"
+        assert nodes == [idle_node] * 5, "a request waited behind the busy node"
+        assert busy.get(timeout=10)["tag"] == first
+    finally:
+        grid.stop()
+        grid.app_module.app.close()
