@@ -51,3 +51,70 @@ def grid(redis_server, broker):
     yield g
     g.stop()
     g.app_module.app.close()
+
+
+# -- core suite: worker pools, a shared live grid, and grids with custom timing
+
+#: The worker pools end-to-end tests run on, with their concurrency.
+POOLS = {"prefork": 2, "solo": 1}
+
+
+@pytest.fixture(params=list(POOLS))
+def worker_pool(request):
+    """A worker pool for end-to-end tests: ``(pool, concurrency)``."""
+    return request.param, POOLS[request.param]
+
+
+@pytest.fixture(scope="session", params=[(b, p) for b in ("redis", "amqp") for p in POOLS], ids=lambda p: "-".join(p))
+def _live_grid(request, redis_server):
+    broker, pool = request.param
+    _check_broker(broker)
+    g = Grid(redis_server, broker)
+    g.app_module = configure_gridapp(g)
+    g.pool = pool
+    g.node = g.worker("live", pool, POOLS[pool])
+    yield g
+    _fast_stop(g)
+
+
+@pytest.fixture
+def live(_live_grid):
+    """A grid with one running worker, shared by the tests of each (broker, pool) pair.
+
+    Tests on it use arguments of their own (keys never collide) and leave the worker idle.
+    ``tests.gridapp`` is re-pointed at this grid if another grid reconfigured it since.
+    """
+    g = _live_grid
+    if g.node.proc.poll() is not None:
+        pytest.fail(f"the shared worker died:\n{g.node.output()[-5000:]}")
+    if os.environ.get("GIRDER_TEST_PREFIX") != g.prefix:
+        g.app_module.app.close()
+        configure_gridapp(g)
+    return g
+
+
+@pytest.fixture
+def make_grid(redis_server, broker):
+    """Build grids on ``broker`` with their own lease and check interval:
+    ``make_grid(lease=1.0, check=0.5)``; stopped at teardown."""
+    made = []
+
+    def make(**timing):
+        g = Grid(redis_server, broker, **timing)
+        g.app_module = configure_gridapp(g)
+        made.append(g)
+        return g
+
+    yield make
+    for g in made:
+        _fast_stop(g)
+    if made:
+        made[-1].app_module.app.close()
+
+
+def _fast_stop(g: Grid) -> None:
+    """Stop a grid's workers with SIGKILL: a warm shutdown of a solo worker on RabbitMQ takes
+    about 10 s (its consumer loop notices the signal late), and teardown checks nothing."""
+    for worker in g.workers:
+        worker.kill()
+    g.stop()

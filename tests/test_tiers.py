@@ -104,3 +104,26 @@ def test_a_busy_node_holds_no_offer_an_idle_node_could_run(redis_server):
     finally:
         grid.stop()
         grid.app_module.app.close()
+
+
+def test_no_starvation_with_two_pools_the_reentrant_workloads_complete(tiers):
+    """The re-entrant suite's fan-out and the seed's bogosity, on one -c 1 node in each of two
+    pools under a parent: hoisting moves work between them, and nothing starves or runs twice."""
+    wa = tiers.worker("wa", "solo", 1, "--girder-pool", tiers.pools["a"])
+    wb = tiers.worker("wb", "solo", 1, "--girder-pool", tiers.pools["b"])
+    m, rt = tiers.app_module, tiers.app_module.reentrant_tasks
+    tag = uuid.uuid4().hex
+
+    assert m.girder.request(rt.fanout.s(50, 3, tag), timeout=60, pool=tiers.pools["a"]) == 150
+    fanned = [rt.fanout.s(3, 0, f"{tag}.{i}") for i in range(50)]
+    leaves = [rt.leaf.s(f"{tag}.{i}.{j}") for i in range(50) for j in range(3)]
+    assert {runs(tiers, s.type, *s.args) for s in [rt.fanout.s(50, 3, tag), *fanned, *leaves]} == {1}
+
+    salt = int(uuid.uuid4().int % 10**9)
+    jobs = [rt.bogosity.s(1, j, 3, 5, salt) for j in range(10)]
+    results = m.girder.requests(jobs, timeout=60, pool=tiers.pools["b"])
+    assert all(text.startswith("Bogosity:") and f":{j}:1:3:{salt}:[" in text for j, text in enumerate(results))
+    distinct = {(1, k, level, 5, salt) for level in (3, 2, 1, 0) for k in range(10 if level == 3 else level + 1)}
+    assert [runs(tiers, rt.bogosity, *args) for args in sorted(distinct)] == [1] * 16
+    nodes = {m.girder.state(rt.bogosity.s(*args))["node"] for args in distinct}
+    assert nodes <= {wa.hostname, wb.hostname}

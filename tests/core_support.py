@@ -1,0 +1,120 @@
+"""Helpers of the core suite: run counters, bounded waits on the store, and broker inspection.
+
+Every wait here is bounded and polls Redis or the broker for the event it names; nothing sleeps
+a fixed time in place of an event.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import redis
+from kombu import Connection
+
+from tests.harness import Grid, wait_until
+
+
+def runs(grid: Grid, task_name: str, key: str) -> int:
+    """How many times the function of ``key`` ran (``count_run`` in tests/gridapp.py)."""
+    return int(grid.redis_server.client().get(grid.app_module.runs_key(task_name, key)) or 0)
+
+
+def record(grid: Grid, key: str) -> dict[str, str]:
+    return grid.redis_server.client().hgetall(f"{grid.prefix}:req:{key}")
+
+
+def waiters(grid: Grid, key: str) -> set[str]:
+    return grid.redis_server.client().smembers(f"{grid.prefix}:waiters:{key}")
+
+
+def store_keys(grid: Grid) -> list[str]:
+    """Every request record under the grid's prefix."""
+    return list(grid.redis_server.client().scan_iter(f"{grid.prefix}:req:*"))
+
+
+def wait_state(grid: Grid, key: str, state: str, timeout: float = 10.0) -> dict[str, str]:
+    """Poll the record of ``key`` until its state is ``state``; the record."""
+    return wait_until(
+        lambda: (rec := record(grid, key)).get("state") == state and rec,
+        timeout,
+        f"{key} to be {state} (it is {record(grid, key).get('state', 'absent')})",
+        step=0.02,
+    )
+
+
+def redis_now_ms(client: redis.Redis) -> int:
+    """Redis's clock (TIME), which the scripts use for leases and timestamps."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def wait_redis_past(client: redis.Redis, ms: int, timeout: float = 5.0) -> None:
+    """Wait until Redis's clock is past ``ms`` (a lease or an offer time has expired)."""
+    wait_until(lambda: redis_now_ms(client) > ms, timeout, f"redis time past {ms}", step=0.01)
+
+
+def open_gate(grid: Grid, tag: str, times: int = 1) -> None:
+    """Let ``times`` runs of ``grid.gated(tag, ...)`` finish."""
+    grid.redis_server.client().rpush(grid.app_module.gate_key(tag), *["open"] * times)
+
+
+def tag() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def broker_url(grid: Grid) -> str:
+    return grid.env["GIRDER_TEST_BROKER"]
+
+
+def dead_queue(grid: Grid) -> str:
+    """A queue name no worker consumes; ``forget_queue`` deletes it afterwards."""
+    return f"{grid.queue}-dead-{uuid.uuid4().hex[:6]}"
+
+
+def drain_ids(grid: Grid, queue: str, until_id: str, timeout: float = 10.0) -> list[str]:
+    """Take the messages off ``queue`` (no worker consumes it) until the one whose task id is
+    ``until_id`` arrives; the task ids of the messages before it, in order.
+
+    Publish a sentinel after the calls under test and drain up to it: a message those calls
+    published would be on the queue before the sentinel, on either broker.
+    """
+    ids: list[str] = []
+    deadline = time.monotonic() + timeout
+    with Connection(broker_url(grid), connect_timeout=5) as conn:
+        channel = conn.channel()
+        while True:
+            try:
+                message = channel.basic_get(queue, no_ack=True)
+            except Exception:  # RabbitMQ: the queue does not exist yet (404 closes the channel)
+                message = None
+                channel = conn.channel()
+            if message is not None:
+                task_id = message.headers.get("id")
+                if task_id == until_id:
+                    return ids
+                ids.append(task_id)
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sentinel {until_id} never reached {queue}; got {ids}")
+            time.sleep(0.02)
+
+
+def forget_queue(grid: Grid, queue: str) -> None:
+    """Delete a queue made by a test (RabbitMQ keeps it; a Redis list is just deleted)."""
+    try:
+        with Connection(broker_url(grid), connect_timeout=2) as conn:
+            conn.default_channel.queue_delete(queue)
+    except Exception:
+        pass
+
+
+def received(worker, key: str) -> int:
+    """How many messages with task id ``key`` the worker's consumer received (its log)."""
+    return worker.output().count(f"[{key}] received")
+
+
+def skipped(worker, task_name: str, key: str) -> list[str]:
+    """The verdicts of the offers of ``key`` the worker skipped without running the function."""
+    return re.findall(rf"skipping offer of {re.escape(task_name)}\[{key}\]: (\w+)", worker.output())

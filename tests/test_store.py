@@ -1,0 +1,365 @@
+"""The state store's scripts, called directly on the private redis-server (invariants 1 and 4).
+
+Each test has a prefix of its own. Leases and re-offer delays are short (50 ms) and expiry is
+awaited by polling Redis's own clock (TIME), which is the clock the scripts use.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from girder_celery.store import MAILBOX_TTL_MS, StateStore
+from tests.core_support import redis_now_ms, wait_redis_past
+from tests.harness import wait_until
+
+LEASE = 50
+HOUR = 3_600_000
+
+
+@pytest.fixture
+def store(redis_server):
+    s = StateStore(redis_server.client(), prefix=f"st-{uuid.uuid4().hex[:8]}")
+    yield s
+    for name in s.client.scan_iter(f"{s.prefix}:*"):
+        s.client.delete(name)
+
+
+def new_key() -> str:
+    return uuid.uuid4().hex + uuid.uuid4().hex
+
+
+def item(key: str, payload: str = "[[1,2],{}]", pool: str = "") -> tuple[str, str, str, str, str]:
+    return key, payload, "t.add", "t.add(1, 2)", pool
+
+
+def submit(store: StateStore, key: str, mailbox: str = "", reoffer_after: int = HOUR, **kw):
+    (outcome,) = store.submit([item(key, **kw)], mailbox, reoffer_after)
+    return outcome.verdict, outcome.data
+
+
+def mailbox(store: StateStore) -> str:
+    return store.mailbox_key(uuid.uuid4().hex)
+
+
+def lease_until(store: StateStore, key: str) -> int:
+    return int(store.record(key)["lease_until"])
+
+
+def claimed(store: StateStore, key: str, owner: str = "n1/1/a", lease: int = HOUR) -> str:
+    """Submit and claim ``key``; its owner."""
+    submit(store, key)
+    verdict, _, _ = store.claim(key, owner, "n1", lease)
+    assert verdict == "claimed"
+    return owner
+
+
+def expired(store: StateStore, key: str, owner: str = "n1/1/a") -> str:
+    """Submit and claim ``key`` with a 50 ms lease, and wait until the lease has expired."""
+    claimed(store, key, owner, LEASE)
+    wait_redis_past(store.client, lease_until(store, key))
+    return owner
+
+
+# -- submit --------------------------------------------------------------------------------
+
+
+def test_submit_absent_offers_and_records_queued(store):
+    key, box = new_key(), mailbox(store)
+    before = redis_now_ms(store.client)
+    assert submit(store, key, box, pool="q1") == ("offer", "")
+    rec = store.record(key)
+    assert rec["state"] == "queued"
+    assert rec["payload"] == "[[1,2],{}]"
+    assert (rec["name"], rec["request"], rec["pool"]) == ("t.add", "t.add(1, 2)", "q1")
+    assert rec["offers"] == "1"
+    assert before <= int(rec["created_at"]) <= int(rec["offered_at"]) <= redis_now_ms(store.client)
+    assert store.client.smembers(store.waiters_key(key)) == {box}
+    assert store.client.pttl(store.record_key(key)) == -1
+
+
+def test_submit_queued_joins_without_a_new_offer(store):
+    key, box1, box2 = new_key(), mailbox(store), mailbox(store)
+    submit(store, key, box1)
+    assert submit(store, key, box2) == ("queued", "")
+    assert store.record(key)["offers"] == "1"
+    assert store.client.smembers(store.waiters_key(key)) == {box1, box2}
+
+
+def test_submit_without_a_mailbox_registers_no_waiter(store):
+    key = new_key()
+    assert submit(store, key, "") == ("offer", "")
+    assert submit(store, key, "") == ("queued", "")
+    assert not store.client.exists(store.waiters_key(key))
+
+
+def test_submit_reoffers_a_request_queued_longer_than_reoffer_after(store):
+    key = new_key()
+    submit(store, key, reoffer_after=LEASE)
+    offered_at = int(store.record(key)["offered_at"])
+    assert submit(store, key, reoffer_after=HOUR) == ("queued", "")
+    wait_redis_past(store.client, offered_at + LEASE)
+    assert submit(store, key, reoffer_after=LEASE) == ("offer", "")
+    rec = store.record(key)
+    assert rec["offers"] == "2" and rec["state"] == "queued"
+    assert int(rec["offered_at"]) >= offered_at + LEASE
+
+
+def test_submit_running_with_live_lease_joins(store):
+    key, box = new_key(), mailbox(store)
+    owner = claimed(store, key)
+    assert submit(store, key, box) == ("running", owner)
+    assert box in store.client.smembers(store.waiters_key(key))
+    assert store.record(key)["state"] == "running"
+
+
+def test_submit_running_with_expired_lease_offers_again(store):
+    key, box = new_key(), mailbox(store)
+    expired(store, key)
+    assert submit(store, key, box) == ("offer", "")
+    rec = store.record(key)
+    assert rec["state"] == "queued"
+    assert "owner" not in rec and "lease_until" not in rec
+    assert rec["offers"] == "2"
+    assert box in store.client.smembers(store.waiters_key(key))
+
+
+def test_submit_done_answers_the_value_and_registers_nothing(store):
+    key, box = new_key(), mailbox(store)
+    owner = claimed(store, key)
+    store.complete(key, owner, '{"v": 3}', 0)
+    assert submit(store, key, box) == ("done", '{"v": 3}')
+    assert not store.client.exists(store.waiters_key(key))
+    assert store.record(key)["offers"] == "1"
+
+
+def test_submit_memoized_failure_answers_the_error(store):
+    key, box = new_key(), mailbox(store)
+    owner = claimed(store, key)
+    store.fail(key, owner, '{"message": "boom"}', True, 0)
+    assert submit(store, key, box) == ("failed", '{"message": "boom"}')
+    assert not store.client.exists(store.waiters_key(key))
+    assert store.record(key)["state"] == "failed"
+
+
+def test_submit_non_memoized_failure_starts_again(store):
+    key, box = new_key(), mailbox(store)
+    owner = claimed(store, key)
+    store.fail(key, owner, '{"message": "boom"}', False, HOUR)
+    assert submit(store, key, box) == ("offer", "")
+    rec = store.record(key)
+    assert rec["state"] == "queued"
+    assert "error" not in rec and "memo" not in rec and "owner" not in rec
+    assert store.client.pttl(store.record_key(key)) == -1  # the error's TTL no longer applies
+    assert box in store.client.smembers(store.waiters_key(key))
+
+
+def test_submit_many_in_one_call_answers_in_order(store):
+    done, queued, fresh = new_key(), new_key(), new_key()
+    store.complete(done, claimed(store, done), "1", 0)
+    submit(store, queued)
+    outcomes = store.submit([item(fresh), item(done), item(queued)], mailbox(store), HOUR)
+    assert [(o.key, o.verdict) for o in outcomes] == [(fresh, "offer"), (done, "done"), (queued, "queued")]
+    assert outcomes[1].data == "1"
+
+
+# -- claim ---------------------------------------------------------------------------------
+
+
+def test_claim_queued_returns_payload_and_first_attempt(store):
+    key = new_key()
+    submit(store, key)
+    before = redis_now_ms(store.client)
+    assert store.claim(key, "n1/1/a", "n1", 10_000) == ("claimed", "[[1,2],{}]", 1)
+    rec = store.record(key)
+    assert (rec["state"], rec["owner"], rec["node"]) == ("running", "n1/1/a", "n1")
+    assert before <= int(rec["started_at"]) <= redis_now_ms(store.client)
+    assert int(rec["lease_until"]) == int(rec["started_at"]) + 10_000
+
+
+def test_claim_with_live_lease_is_refused(store):
+    key = new_key()
+    claimed(store, key, "n1/1/a")
+    assert store.claim(key, "n2/1/b", "n2", LEASE) == ("running", "n1/1/a", 0)
+    rec = store.record(key)
+    assert rec["owner"] == "n1/1/a" and rec["attempts"] == "1"
+
+
+def test_claim_with_expired_lease_reclaims_as_attempt_two(store):
+    key = new_key()
+    expired(store, key, "n1/1/a")
+    assert store.claim(key, "n2/1/b", "n2", HOUR) == ("claimed", "[[1,2],{}]", 2)
+    rec = store.record(key)
+    assert (rec["owner"], rec["node"], rec["attempts"]) == ("n2/1/b", "n2", "2")
+
+
+def test_claim_done_failed_or_absent_is_refused(store):
+    done, failed = new_key(), new_key()
+    store.complete(done, claimed(store, done), "1", 0)
+    store.fail(failed, claimed(store, failed), "{}", False, HOUR)
+    assert store.claim(done, "x", "n", HOUR) == ("done", "", 0)
+    assert store.claim(failed, "x", "n", HOUR) == ("failed", "", 0)
+    assert store.claim(new_key(), "x", "n", HOUR) == ("absent", "", 0)
+    assert store.record(done)["state"] == "done"
+    assert store.record(failed)["state"] == "failed"
+
+
+# -- renew ---------------------------------------------------------------------------------
+
+
+def test_renew_extends_only_leases_still_ours(store):
+    ours, lost, done = new_key(), new_key(), new_key()
+    claimed(store, ours, "me", LEASE)
+    expired(store, lost, "me")
+    store.claim(lost, "other", "n2", HOUR)
+    lost_until = lease_until(store, lost)
+    store.complete(done, claimed(store, done, "me"), "1", 0)
+    old = lease_until(store, ours)
+    wait_redis_past(store.client, old)  # an expired lease nobody took is still ours to renew
+    now = redis_now_ms(store.client)
+    assert store.renew({ours: "me", lost: "me", done: "me"}, 10_000) == {ours: True, lost: False, done: False}
+    assert lease_until(store, ours) >= now + 10_000
+    assert store.record(ours)["owner"] == "me"
+    assert (store.record(lost)["owner"], lease_until(store, lost)) == ("other", lost_until)
+    assert "lease_until" not in store.record(done)
+
+
+def test_renew_answers_each_lease(store):
+    ours, lost, absent = new_key(), new_key(), new_key()
+    claimed(store, ours, "me", LEASE)
+    claimed(store, lost, "other", HOUR)
+    lost_until = lease_until(store, lost)
+    now = redis_now_ms(store.client)
+    assert store.renew({ours: "me", lost: "me", absent: "me"}, 60_000) == {ours: True, lost: False, absent: False}
+    assert lease_until(store, ours) >= now + 60_000
+    assert lease_until(store, lost) == lost_until
+    assert store.record(absent) == {}
+
+
+# -- complete ------------------------------------------------------------------------------
+
+
+def test_complete_stores_then_notifies_every_waiter(store):
+    key, box1, box2 = new_key(), mailbox(store), mailbox(store)
+    submit(store, key, box1)
+    submit(store, key, box2)
+    store.claim(key, "me", "n1", HOUR)
+    value = json.dumps({"a": "b:c", "n": [1, 2]})
+    assert store.complete(key, "me", value, 0) is True
+    rec = store.record(key)
+    assert (rec["state"], rec["value"], rec["ran_by"]) == ("done", value, "me")
+    assert "lease_until" not in rec and int(rec["finished_at"]) >= int(rec["started_at"])
+    for box in (box1, box2):
+        assert store.client.lrange(box, 0, -1) == [f"done:{key}:{value}"]
+        assert 0 < store.client.pttl(box) <= MAILBOX_TTL_MS
+    # the entry splits back into verdict, key and a value that may hold colons
+    assert store.client.lindex(box1, 0).split(":", 2) == ["done", key, value]
+    assert not store.client.exists(store.waiters_key(key))
+
+
+def test_complete_never_overwrites_a_done_value(store):
+    key, box = new_key(), mailbox(store)
+    owner = claimed(store, key)
+    assert store.complete(key, owner, "1", 0) is True
+    finished = store.record(key)["finished_at"]
+    submit(store, key, box)  # done: registers no waiter
+    assert store.complete(key, owner, "2", 0) is False
+    assert store.complete(key, "someone-else", "3", 0) is False
+    assert store.fail(key, owner, "{}", False, HOUR) is False
+    rec = store.record(key)
+    assert (rec["state"], rec["value"], rec["finished_at"]) == ("done", "1", finished)
+    assert store.client.llen(box) == 0
+
+
+def test_complete_after_a_lost_lease_still_stores_the_first_value(store):
+    key = new_key()
+    expired(store, key, "first")
+    store.claim(key, "second", "n2", HOUR)
+    assert store.complete(key, "first", "1", 0) is True
+    assert store.complete(key, "second", "2", 0) is False
+    assert store.record(key)["value"] == "1"
+
+
+def test_complete_does_not_overwrite_a_memoized_failure(store):
+    key = new_key()
+    owner = claimed(store, key)
+    store.fail(key, owner, '{"message": "x"}', True, 0)
+    assert store.complete(key, owner, "1", 0) is False
+    assert store.record(key)["state"] == "failed"
+
+
+def test_complete_with_ttl_expires_the_record(store):
+    kept, short = new_key(), new_key()
+    store.complete(kept, claimed(store, kept), "1", 0)
+    store.complete(short, claimed(store, short), "1", 200)
+    assert store.client.pttl(store.record_key(kept)) == -1
+    assert 0 < store.client.pttl(store.record_key(short)) <= 200
+    wait_until(lambda: not store.client.exists(store.record_key(short)), 5, "the value to expire", step=0.02)
+    assert submit(store, short) == ("offer", "")
+
+
+# -- fail ----------------------------------------------------------------------------------
+
+
+def test_fail_notifies_waiters_and_keeps_error_for_its_ttl(store):
+    key, box = new_key(), mailbox(store)
+    submit(store, key, box)
+    store.claim(key, "me", "n1", HOUR)
+    error = json.dumps({"message": "bad: x", "exc_type": "ValueError"})
+    assert store.fail(key, "me", error, False, 200) is True
+    rec = store.record(key)
+    assert (rec["state"], rec["error"], rec["memo"], rec["ran_by"]) == ("failed", error, "0", "me")
+    assert store.client.lrange(box, 0, -1) == [f"failed:{key}:{error}"]
+    assert 0 < store.client.pttl(store.record_key(key)) <= 200
+    wait_until(lambda: not store.client.exists(store.record_key(key)), 5, "the error to expire", step=0.02)
+
+
+def test_fail_memoized_is_answered_until_forgotten(store):
+    key, box = new_key(), mailbox(store)
+    owner = claimed(store, key)
+    assert store.fail(key, owner, '{"message": "m"}', True, 0) is True
+    assert store.client.pttl(store.record_key(key)) == -1
+    assert store.record(key)["memo"] == "1"
+    assert submit(store, key, box) == ("failed", '{"message": "m"}')
+    assert store.fail(key, owner, '{"message": "again"}', True, 0) is False
+    assert store.record(key)["error"] == '{"message": "m"}'
+
+
+def test_fail_without_an_owner_fails_a_queued_request(store):
+    """The unknown-task handler fails a request nobody claimed (owner "")."""
+    key, box = new_key(), mailbox(store)
+    submit(store, key, box)
+    assert store.fail(key, "", '{"message": "no such task"}', False, HOUR) is True
+    assert store.client.lrange(box, 0, -1) == [f'failed:{key}:{{"message": "no such task"}}']
+
+
+# -- forget ----------------------------------------------------------------------------------
+
+
+def test_forget_drops_settled_and_leaves_in_flight(store):
+    done, failed, queued, running = new_key(), new_key(), new_key(), new_key()
+    store.complete(done, claimed(store, done), "1", 0)
+    store.fail(failed, claimed(store, failed), "{}", True, 0)
+    submit(store, queued)
+    claimed(store, running)
+    assert store.forget(done) == "done"
+    assert store.forget(failed) == "failed"
+    assert store.forget(queued) == "queued"
+    assert store.forget(running) == "running"
+    assert store.forget(new_key()) == "absent"
+    assert store.record(done) == {} and store.record(failed) == {}
+    assert store.record(queued)["state"] == "queued"
+    assert store.record(running)["state"] == "running"
+    assert submit(store, done) == ("offer", "")
+
+
+def test_unregister_withdraws_a_waiter(store):
+    key, box1, box2 = new_key(), mailbox(store), mailbox(store)
+    submit(store, key, box1)
+    submit(store, key, box2)
+    store.client.rpush(box1, "stale")
+    store.unregister([key], box1)
+    assert store.client.smembers(store.waiters_key(key)) == {box2}
+    assert not store.client.exists(box1)
