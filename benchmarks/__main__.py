@@ -81,9 +81,11 @@ import time
 from importlib import metadata
 from typing import Any
 
+from girder_celery.testing import RedisServer
+
 from .grid import BROKER_DB, Grid
 from .runner import Plan, format_figures, format_table, run_plan
-from .servers import AMQP_URL, RedisServer, amqp_reachable
+from .servers import AMQP_URL, amqp_reachable
 from .suites import SUITES
 
 
@@ -158,7 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for s in suites:
                 report["runs"].append(run_suite(redis_server, broker, url, s, args))
     finally:
-        redis_server.stop()
+        redis_server.close()
     return report
 
 

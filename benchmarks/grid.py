@@ -11,7 +11,9 @@ import uuid
 from pathlib import Path
 from types import ModuleType
 
-from .servers import RedisServer, Worker, delete_amqp_queue
+from girder_celery.testing import RedisServer
+
+from .servers import Worker, delete_amqp_queue
 
 #: Databases of the private Redis: the broker (when it is Redis), the result backend, girder.
 BROKER_DB, BACKEND_DB, STORE_DB = 1, 2, 0

@@ -23,8 +23,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from girder_celery.testing import RedisServer
+
 from .grid import BROKER_DB, Grid
-from .servers import AMQP_URL, RedisServer, amqp_reachable
+from .servers import AMQP_URL, amqp_reachable
 
 
 def _profile(fn: Callable[[], object], n: int) -> tuple[pstats.Stats, float]:
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 grid.close()  # SIGTERM: the worker's cProfile writes its file as it exits
             stats[f"worker {phase}"] = (pstats.Stats(str(prof_file)), None)
     finally:
-        redis_server.stop()
+        redis_server.close()
 
     for name, (st, per_call) in stats.items():
         calls = args.hits if name == "client girder hit" else args.cold

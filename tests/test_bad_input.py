@@ -17,8 +17,9 @@ import pytest
 from celery import Celery
 
 from girder_celery import Girder, GirderConnectionError, GirderError, GirderTimeout
+from girder_celery.testing import free_port
 from tests.core_support import drain_ids, open_gate, received, record, runs, store_keys, tag, wait_state, waiters
-from tests.harness import free_port, wait_until
+from tests.harness import wait_until
 
 
 class Opaque:
