@@ -39,9 +39,9 @@ class Settings:
     hoist_after: float = 0.1
     #: The pool tree: ``{pool: parent pool or None}``, e.g. ``{"desk": "region", "region": None}``.
     pools: dict = field(default_factory=dict)
-    #: Make girder's workers volunteer: prefetch one message per executor, and with a Redis broker
-    #: only when an executor is free (Celery's ``worker_disable_prefetch``). False leaves Celery's
-    #: prefetch settings as the app has them.
+    #: With a Redis broker, girder's workers take a message only when an executor is free
+    #: (Celery's ``worker_disable_prefetch``, prefetch multiplier 1; not under gevent/eventlet).
+    #: False leaves Celery's prefetch settings as the app has them.
     volunteer: bool = True
 
     @classmethod

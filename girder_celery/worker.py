@@ -45,14 +45,15 @@ class GirderStep(bootsteps.StartStopStep):
         girder = worker.app.girder
         girder.worker_events = bool(worker.task_events)
         girder.worker_concurrency = worker.concurrency
-        if girder.settings.volunteer:
-            # A busy executor must not sit on offers another could run (the prefetch hazard).
+        # A busy executor must not sit on offers another could run (the prefetch hazard). With a
+        # Redis broker, Celery can fetch only when an executor is free; not under gevent or
+        # eventlet, where a parked request frees its executor anyway (and there it stalled
+        # consumption). With RabbitMQ the server grants prefetch: Celery's settings stand.
+        green = any(name in getattr(worker.pool_cls, "__module__", "") for name in ("gevent", "eventlet"))
+        redis_broker = worker.app.connection_for_read().transport.driver_type == "redis"
+        if girder.settings.volunteer and redis_broker and not green:
             worker.prefetch_multiplier = 1
-            # Celery's fetch-only-when-free is for Redis brokers; under gevent or eventlet a
-            # parked request frees its executor anyway, and there it stalled consumption.
-            green = any(name in getattr(worker.pool_cls, "__module__", "") for name in ("gevent", "eventlet"))
-            if not green and worker.app.connection_for_read().transport.driver_type == "redis":
-                worker.app.conf.worker_disable_prefetch = True
+            worker.app.conf.worker_disable_prefetch = True
         girder.worker_pool = girder_pool or girder.settings.pool or worker.app.conf.task_default_queue
         queues = worker.app.amqp.queues
         node = girder.node_queue(worker.hostname)
