@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import cached_property
 from typing import Any
 
@@ -250,9 +250,17 @@ class Girder:
         return outcomes
 
     def _publish_or_withdraw(self, request: Request) -> None:
+        with self.offering(request) as queue:
+            self.publish_offer(request.task.name, request.key, request.args, request.kwargs, queue)
+
+    @contextlib.contextmanager
+    def offering(self, request: Request) -> Iterator[str]:
+        """Around publishing the offer the store recorded for ``request`` (on the queue given):
+        if publishing fails, the offer is withdrawn, so the request is not left queued with no
+        message, and a ``GirderError`` names the queue."""
         queue = self.queue_for(request)
         try:
-            self.publish_offer(request.task.name, request.key, request.args, request.kwargs, queue)
+            yield queue
         except Exception as exc:
             with contextlib.suppress(redis.RedisError):  # else re-offered after girder_reoffer_after
                 self.store.unoffer(request.key, queue)

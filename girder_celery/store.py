@@ -196,9 +196,10 @@ class StateStore:
         """Drop a settled request; returns the state it had (``absent`` if none)."""
         return self._scripts["forget"]((self.record_key(key),), ())
 
-    def hoist(self, source: str, destination: str | None, after_ms: int, limit: int = 100) -> list[tuple[str, ...]]:
-        """Move offers queued on ``source`` for over ``after_ms`` to ``destination`` (None at the
-        top: only drop stale entries): the ``(key, name, payload)`` to publish there."""
+    def hoist(self, source: str, destination: str | None, after_ms: int, limit: int = 16) -> list[tuple[str, ...]]:
+        """Move up to ``limit`` offers queued on ``source`` for over ``after_ms`` to
+        ``destination``, unless ``limit`` offers wait that long there too (None at the top:
+        only drop stale entries): the ``(key, name, payload)`` to publish there."""
         reply = self._scripts["hoist"](
             (self.offers_key(source), self.offers_key(destination or source)),
             (after_ms, self.record_key(""), destination or "", limit),

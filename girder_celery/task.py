@@ -118,7 +118,8 @@ class GirderTask(celery.Task):
             )
         outcome = self.girder.submit([request], mailbox="", offer=False)[0]
         if outcome.verdict == "offer":
-            return super().apply_async(args, kwargs, request.key, producer, link, link_error, shadow, **options)
+            with self.girder.offering(request):
+                return super().apply_async(args, kwargs, request.key, producer, link, link_error, shadow, **options)
         if outcome.verdict == "done":
             self.backend.mark_as_done(request.key, self.girder.decode_value(outcome.data))
         elif outcome.verdict == "failed":
