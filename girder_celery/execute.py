@@ -123,33 +123,33 @@ class Executor:
                 self.girder.mirror.flush()  # the request a message brought is done
 
     def _run(self, task, key, owner, args, kwargs, claim, skip_mailbox) -> tuple[Outcome, Any]:
+        outcome = None
         try:
             value = task.run(*args, **kwargs)
+            encoded = self._encode(task, key, args, kwargs, value)
         except Exception as exc:
             if claim is None and isinstance(exc, _CONTROL_FLOW):
                 raise
             outcome = self._fail(task, key, owner, args, kwargs, exc, skip_mailbox)
+            raise
+        else:
+            self.girder.store.complete(key, owner, encoded, self.girder.result_ttl_ms(task), skip_mailbox)
+            outcome = Outcome(key, "done", encoded)
+            return outcome, value
+        finally:
             if claim is not None:
                 claim.outcome = outcome
-            raise
+
+    def _encode(self, task, key, args, kwargs, value: Any) -> str:
         try:
-            encoded = self.girder.encode_value(value)
+            return self.girder.encode_value(value)
         except TypeError as exc:
-            error = GirderError(
+            raise GirderError(
                 f"its result is not JSON-serializable: {exc}",
                 key=key,
                 request=keys.readable(task.name, args, kwargs),
                 exc_type="TypeError",
-            )
-            outcome = self._fail(task, key, owner, args, kwargs, error, skip_mailbox)
-            if claim is not None:
-                claim.outcome = outcome
-            raise error from exc
-        self.girder.store.complete(key, owner, encoded, self.girder.result_ttl_ms(task), skip_mailbox)
-        outcome = Outcome(key, "done", encoded)
-        if claim is not None:
-            claim.outcome = outcome
-        return outcome, value
+            ) from exc
 
     @staticmethod
     def _mirror_failure(task, key, exc: Exception, context: Any) -> None:

@@ -21,7 +21,7 @@ from kombu.utils import json as kombu_json
 from .errors import STORE_UNREACHABLE, GirderConnectionError, GirderError, safe_url
 from .execute import Executor
 from .inline import current_frame
-from .keys import decode_payload, readable_args
+from .keys import readable_args
 from .mirror import Mirror
 from .settings import Settings
 from .store import Claim, Outcome, StateStore
@@ -106,8 +106,6 @@ class Girder:
         if name.startswith(f"{self.settings.key_prefix}.node."):
             return Queue(name, Exchange(name, type="direct"), routing_key=name, auto_delete=True)
         return name
-
-    decode_payload = staticmethod(decode_payload)
 
     def connection_error(self, exc: BaseException) -> GirderConnectionError:
         url = safe_url(self.settings.url)
@@ -238,27 +236,25 @@ class Girder:
         """
         s = self.settings
         edge_ttl_ms = int(self.edge_ttl_seconds * 1000)
+        queues = [self.queue_for(r) for r in requests]
         try:
-            items = [(r.key, r.payload, r.task.name, r.readable, self.queue_for(r)) for r in requests]
+            items = [(r.key, r.payload, r.task.name, r.readable, q) for r, q in zip(requests, queues)]
             outcomes = self.store.submit(items, mailbox, int(s.reoffer_after * 1000), requester, edge_ttl_ms, claim)
         except STORE_UNREACHABLE as exc:
             raise self.connection_error(exc) from exc
         if offer:
-            for request, outcome in zip(requests, outcomes):
+            for request, queue, outcome in zip(requests, queues, outcomes):
                 if outcome.verdict == "offer":
-                    self._publish_or_withdraw(request)
+                    with self.offering(request, queue):
+                        self.publish_offer(request.task.name, request.key, request.args, request.kwargs, queue)
         return outcomes
 
-    def _publish_or_withdraw(self, request: Request) -> None:
-        with self.offering(request) as queue:
-            self.publish_offer(request.task.name, request.key, request.args, request.kwargs, queue)
-
     @contextlib.contextmanager
-    def offering(self, request: Request) -> Iterator[str]:
-        """Around publishing the offer the store recorded for ``request`` (on the queue given):
-        if publishing fails, the offer is withdrawn, so the request is not left queued with no
-        message, and a ``GirderError`` names the queue."""
-        queue = self.queue_for(request)
+    def offering(self, request: Request, queue: str | None = None) -> Iterator[str]:
+        """Around publishing the offer the store recorded for ``request`` on ``queue`` (default
+        ``queue_for(request)``): if publishing fails, the offer is withdrawn, so the request is
+        not left queued with no message, and a ``GirderError`` names the queue."""
+        queue = queue or self.queue_for(request)
         try:
             yield queue
         except Exception as exc:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from celery.app.trace import build_tracer
 from celery.utils.saferepr import saferepr
 
+from .keys import decode_payload
 from .store import Outcome
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ def _tracer(task: GirderTask, node: str) -> Any:
 def _trace(girder: Girder, request: Request, owner: str, mailbox: str, parent: Frame) -> Outcome:
     task, key, node = request.task, request.key, parent.node
     claim = InlineClaim(owner, mailbox, parent)
-    args, kwargs = girder.decode_payload(request.payload)
+    args, kwargs = decode_payload(request.payload)
     context = {
         "id": key,
         "task": task.name,

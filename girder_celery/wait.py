@@ -179,8 +179,8 @@ class InlineWait(Wait):
         self.owner = girder.executor.owner_token(frame.node)
         self.lease_ms = girder.executor.leases.lease_ms
 
-    def _submit(self, requests: list[Request], claim_newest: bool = True) -> list[Outcome]:
-        claim = Claim(requests[-1].key, self.owner, self.frame.node, self.lease_ms) if claim_newest else None
+    def _submit(self, requests: list[Request]) -> list[Outcome]:
+        claim = Claim(requests[-1].key, self.owner, self.frame.node, self.lease_ms)
         return self.girder.submit(requests, self.mailbox, offer=self.send_offers, requester=self.frame.key, claim=claim)
 
     def _resubmit(self) -> list[Outcome]:

@@ -21,6 +21,7 @@ import redis
 from celery import bootsteps, signals
 
 from .errors import GirderError, safe_url
+from .keys import decode_payload
 
 if TYPE_CHECKING:
     from .girder import Girder
@@ -112,7 +113,7 @@ def hoist_once(girder: Girder, tiers: list[str]) -> None:
     try:
         for source, destination in zip(tiers, [*tiers[1:], None]):
             for key, name, payload in girder.store.hoist(source, destination, after_ms):
-                args, kwargs = girder.decode_payload(payload)
+                args, kwargs = decode_payload(payload)
                 girder.publish_offer(name, key, args, kwargs, destination)
     except Exception:
         logger.warning("girder: hoisting failed; will retry", exc_info=True)
