@@ -63,7 +63,7 @@ class Grid:
         return self.workers
 
     def stop_workers(self) -> None:
-        # All at once: a solo worker on RabbitMQ takes several seconds to shut down warm.
+        # All at once: each warm shutdown waits for the worker's current request.
         for worker in self.workers:
             worker.terminate()
         for worker in self.workers:

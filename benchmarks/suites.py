@@ -97,6 +97,13 @@ def roundtrip(grid: Grid, options: argparse.Namespace) -> list[Scenario]:
         x = next(stock_args)
         _check(plain_inc.delay(x).get(timeout=TIMEOUT), x + 1, "plain_inc.delay().get()")
 
+    # For context: what one round trip to the state store costs right now (this machine's
+    # loopback latency moves between runs, and a cache hit is one such round trip).
+    store = m.girder.store.client
+
+    def ping() -> None:
+        _check(store.ping(), True, "PING")
+
     return [
         Scenario("stock", options.cold, stock, warmup=options.warmup, note="plain_inc.delay(x).get()"),
         Scenario(
@@ -116,6 +123,14 @@ def roundtrip(grid: Grid, options: argparse.Namespace) -> list[Scenario]:
             baseline="stock",
             target=HIT_TARGET,
             note="inc.call(x), x memoized",
+        ),
+        Scenario(
+            "redis PING",
+            options.hits,
+            ping,
+            warmup=options.warmup,
+            baseline="stock",
+            note="a bare round trip to the state store (redis-py PING), for context",
         ),
     ]
 

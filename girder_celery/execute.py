@@ -119,8 +119,8 @@ class Executor:
         finally:
             self.leases.release(key)
             inline.leave(token)
-            if claim is None:
-                self.girder.mirror.flush()  # the request a message brought is done
+            if claim is None:  # the request a message brought is done
+                self.girder.pause()
 
     def _run(self, task, key, owner, args, kwargs, claim, skip_mailbox) -> tuple[Outcome, Any]:
         outcome = None
@@ -133,7 +133,7 @@ class Executor:
             outcome = self._fail(task, key, owner, args, kwargs, exc, skip_mailbox)
             raise
         else:
-            self.girder.store.complete(key, owner, encoded, self.girder.result_ttl_ms(task), skip_mailbox)
+            self.girder.store.complete_unawaited(key, owner, encoded, self.girder.result_ttl_ms(task), skip_mailbox)
             outcome = Outcome(key, "done", encoded)
             return outcome, value
         finally:

@@ -90,6 +90,13 @@ class Girder:
     def mirror(self) -> Mirror:
         return Mirror()
 
+    def pause(self) -> None:
+        """This thread is about to block, hop or end: write its mirror buffer, then read the
+        replies it left unread (they arrive during the mirror's round trip) and give its
+        connection to the state store back."""
+        self.mirror.flush()
+        self.store.idle()
+
     #: Whether this worker sends task events (``-E``); set by the worker bootstep.
     worker_events: bool = False
     #: The pool this worker is a node of, and its number of executors; set by the worker bootstep.

@@ -92,6 +92,7 @@ def run_inline(girder: Girder, request: Request, owner: str, mailbox: str, paren
     """Run a request this executor has claimed, as a Celery task, inline; its outcome."""
     if not _stack_is_deep():
         return _trace(girder, request, owner, mailbox, parent)
+    girder.pause()  # this thread waits for the hop
     result: list[Any] = []
     context = contextvars.copy_context()
 
@@ -101,7 +102,7 @@ def run_inline(girder: Girder, request: Request, owner: str, mailbox: str, paren
         except BaseException as exc:  # handed to the waiting thread
             result.append(exc)
         finally:
-            girder.mirror.flush()  # this thread's buffer ends with it
+            girder.pause()  # this thread ends
 
     thread = threading.Thread(target=hop, name=f"girder-inline-{request.key[:8]}", daemon=True)
     thread.start()

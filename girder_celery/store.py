@@ -15,6 +15,8 @@ from typing import Any
 
 import redis
 
+from .link import Link
+
 __all__ = ["Claim", "Outcome", "StateStore"]
 
 #: How long a notification waits in a mailbox nobody reads (a waiter that died).
@@ -64,6 +66,7 @@ class StateStore:
         self.client = client
         self.prefix = prefix
         self._scripts = {name: client.register_script(_load(name)) for name in self.SCRIPTS}
+        self.link = Link(client, list(self._scripts.values()))
 
     def record_key(self, key: str) -> str:
         return f"{self.prefix}:req:{key}"
@@ -101,27 +104,22 @@ class StateStore:
         script = self._scripts["submit"]
         waits, offers = self.edges_key(""), self.offers_key("")
         edges = self.edges_key(requester)
-        client = self.client if len(items) == 1 else self.client.pipeline(transaction=False)
-        replies = []
+        calls = []
         for key, payload, name, readable, pool in items:
             claimer = claim if claim is not None and claim.key == key else _NO_CLAIM
-            replies.append(
-                script(
-                    (self.record_key(key), self.waiters_key(key), edges, offers + pool),
-                    (payload, name, readable, pool, mailbox, reoffer_after_ms, key, requester, waits, edge_ttl_ms,
-                     claimer.owner, claimer.node, claimer.lease_ms, offers),
-                    client=client,
-                )
-            )  # fmt: skip
-        if client is not self.client:
-            replies = client.execute()
+            calls.append((
+                (self.record_key(key), self.waiters_key(key), edges, offers + pool),
+                (payload, name, readable, pool, mailbox, reoffer_after_ms, key, requester, waits, edge_ttl_ms,
+                 claimer.owner, claimer.node, claimer.lease_ms, offers),
+            ))  # fmt: skip
+        replies = self.link.call_many(script, calls)
         return [Outcome(item[0], v, d or "") for item, (v, d) in zip(items, replies)]
 
     def claim(self, key: str, owner: str, node: str, lease_ms: int, via: str = "") -> tuple[str, str, int]:
         """Claim ``key`` for ``owner``, from an offer on queue ``via`` (``""``: a waiter claiming
         its own sub-request): ``(verdict, payload or owner, attempts)``."""
-        verdict, data, attempts = self._scripts["claim"](
-            (self.record_key(key),), (owner, node, lease_ms, via, self.offers_key(""), key)
+        verdict, data, attempts = self.link.call(
+            self._scripts["claim"], (self.record_key(key),), (owner, node, lease_ms, via, self.offers_key(""), key)
         )
         return verdict, data, int(attempts or 0)
 
@@ -138,13 +136,21 @@ class StateStore:
 
     def complete(self, key: str, owner: str, value: str, ttl_ms: int, skip_mailbox: str = "") -> bool:
         """Store ``value`` (JSON) and wake the waiters but ``skip_mailbox``; False if it was
-        already settled."""
-        return bool(
-            self._scripts["complete"](
-                self._settle_keys(key),
-                (key, owner, value, ttl_ms, MAILBOX_TTL_MS, skip_mailbox),
-            )
-        )
+        already settled (or not ``owner``'s to settle)."""
+        return bool(self.link.call(*self._complete_call(key, owner, value, ttl_ms, skip_mailbox)))
+
+    def complete_unawaited(self, key: str, owner: str, value: str, ttl_ms: int, skip_mailbox: str = "") -> None:
+        """``complete``, with its reply read by this thread's next call (see ``link.py``): an
+        executor has nothing to learn from it, and waiters are woken when Redis runs it."""
+        self.link.send(*self._complete_call(key, owner, value, ttl_ms, skip_mailbox))
+
+    def _complete_call(self, key, owner, value, ttl_ms, skip_mailbox) -> tuple[Any, tuple, tuple]:
+        keys, args = self._settle_keys(key), (key, owner, value, ttl_ms, MAILBOX_TTL_MS, skip_mailbox)
+        return self._scripts["complete"], keys, args
+
+    def idle(self) -> None:
+        """This thread is about to block, hop or end (see ``link.py``)."""
+        self.link.idle()
 
     def fail(
         self,

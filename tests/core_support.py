@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 from kombu import Connection
@@ -62,6 +63,18 @@ def open_gate(grid: Grid, tag: str, times: int = 1) -> None:
 
 def tag() -> str:
     return uuid.uuid4().hex[:10]
+
+
+def concurrent_failures(grid: Grid, t: str, outcome: str, n: int = 3) -> tuple[str, list[BaseException | None]]:
+    """``n`` callers request ``grid.gated(t, outcome)`` at once; once all ``n`` are registered
+    as waiters its gate opens. The request's key, and what each caller's request raised."""
+    m = grid.app_module
+    key = m.gated.key(t, outcome)
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(m.girder.request, m.gated.s(t, outcome), 15) for _ in range(n)]
+        wait_until(lambda: len(waiters(grid, key)) == n, 10, f"{n} waiters registered")
+        open_gate(grid, t)
+        return key, [f.exception(timeout=15) for f in futures]
 
 
 def broker_url(grid: Grid) -> str:

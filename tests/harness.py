@@ -8,15 +8,12 @@ Redis or the machine's RabbitMQ (``$GIRDER_TEST_AMQP_URL``), each with queues of
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from girder_celery.testing import RedisServer
+from girder_celery.testing import CeleryWorker, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("GIRDER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -66,6 +63,11 @@ class Grid:
             "GIRDER_TEST_PREFIX": self.prefix,
             "GIRDER_TEST_LEASE": str(lease),
             "GIRDER_TEST_CHECK": str(check),
+            # Every setting a test may change, at its default: os.environ carries the last grid's.
+            "GIRDER_TEST_POOLS": "{}",
+            "GIRDER_TEST_VOLUNTEER": "1",
+            "GIRDER_TEST_HOIST_AFTER": "0.1",
+            "GIRDER_TEST_ACKS_LATE": "0",
         }
         self.workers: list[Worker] = []
         self.logdir = Path(tempfile.mkdtemp(prefix="girder-workers-"))
@@ -83,62 +85,21 @@ class Grid:
             _delete_amqp_queue(self.queue)
 
 
-class Worker:
-    """A real ``celery -A tests.gridapp worker`` subprocess."""
+class Worker(CeleryWorker):
+    """A real ``celery -A tests.gridapp worker`` subprocess of a grid."""
 
     def __init__(self, grid: Grid, name: str, pool: str, concurrency: int, extra: tuple[str, ...]) -> None:
+        flags = [
+            "-P", pool, "-c", str(concurrency), "-Q", grid.queue, "-l", "info",
+            "--without-heartbeat", "--without-mingle", "--without-gossip", *extra,
+        ]  # fmt: skip
+        hostname = f"{name}-{grid.prefix}@localhost"
+        super().__init__("tests.gridapp", hostname, flags, grid.env, grid.logdir / f"{name}.log", ROOT)
         self.grid = grid
-        self.hostname = f"{name}-{grid.prefix}@localhost"
-        self.pool = pool
-        self.concurrency = concurrency
-        self.extra = extra
-        self.log = grid.logdir / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60) -> Worker:
-        cmd = [
-            sys.executable, "-m", "celery", "-A", "tests.gridapp", "worker", "-n", self.hostname,
-            "-P", self.pool, "-c", str(self.concurrency), "-Q", self.grid.queue, "-l", "info",
-            "--without-heartbeat", "--without-mingle", "--without-gossip", *self.extra,
-        ]  # fmt: skip
-        env = {**os.environ, **self.grid.env, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=env,
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        ready = self.grid.redis_server.client()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.hostname} exited ({self.proc.returncode}):\n{self.output()}")
-            item = ready.blpop([f"{self.grid.prefix}:test:ready"], timeout=1)
-            if item and item[1] == self.hostname:
-                return self
-            if item:
-                ready.rpush(f"{self.grid.prefix}:test:ready", item[1])  # another worker's
-        raise TimeoutError(f"worker {self.hostname} not ready in {timeout}s:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
-
-    def kill(self) -> None:
-        """SIGKILL the whole worker (main process and pool children): a dead node."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self, timeout: float = 15) -> None:
-        if not self.proc or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        super().start(self.grid.redis_server.client(), f"{self.grid.prefix}:test:ready", timeout)
+        return self
 
 
 def _delete_amqp_queue(queue: str) -> None:

@@ -18,7 +18,18 @@ from celery import Celery
 
 from girder_celery import Girder, GirderConnectionError, GirderError, GirderTimeout
 from girder_celery.testing import free_port
-from tests.core_support import drain_ids, open_gate, received, record, runs, store_keys, tag, wait_state, waiters
+from tests.core_support import (
+    concurrent_failures,
+    drain_ids,
+    open_gate,
+    received,
+    record,
+    runs,
+    store_keys,
+    tag,
+    wait_state,
+    waiters,
+)
 from tests.harness import wait_until
 
 
@@ -113,13 +124,8 @@ def test_api_misuse_is_refused_before_the_store_is_touched():
 
 def test_a_result_that_is_not_json_fails_the_request_for_every_waiter(live):
     m = live.app_module
-    t, n = tag(), 3
-    key = m.gated.key(t, "set")
-    with ThreadPoolExecutor(n) as pool:
-        futures = [pool.submit(m.girder.request, m.gated.s(t, "set"), 15) for _ in range(n)]
-        wait_until(lambda: len(waiters(live, key)) == n, 10, f"{n} waiters registered")
-        open_gate(live, t)
-        errors = [f.exception(timeout=15) for f in futures]
+    t = tag()
+    key, errors = concurrent_failures(live, t, "set")
     for err in errors:
         assert isinstance(err, GirderError) and not isinstance(err, GirderTimeout), err
         assert err.key == key and err.request == f"grid.gated({t!r}, 'set')"

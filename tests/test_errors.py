@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from girder_celery import GirderError, GirderTimeout
-from tests.core_support import open_gate, record, runs, tag, wait_state, waiters
+from tests.core_support import concurrent_failures, open_gate, record, runs, tag, wait_state, waiters
 from tests.harness import wait_until
 
 
@@ -146,13 +145,8 @@ def test_a_timeout_names_the_key_and_the_running_state(live):
 
 def test_an_uncached_failure_reaches_every_waiter_then_runs_again(live):
     m = live.app_module
-    t, n = tag(), 3
-    key = m.gated.key(t, "raise")
-    with ThreadPoolExecutor(n) as pool:
-        futures = [pool.submit(m.girder.request, m.gated.s(t, "raise"), 15) for _ in range(n)]
-        wait_until(lambda: len(waiters(live, key)) == n, 10, f"{n} waiters registered")
-        open_gate(live, t)
-        errors = [f.exception(timeout=15) for f in futures]
+    t = tag()
+    key, errors = concurrent_failures(live, t, "raise")
     assert all(isinstance(e, GirderError) and not isinstance(e, GirderTimeout) for e in errors), errors
     assert {(e.key, e.exc_type, e.message) for e in errors} == {(key, "ValueError", f"gate {t} failed")}
     assert runs(live, "grid.gated", key) == 1

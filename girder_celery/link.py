@@ -1,0 +1,164 @@
+"""A thread's own link to the state store, for the transitions on the hot path (invariant 4).
+
+The submit of a sub-request, the claim of an offer and the completion of a request run once per
+request, so they go through a connection each thread (or greenlet) holds, called by SHA with
+little of redis-py's per-command machinery. A completion's reply is not awaited: the script
+runs as soon as Redis reads it, which is when waiters are told, and the executor has nothing to
+learn from the reply, so it is read with the thread's next call. A request that runs inline
+thus costs one round trip (its submit, carrying the previous completion's reply) instead of two.
+
+Anything unusual falls back to the client's own path, which reconnects, retries and reloads
+scripts: a connection error, a script Redis forgot (``NOSCRIPT``), or an unread reply that
+turns out to be an error (the call is made again: completing a settled request is a no-op). A
+thread gives its connection back to the client's pool before it blocks, hops or ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+from .errors import STORE_UNREACHABLE
+
+__all__ = ["Link"]
+
+logger = logging.getLogger(__name__)
+
+_FALL_BACK = (*STORE_UNREACHABLE, redis.exceptions.NoScriptError, OSError)
+
+
+class _Held:
+    """One thread's connection and the calls whose replies it has not read yet."""
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self.pool = pool
+        self.pid = os.getpid()
+        self.unread: list[tuple[Script, tuple, tuple]] = []
+        self.connection = None
+        self.connection = pool.get_connection()
+
+    def give_back(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is None or self.pid != os.getpid():
+            return  # never connected, or a forked child's copy: the parent owns the socket
+        if self.unread:
+            connection.disconnect()  # never hand on a connection with replies in flight
+        with contextlib.suppress(Exception):  # the pool may be gone with the interpreter
+            self.pool.release(connection)
+
+    def __del__(self) -> None:  # a thread that ended without idling first
+        self.give_back()
+
+
+class Link:
+    """Script calls over a connection held per thread, with replies that can wait."""
+
+    def __init__(self, client: redis.Redis, scripts: list[Script]) -> None:
+        self.client = client
+        self.scripts = scripts
+        self._local = threading.local()
+        # Whether Redis is known to hold the scripts: a reply that is not read at once must not
+        # be NOSCRIPT, so they are loaded before the first such call (and after Redis forgot).
+        self._loaded = False
+
+    def call(self, script: Script, keys: tuple, args: tuple) -> Any:
+        """Run ``script`` and return its reply (after reading any replies left unread)."""
+        return self.call_many(script, [(keys, args)])[0]
+
+    def call_many(self, script: Script, calls: list[tuple[tuple, tuple]]) -> list[Any]:
+        """Run ``script`` once per ``(keys, args)``, sent together: one round trip in all."""
+        held = self._held()
+        try:
+            packed = [chunk for keys, args in calls for chunk in self._pack(held, script, keys, args)]
+            held.connection.send_packed_command(packed, check_health=False)
+            self._read_unread(held)
+            replies = [self._read_one(held) for _ in calls]
+        except _FALL_BACK:
+            self._reset(held)
+            return [script(keys, args, client=self.client) for keys, args in calls]
+        for reply in replies:
+            if isinstance(reply, redis.exceptions.ResponseError):
+                raise reply  # a script's error, raised once every reply has been read
+        return replies
+
+    def _read_one(self, held: _Held) -> Any:
+        try:
+            return held.connection.read_response()
+        except redis.exceptions.NoScriptError:
+            self._loaded = False  # Redis forgot its scripts: reload before the next send
+            raise  # and every call of this batch failed alike
+        except redis.exceptions.ResponseError as exc:
+            return exc
+
+    def send(self, script: Script, keys: tuple, args: tuple) -> None:
+        """Run ``script`` without waiting for its reply; the thread's next call reads it."""
+        if not self._loaded:
+            for known in self.scripts:
+                self.client.script_load(known.script)
+            self._loaded = True
+        held = self._held()
+        try:
+            held.connection.send_packed_command(self._pack(held, script, keys, args), check_health=False)
+        except _FALL_BACK:
+            self._reset(held)
+            script(keys, args, client=self.client)
+        else:
+            held.unread.append((script, keys, args))
+
+    def idle(self) -> None:
+        """This thread is about to block, hop or end: read the replies it left unread and give
+        its connection back to the pool, so only threads at work hold one (a 2,000-deep chain
+        of inline runs hops through hundreds of threads that each wait for the next)."""
+        held = getattr(self._local, "held", None)
+        if held is None:
+            return
+        self._local.held = None
+        try:
+            try:
+                self._read_unread(held)
+            except _FALL_BACK:
+                self._reset(held)
+        except STORE_UNREACHABLE:
+            # Not raised at a thread's pause: a completion that never ran leaves its request
+            # to its lease, which expires, and to its waiters, who offer it again.
+            logger.warning("girder: could not confirm a completion; the state store is unreachable", exc_info=True)
+        finally:
+            held.give_back()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _held(self) -> _Held:
+        held = getattr(self._local, "held", None)
+        if held is None or held.pid != os.getpid():
+            held = self._local.held = _Held(self.client.connection_pool)
+        return held
+
+    @staticmethod
+    def _pack(held: _Held, script: Script, keys: tuple, args: tuple) -> Any:
+        return held.connection.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def _read_unread(self, held: _Held) -> None:
+        while held.unread:
+            script, keys, args = held.unread[0]
+            try:
+                held.connection.read_response()
+            except redis.exceptions.ResponseError as exc:
+                # The call failed as a whole (NOSCRIPT after a restart, say): the client's
+                # path runs it again, loading the script if need be.
+                logger.debug("girder: an unread reply was an error (%s); calling again", exc)
+                self._loaded = False
+                script(keys, args, client=self.client)
+            held.unread.pop(0)
+
+    def _reset(self, held: _Held) -> None:
+        """Drop a broken connection; whatever it had not confirmed is called again."""
+        unread, held.unread = held.unread, []
+        held.connection.disconnect()
+        for script, keys, args in unread:
+            script(keys, args, client=self.client)

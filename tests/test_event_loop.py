@@ -1,0 +1,66 @@
+"""Kombu's event loop (the hub) runs a callback queued by another queued callback at once.
+
+Celery queues a message's ack on the hub; a solo worker running messages from a queued read
+queues acks that way, and the hub then polled for up to 10 s before sending them (on RabbitMQ,
+with the prefetch window held by the unsent acks, nothing else ended that poll). Girder's worker
+step installs a tick hook that wakes the poll instead. This drives a real kombu ``Hub``.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from kombu.asynchronous import Hub
+
+from girder_celery.worker import wake_hub_for_queued_callbacks
+
+
+def run_until(hub: Hub, done, bound: float) -> None:
+    """Turn the hub's loop until ``done()``, for at most ``bound`` seconds."""
+    loop = hub.create_loop()
+    started = time.monotonic()
+    while not done() and time.monotonic() - started < bound:
+        next(loop)
+
+
+def test_a_callback_queued_by_a_queued_callback_runs_without_waiting_out_the_poll():
+    hub = Hub()
+    quiet, _peer = socket.socketpair()
+    hub.add_reader(quiet, lambda: None)  # a reader that never fires: the hub polls
+    hub.call_later(60, lambda: None)  # a far timer: the poll may last its longest, 10 s
+    assert wake_hub_for_queued_callbacks(hub)
+    queued, ran = [], []
+    hub.call_soon(lambda: queued.append(time.monotonic()) or hub.call_soon(lambda: ran.append(time.monotonic())))
+    try:
+        run_until(hub, lambda: ran, bound=15)
+        assert queued and ran, "the callbacks never ran"
+        waited = ran[0] - queued[0]
+        assert waited < 0.5, f"the queued callback waited {waited:.1f} s for the poll"
+    finally:
+        hub.close()
+        quiet.close()
+        _peer.close()
+
+
+def test_an_idle_hub_still_sleeps_in_its_poll():
+    """The hook wakes the loop only while callbacks are queued: an idle worker does not spin."""
+    hub = Hub()
+    quiet, _peer = socket.socketpair()
+    hub.add_reader(quiet, lambda: None)
+    assert wake_hub_for_queued_callbacks(hub)
+    turns = []
+    hub.call_later(0.5, turns.append, "timer")
+    try:
+        loop = hub.create_loop()
+        started = time.monotonic()
+        iterations = 0
+        while not turns and time.monotonic() - started < 5:
+            next(loop)
+            iterations += 1
+        assert turns == ["timer"], "the timer never fired"
+        assert iterations < 10, f"the idle loop turned {iterations} times in half a second"
+    finally:
+        hub.close()
+        quiet.close()
+        _peer.close()

@@ -1,0 +1,129 @@
+"""The hot-path link to the state store (``girder_celery/link.py``), on the private redis-server:
+a completion wakes its waiters before its reply is read, unread replies never answer the wrong
+call, and a forgotten script, a killed connection or an ended thread loses nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import signal
+import threading
+import uuid
+
+import pytest
+import redis
+
+from girder_celery.store import StateStore
+from girder_celery.testing import RedisServer
+
+
+@pytest.fixture
+def store(redis_server):
+    s = StateStore(redis_server.client(db=3), prefix=f"ln-{uuid.uuid4().hex[:8]}")
+    yield s
+    for name in s.client.scan_iter(f"{s.prefix}:*"):
+        s.client.delete(name)
+
+
+def new_key() -> str:
+    return uuid.uuid4().hex + uuid.uuid4().hex
+
+
+def running(store: StateStore, owner: str = "n1/1/a") -> tuple[str, str]:
+    """A request submitted with a waiter's mailbox and claimed by ``owner``: (key, mailbox)."""
+    key, mailbox = new_key(), store.mailbox_key(uuid.uuid4().hex)
+    store.submit([(key, "[[1],{}]", "t.f", "t.f(1)", "")], mailbox, 3_600_000)
+    assert store.claim(key, owner, "n1", 3_600_000)[0] == "claimed"
+    return key, mailbox
+
+
+def test_a_completion_wakes_its_waiters_before_its_reply_is_read(store):
+    key, mailbox = running(store)
+    store.complete_unawaited(key, "n1/1/a", '{"v": 1}', 0)
+    woken = store.client.blpop([mailbox], timeout=5)  # another connection; nothing read on ours
+    assert woken is not None, "the waiter was not woken"
+    assert woken[1].startswith(f"done:{key}:")
+    assert store.record(key)["state"] == "done"
+
+
+def test_the_next_call_reads_the_unread_replies_and_gets_its_own(store):
+    first, _ = running(store)
+    second, _ = running(store)
+    store.complete_unawaited(first, "n1/1/a", "1", 0)
+    store.complete_unawaited(second, "n1/1/a", "2", 0)
+    verdict, data, _ = store.claim(new_key(), "n1/1/b", "n1", 1000)
+    assert (verdict, data) == ("absent", "")
+    assert [store.record(k)["state"] for k in (first, second)] == ["done", "done"]
+
+
+def test_a_script_redis_forgot_is_loaded_again_even_for_an_unread_completion(store):
+    key, _ = running(store)
+    store.client.script_flush()
+    store.complete_unawaited(key, "n1/1/a", '"late"', 0)  # NOSCRIPT, read below
+    other = new_key()
+    (outcome,) = store.submit([(other, "[[2],{}]", "t.f", "t.f(2)", "")], "", 3_600_000)
+    assert outcome.verdict == "offer"
+    assert store.record(key)["state"] == "done"
+    assert json.loads(store.record(key)["value"]) == "late"
+
+
+def test_a_killed_connection_falls_back_and_sends_its_unconfirmed_completion_again(store):
+    key, mailbox = running(store)
+    store.claim(new_key(), "n1/1/a", "n1", 1000)  # this thread now holds its connection
+    host, port = store.link._local.held.connection._sock.getsockname()[:2]
+    store.client.execute_command("CLIENT", "KILL", "ADDR", f"{host}:{port}")
+    store.complete_unawaited(key, "n1/1/a", "3", 0)
+    assert store.claim(new_key(), "n1/1/a", "n1", 1000)[0] == "absent"
+    assert store.record(key)["state"] == "done"
+    assert store.client.blpop([mailbox], timeout=5) is not None
+
+
+def test_threads_give_their_connection_back_when_they_end(store):
+    before = _connections(store)
+
+    def one_call() -> None:
+        store.claim(new_key(), "n1/1/a", "n1", 1000)
+
+    for _ in range(20):
+        thread = threading.Thread(target=one_call)
+        thread.start()
+        thread.join(10)
+        gc.collect()
+    assert _connections(store) - before <= 2, "each thread kept a connection of its own"
+
+
+def _connections(store: StateStore) -> int:
+    return sum(1 for c in store.client.client_list() if c.get("db") == "3")
+
+
+def test_a_batch_is_one_send_and_a_script_error_leaves_the_connection_in_step(store):
+    keys = [new_key() for _ in range(5)]
+    outcomes = store.submit([(k, "[[1],{}]", "t.f", "t.f(1)", "") for k in keys], "", 3_600_000)
+    assert [o.verdict for o in outcomes] == ["offer"] * 5
+    renew = store._scripts["renew"]
+    with pytest.raises(redis.exceptions.ResponseError):  # a lease of "x" ms: the script errors
+        store.link.call_many(renew, [((store.record_key(k), store.edges_key(k)), ("x", "o", 1)) for k in keys[:3]])
+    # Every reply of the failed batch was read: the next call gets its own.
+    assert store.claim(keys[0], "n1/1/a", "n1", 1000)[0] == "claimed"
+
+
+def test_pausing_with_the_store_gone_logs_and_gives_the_connection_back(caplog):
+    """A thread pausing after its completion could not be confirmed does not raise: its
+    request is left to its lease and its waiters (the store is the one that went away)."""
+    server = RedisServer().start()
+    try:
+        store = StateStore(server.client(), prefix="gone")
+        confirmed, _ = running(store)
+        store.complete_unawaited(confirmed, "n1/1/a", "1", 0)  # loads the scripts, as a worker's first completion does
+        store.idle()
+        key, _ = running(store)
+        # Frozen first, so no reply to the completion can reach our socket before it dies.
+        server.proc.send_signal(signal.SIGSTOP)
+        store.complete_unawaited(key, "n1/1/a", "1", 0)
+        server.stop()
+        store.idle()
+        assert "could not confirm a completion" in caplog.text
+        assert getattr(store.link._local, "held", None) is None
+    finally:
+        server.close()
