@@ -80,7 +80,7 @@ class Girder:
             socket_connect_timeout=s.connect_timeout,
             socket_timeout=30.0,
         )
-        return StateStore(client, s.key_prefix)
+        return StateStore(client, s.key_prefix, s.busy_poll)
 
     @cached_property
     def executor(self) -> Executor:
@@ -280,12 +280,19 @@ class Girder:
             return request.pool
         if self.settings.pool:
             return self.settings.pool
-        task, conf = request.task, self.app.conf
-        if not conf.task_routes:
-            return getattr(task, "queue", None) or conf.task_default_queue
+        task = request.task
+        if self._default_queue is not None:
+            return getattr(task, "queue", None) or self._default_queue
         options = {k: v for k, v in task._get_exec_options().items() if v is not None}
         route = self.app.amqp.router.route(options, task.name, request.args, request.kwargs, task)
         return route["queue"].name
+
+    @cached_property
+    def _default_queue(self) -> str | None:
+        """Celery's default queue where no ``task_routes`` are set (then only a task's own
+        ``queue`` routes it), else None. Read once, as Celery's router reads its routes."""
+        conf = self.app.conf
+        return None if conf.task_routes else conf.task_default_queue
 
     def publish_offer(self, name: str, key: str, args: tuple | list, kwargs: dict, queue: str) -> None:
         """Send an offer of request ``key`` of task ``name`` to ``queue``: an original or a copy.

@@ -26,7 +26,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["bind_arguments", "decode_payload", "encode_payload", "readable", "readable_args", "request_key"]
+__all__ = [
+    "bind_arguments", "binder", "decode_payload", "encode_payload", "readable", "readable_args", "request_key",
+]  # fmt: skip
 
 #: Marker of a tagged value; a user dict holding this key is itself encoded tagged.
 TAG = "__girder__"
@@ -116,6 +118,27 @@ def bind_arguments(signature: inspect.Signature | None, args: tuple | list, kwar
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     return bound.args, bound.kwargs
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def binder(signature: inspect.Signature | None) -> Callable[[tuple | list, dict], tuple[tuple, dict]]:
+    """:func:`bind_arguments` for one signature, made once per task: a call passing only
+    positional arguments to a function with only positional parameters (the common case, and
+    every cache hit pays for binding) skips ``Signature.bind`` and gets the same result."""
+    params = list(signature.parameters.values()) if signature is not None else []
+    if signature is None or any(p.kind not in _POSITIONAL for p in params):
+        return lambda args, kwargs: bind_arguments(signature, args, kwargs)
+    defaults = tuple(p.default for p in params)
+    required = max((i + 1 for i, p in enumerate(params) if p.default is inspect.Parameter.empty), default=0)
+
+    def bind(args: tuple | list, kwargs: dict) -> tuple[tuple, dict]:
+        if kwargs or not required <= len(args) <= len(params):
+            return bind_arguments(signature, args, kwargs)
+        return tuple(args) + defaults[len(args) :], {}
+
+    return bind
 
 
 def encode_payload(args: tuple | list, kwargs: dict) -> str:

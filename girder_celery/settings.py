@@ -43,6 +43,10 @@ class Settings:
     #: (Celery's ``worker_disable_prefetch``, prefetch multiplier 1; not under gevent/eventlet).
     #: False leaves Celery's prefetch settings as the app has them.
     volunteer: bool = True
+    #: Seconds a thread spins on the state store's socket for a reply before it sleeps; on VMs a
+    #: sleeping thread's wake-up can cost more than the round trip. 0 turns it off; never done
+    #: under gevent/eventlet.
+    busy_poll: float = 0.0002
 
     @classmethod
     def from_conf(cls, conf: Any, url: str | None = None) -> Settings:
@@ -70,8 +74,10 @@ class Settings:
         for name in ("request_timeout", "result_ttl"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
-        if isinstance(self.hoist_after, bool) or not isinstance(self.hoist_after, (int, float)) or self.hoist_after < 0:
-            raise ValueError(f"girder_hoist_after must be a number of seconds >= 0, not {self.hoist_after!r}")
+        for name in ("hoist_after", "busy_poll"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"girder_{name} must be a number of seconds >= 0, not {value!r}")
         _validate_pools(self.pools)
         if not isinstance(self.volunteer, bool):
             raise ValueError(f"girder_volunteer must be True or False, not {self.volunteer!r}")

@@ -62,11 +62,11 @@ class StateStore:
 
     SCRIPTS = ("submit", "claim", "renew", "complete", "fail", "forget", "hoist", "unoffer", "release")
 
-    def __init__(self, client: redis.Redis, prefix: str = "girder") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "girder", busy_poll: float = 0.0) -> None:
         self.client = client
         self.prefix = prefix
         self._scripts = {name: client.register_script(_load(name)) for name in self.SCRIPTS}
-        self.link = Link(client, list(self._scripts.values()))
+        self.link = Link(client, list(self._scripts.values()), busy_poll)
 
     def record_key(self, key: str) -> str:
         return f"{self.prefix}:req:{key}"

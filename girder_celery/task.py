@@ -9,6 +9,7 @@ request sends no message and an identical one in flight is joined rather than re
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -56,11 +57,12 @@ class GirderTask(celery.Task):
     serializer = "json"
 
     @cached_property
-    def _signature(self) -> inspect.Signature | None:
+    def _bind(self) -> Callable[[tuple | list, dict], tuple[tuple, dict]]:
         try:
-            return inspect.signature(self.run)
+            signature = inspect.signature(self.run)
         except (TypeError, ValueError):
-            return None
+            signature = None
+        return keys.binder(signature)
 
     def prepare(self, args: tuple | list = (), kwargs: dict | None = None, pool: str | None = None) -> Request:
         """Bind, validate and encode a call; ``TypeError`` before anything is sent."""
@@ -69,7 +71,7 @@ class GirderTask(celery.Task):
         if kwargs is not None and not isinstance(kwargs, dict):
             raise TypeError(f"{self.name}: kwargs must be a dict, not {type(kwargs).__name__}")
         try:
-            bargs, bkwargs = keys.bind_arguments(self._signature, args, kwargs or {})
+            bargs, bkwargs = self._bind(args, kwargs or {})
         except TypeError as exc:
             raise TypeError(f"{self.name}(): {exc}") from None
         payload = keys.encode_payload(bargs, bkwargs)

@@ -23,7 +23,7 @@ import pytest
 from celery import Celery
 
 from girder_celery import Girder, request_key
-from girder_celery.keys import decode_payload, encode_payload
+from girder_celery.keys import bind_arguments, binder, decode_payload, encode_payload
 from tests.harness import ROOT
 
 
@@ -100,6 +100,27 @@ def test_a_call_that_does_not_fit_the_signature_raises_type_error(tasks):
         tasks["add"].key(z=1)
     with pytest.raises(TypeError):
         request_key("f", (1, 2, 3), signature=SIG)
+
+
+def _positional_only(a, b, /, c=3):
+    return a
+
+
+@pytest.mark.parametrize("fn", [f, _positional_only, lambda: 0, lambda *a, k=1: 0])
+def test_the_binder_of_a_signature_binds_as_signature_bind_does(fn):
+    """A task's binder (with its fast path for positional calls) agrees with Signature.bind
+    on every call, and raises the same TypeError where the call does not fit."""
+    sig = inspect.signature(fn)
+    bind = binder(sig)
+    calls = [((), {}), ((1,), {}), ((1, 2), {}), ((1, 2, 3), {}), ((1, 2, 3, 4), {}), ([1, 2], {}), ((1,), {"y": 2})]
+    for args, kwargs in calls:
+        try:
+            want = bind_arguments(sig, args, kwargs)
+        except TypeError as exc:
+            with pytest.raises(TypeError, match=re.escape(str(exc))):
+                bind(args, kwargs)
+        else:
+            assert bind(args, kwargs) == want, (args, kwargs)
 
 
 def test_dict_order_never_matters():

@@ -8,7 +8,10 @@ from __future__ import annotations
 import gc
 import json
 import signal
+import subprocess
+import sys
 import threading
+import time
 import uuid
 
 import pytest
@@ -127,3 +130,35 @@ def test_pausing_with_the_store_gone_logs_and_gives_the_connection_back(caplog):
         assert getattr(store.link._local, "held", None) is None
     finally:
         server.close()
+
+
+def test_a_call_spins_at_most_its_busy_poll_then_sleeps_until_the_reply():
+    """A reply slower than ``busy_poll`` is still read, and the wait past the spin is asleep."""
+    server = RedisServer().start()
+    try:
+        store = StateStore(server.client(), prefix="spin", busy_poll=0.02)
+        key, _ = running(store)
+        server.proc.send_signal(signal.SIGSTOP)
+        thaw = threading.Timer(0.5, server.proc.send_signal, (signal.SIGCONT,))
+        thaw.start()
+        wall, cpu = time.perf_counter(), time.thread_time()
+        assert store.claim(key, "n2/1/a", "n2", 1000)[0] == "running"  # n1 holds it
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        thaw.join()
+        assert wall >= 0.4, "the reply came before the server was thawed"
+        assert cpu < 0.25, f"the caller spun {cpu:.3f} s of a {wall:.3f} s wait"
+    finally:
+        server.close()
+
+
+def test_green_sockets_turn_busy_polling_off():
+    code = (
+        "from gevent import monkey; monkey.patch_all()\n"
+        "import redis\n"
+        "from girder_celery.store import StateStore\n"
+        "print(StateStore(redis.Redis(), busy_poll=0.001).link.busy_poll)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "0.0"
+    plain = StateStore(redis.Redis(), busy_poll=0.001)
+    assert plain.link.busy_poll == 0.001
