@@ -120,7 +120,7 @@ class Executor:
             self.leases.release(key)
             inline.leave(token)
             if claim is None:  # the request a message brought is done
-                self.girder.pause()
+                self.girder.between_messages()
 
     def _run(self, task, key, owner, args, kwargs, claim, skip_mailbox) -> tuple[Outcome, Any]:
         outcome = None

@@ -91,11 +91,24 @@ class Girder:
         return Mirror()
 
     def pause(self) -> None:
-        """This thread is about to block, hop or end: write its mirror buffer, then read the
-        replies it left unread (they arrive during the mirror's round trip) and give its
-        connection to the state store back."""
+        """This thread is about to hop or end: send its mirror copies, read every reply it left
+        unread and give its connections back to their pools."""
         self.mirror.flush()
         self.store.idle()
+        self.mirror.idle()
+
+    def unload(self) -> None:
+        """This thread is about to block: its mirror copies go out now, unawaited. The replies
+        it has not read wait for its next call; it keeps its connections meanwhile."""
+        self.mirror.flush()
+
+    def between_messages(self) -> None:
+        """A message's request is done: unload, as before a block (the thread takes the next
+        message); a greenlet ends with its message, so it pauses instead."""
+        if self.store.link.green:
+            self.pause()
+        else:
+            self.unload()
 
     #: Whether this worker sends task events (``-E``); set by the worker bootstep.
     worker_events: bool = False

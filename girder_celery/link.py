@@ -1,4 +1,4 @@
-"""A thread's own link to the state store, for the transitions on the hot path (invariant 4).
+"""A thread's own link to a Redis server, for the calls on the hot path (invariant 4).
 
 The submit of a sub-request, the claim of an offer and the completion of a request run once per
 request, so they go through a connection each thread (or greenlet) holds, called by SHA with
@@ -6,11 +6,16 @@ little of redis-py's per-command machinery. A completion's reply is not awaited:
 runs as soon as Redis reads it, which is when waiters are told, and the executor has nothing to
 learn from the reply, so it is read with the thread's next call. A request that runs inline
 thus costs one round trip (its submit, carrying the previous completion's reply) instead of two.
+The copies ``mirror.py`` writes to a Redis result backend go the same way, over a link of their
+own: sent at once, their replies read by the thread's next write or pause.
 
 Anything unusual falls back to the client's own path, which reconnects, retries and reloads
 scripts: a connection error, a script Redis forgot (``NOSCRIPT``), or an unread reply that
 turns out to be an error (the call is made again: completing a settled request is a no-op). A
-thread gives its connection back to the client's pool before it blocks, hops or ends.
+thread gives its connection back to the client's pool before it hops or ends; one that blocks
+or takes its next message keeps it, and its unread replies, until its next call. (Should an
+operator flush Redis's scripts meanwhile, that call makes the completion again; a thread that
+never calls again leaves its request to its lease, which expires, and the request is rerun.)
 
 A thread awaiting a reply spins on the socket for up to ``girder_busy_poll`` seconds before it
 sleeps in ``recv``: on virtual machines, waking a sleeping thread when the reply lands can cost
@@ -21,12 +26,14 @@ where sockets are green (gevent, eventlet): there a spin would hold up every oth
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -47,12 +54,13 @@ _FALL_BACK = (*STORE_UNREACHABLE, redis.exceptions.NoScriptError, OSError)
 
 
 class _Held:
-    """One thread's connection and the calls whose replies it has not read yet."""
+    """One thread's connection and the calls whose replies it has not read yet, each kept as
+    the way to make it again through the client's own path."""
 
     def __init__(self, pool: redis.ConnectionPool) -> None:
         self.pool = pool
         self.pid = os.getpid()
-        self.unread: list[tuple[Script, tuple, tuple]] = []
+        self.unread: list[Callable[[], Any]] = []
         self.connection = None
         self.connection = pool.get_connection()
 
@@ -70,12 +78,28 @@ class _Held:
 
 
 class Link:
-    """Script calls over a connection held per thread, with replies that can wait."""
+    """Calls over a connection held per thread, with replies that can wait.
 
-    def __init__(self, client: redis.Redis, scripts: list[Script], busy_poll: float = 0.0) -> None:
+    Args:
+        client: the Redis client whose connection pool lends the connections.
+        scripts: the scripts sent unawaited, loaded before the first such send.
+        busy_poll: seconds to spin for an awaited reply before sleeping (0: never).
+        unconfirmed: what a reply that cannot be read leaves unconfirmed, for the log.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        scripts: list[Script],
+        busy_poll: float = 0.0,
+        unconfirmed: str = "a completion; the state store is unreachable",
+    ) -> None:
         self.client = client
         self.scripts = scripts
-        self.busy_poll = 0.0 if _green_sockets() else busy_poll
+        #: Whether this process's sockets are green (gevent, eventlet).
+        self.green = _green_sockets()
+        self.busy_poll = 0.0 if self.green else busy_poll
+        self.unconfirmed = unconfirmed
         self._local = threading.local()
         # Whether Redis is known to hold the scripts: a reply that is not read at once must not
         # be NOSCRIPT, so they are loaded before the first such call (and after Redis forgot).
@@ -119,18 +143,36 @@ class Link:
                 self.client.script_load(known.script)
             self._loaded = True
         held = self._held()
+        again = functools.partial(script, keys, args, client=self.client)
         try:
             held.connection.send_packed_command(self._pack(held, script, keys, args), check_health=False)
         except _FALL_BACK:
             self._reset(held)
-            script(keys, args, client=self.client)
+            again()
         else:
-            held.unread.append((script, keys, args))
+            held.unread.append(again)
+
+    def send_commands(self, commands: list[tuple], again: Callable[[tuple], Any]) -> None:
+        """Send ``commands`` together without waiting for their replies, reading first the
+        replies of this thread's earlier sends (long arrived, as a rule), so none pile up.
+        ``again(command)`` makes one through the client's path if its reply is an error or
+        the connection breaks before the reply is read."""
+        held = self._held()
+        try:
+            self._read_unread(held)
+            packed = [chunk for command in commands for chunk in _pack(held, command)]
+            held.connection.send_packed_command(packed, check_health=False)
+        except _FALL_BACK:
+            self._reset(held)
+            for command in commands:
+                again(command)
+        else:
+            held.unread.extend(functools.partial(again, c) for c in commands)
 
     def idle(self) -> None:
-        """This thread is about to block, hop or end: read the replies it left unread and give
-        its connection back to the pool, so only threads at work hold one (a 2,000-deep chain
-        of inline runs hops through hundreds of threads that each wait for the next)."""
+        """This thread is about to hop or end: read the replies it left unread and give its
+        connection back to the pool, so only threads at work hold one (a 2,000-deep chain of
+        inline runs hops through hundreds of threads that each wait for the next)."""
         held = getattr(self._local, "held", None)
         if held is None:
             return
@@ -143,7 +185,7 @@ class Link:
         except STORE_UNREACHABLE:
             # Not raised at a thread's pause: a completion that never ran leaves its request
             # to its lease, which expires, and to its waiters, who offer it again.
-            logger.warning("girder: could not confirm a completion; the state store is unreachable", exc_info=True)
+            logger.warning("girder: could not confirm %s", self.unconfirmed, exc_info=True)
         finally:
             held.give_back()
 
@@ -157,13 +199,11 @@ class Link:
 
     @staticmethod
     def _pack(held: _Held, script: Script, keys: tuple, args: tuple) -> Any:
-        if _hiredis_pack is not None:  # what redis-py's packer calls, minus its per-argument checks
-            return [_hiredis_pack(("EVALSHA", script.sha, len(keys), *keys, *args))]
-        return held.connection.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return _pack(held, ("EVALSHA", script.sha, len(keys), *keys, *args))
 
     def _read_unread(self, held: _Held) -> None:
         while held.unread:
-            script, keys, args = held.unread[0]
+            again = held.unread[0]
             try:
                 held.connection.read_response()
             except redis.exceptions.ResponseError as exc:
@@ -171,15 +211,21 @@ class Link:
                 # path runs it again, loading the script if need be.
                 logger.debug("girder: an unread reply was an error (%s); calling again", exc)
                 self._loaded = False
-                script(keys, args, client=self.client)
+                again()
             held.unread.pop(0)
 
     def _reset(self, held: _Held) -> None:
         """Drop a broken connection; whatever it had not confirmed is called again."""
         unread, held.unread = held.unread, []
         held.connection.disconnect()
-        for script, keys, args in unread:
-            script(keys, args, client=self.client)
+        for again in unread:
+            again()
+
+
+def _pack(held: _Held, command: tuple) -> list:
+    if _hiredis_pack is not None:  # what redis-py's packer calls, minus its per-argument checks
+        return [_hiredis_pack(command)]
+    return held.connection.pack_command(*command)
 
 
 def _await_readable(connection: Any, seconds: float) -> None:

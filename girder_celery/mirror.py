@@ -2,10 +2,12 @@
 
 The state store is the truth (invariant 1) and every waiter hears from it; the copy in Celery's
 result backend is for ``AsyncResult(key).get()``, Flower and other Celery tools. An inline run
-buffers its copy in its own thread (or greenlet), and the buffer is written in one pipelined
-round trip when the executor is about to block, when the request it serves finishes, or when it
-holds ``BATCH`` copies or has held one for ``MAX_AGE`` seconds. A background writer would be
-simpler but, holding the GIL while it encodes, delays the executor's every socket read.
+buffers its copy in its own thread (or greenlet), and the buffer is sent in one write when the
+executor is about to block, hop or take its next message, or when it holds ``BATCH`` copies or
+has held one for ``MAX_AGE`` seconds. A Redis backend's replies are not awaited: they are read
+by the thread's next write or pause (``link.py``), so the executor does not wait on the result
+backend between requests. A background writer would be simpler but, holding the GIL while it
+encodes, delays the executor's every socket read.
 
 A Redis result backend storing plain JSON gets Celery's document built around the value's JSON,
 which girder already has; any other backend gets ``mark_as_done`` per result. A copy lost in a
@@ -20,6 +22,8 @@ import time
 from typing import Any
 
 from celery import states
+
+from .link import Link
 
 __all__ = ["Mirror"]
 
@@ -36,6 +40,7 @@ class Mirror:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        self._links: dict[int, Link] = {}  # one per Redis result backend client
 
     def _buffer(self) -> list:
         buffer = getattr(self._local, "buffer", None)
@@ -52,47 +57,78 @@ class Mirror:
             self.flush()
 
     def flush(self) -> None:
-        """Write this thread's buffered copies now; a failure is logged, never raised."""
+        """Send this thread's buffered copies now; a failure is logged, never raised."""
         buffer = getattr(self._local, "buffer", None)
         if not buffer:
             return
         batch = buffer[:]
         buffer.clear()
         try:
-            _write(batch)
+            self._write(batch)
         except Exception:
             logger.warning("girder: could not mirror %d result(s) to the result backend", len(batch), exc_info=True)
 
+    def idle(self) -> None:
+        """This thread is about to hop or end: read its replies and give its connections back."""
+        for link in list(self._links.values()):
+            link.idle()
 
-def _write(batch: list[tuple[Any, str, Any, str, Any]]) -> None:
-    from celery.backends.redis import RedisBackend
+    def _write(self, batch: list[tuple[Any, str, Any, str, Any]]) -> None:
+        from celery.backends.redis import RedisBackend
 
-    by_backend: dict[int, list] = {}
-    for item in batch:
-        by_backend.setdefault(id(item[0].backend), []).append(item)
-    for items in by_backend.values():
-        backend = items[0][0].backend
-        if not isinstance(backend, RedisBackend):
-            for _, key, value, _, request in items:
-                backend.mark_as_done(key, value, request=request)
-            continue
-        plain_json = backend.serializer == "json" and not backend.compression
-        plain_json = plain_json and not backend.app.conf.find_value_for_key("extended", "result")
-        with backend.client.pipeline(transaction=False) as pipe:
-            for _, key, value, value_json, request in items:
-                if plain_json:
-                    payload = _success_document(backend, key, value_json, request)
-                else:
-                    meta = backend._get_result_meta(value, states.SUCCESS, None, request)
-                    meta["task_id"] = key
-                    payload = backend.encode(meta)
-                name = backend.get_key_for_task(key)
-                if backend.expires:
-                    pipe.setex(name, backend.expires, payload)
-                else:
-                    pipe.set(name, payload)
-                pipe.publish(name, payload)
-            pipe.execute()
+        by_backend: dict[int, list] = {}
+        for item in batch:
+            by_backend.setdefault(id(item[0].backend), []).append(item)
+        for items in by_backend.values():
+            backend = items[0][0].backend
+            if isinstance(backend, RedisBackend):
+                self._link(backend).send_commands(_redis_commands(backend, items), _Again(backend))
+            else:
+                for _, key, value, _, request in items:
+                    backend.mark_as_done(key, value, request=request)
+
+    def _link(self, backend: Any) -> Link:
+        client = backend.client
+        link = self._links.get(id(client))
+        if link is None:
+            unconfirmed = "mirrored results; the result backend is unreachable"
+            link = self._links.setdefault(id(client), Link(client, [], unconfirmed=unconfirmed))
+        return link
+
+
+class _Again:
+    """Writes one copy again through the backend client's own path; logs, never raises."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    def __call__(self, command: tuple) -> None:
+        try:
+            self.backend.client.execute_command(*command)
+        except Exception:
+            logger.warning("girder: could not mirror a result to the result backend (%s)", command[0], exc_info=True)
+
+
+def _redis_commands(backend: Any, items: list[tuple[Any, str, Any, str, Any]]) -> list[tuple]:
+    """What Celery's Redis backend writes for each successful result: the document, then its
+    publication to anyone subscribed for it."""
+    plain_json = backend.serializer == "json" and not backend.compression
+    plain_json = plain_json and not backend.app.conf.find_value_for_key("extended", "result")
+    commands: list[tuple] = []
+    for _, key, value, value_json, request in items:
+        if plain_json:
+            payload = _success_document(backend, key, value_json, request)
+        else:
+            meta = backend._get_result_meta(value, states.SUCCESS, None, request)
+            meta["task_id"] = key
+            payload = backend.encode(meta)
+        name = backend.get_key_for_task(key)
+        if backend.expires:
+            commands.append(("SET", name, payload, "EX", int(backend.expires)))
+        else:
+            commands.append(("SET", name, payload))
+        commands.append(("PUBLISH", name, payload))
+    return commands
 
 
 def _success_document(backend: Any, key: str, value_json: str, request: Any) -> str:

@@ -149,7 +149,7 @@ class StateStore:
         return self._scripts["complete"], keys, args
 
     def idle(self) -> None:
-        """This thread is about to block, hop or end (see ``link.py``)."""
+        """This thread is about to hop or end (see ``link.py``)."""
         self.link.idle()
 
     def fail(

@@ -106,7 +106,7 @@ class Wait:
                 next_check = time.monotonic()  # re-submit as soon as Redis is back
 
     def _pop(self, block: float) -> None:
-        self.girder.pause()  # nothing unread or buffered waits on this executor's block
+        self.girder.unload()  # no copy buffered here waits on this executor's block
         item = self.girder.store.client.blpop([self.mailbox], timeout=max(block, 0.01))
         if item is not None:
             verdict, key, data = item[1].split(":", 2)

@@ -13,10 +13,14 @@ import sys
 import threading
 import time
 import uuid
+from unittest.mock import ANY
 
 import pytest
 import redis
+from celery import Celery
 
+from girder_celery import Girder
+from girder_celery.link import Link
 from girder_celery.store import StateStore
 from girder_celery.testing import RedisServer
 
@@ -162,3 +166,42 @@ def test_green_sockets_turn_busy_polling_off():
     assert out.stdout.strip() == "0.0"
     plain = StateStore(redis.Redis(), busy_poll=0.001)
     assert plain.link.busy_poll == 0.001
+
+
+def test_sent_commands_do_not_pile_up_unread_and_a_failed_one_is_made_again(store):
+    link = Link(store.client, [])
+    made_again: list[tuple] = []
+    name = f"{store.prefix}:counter"
+    store.client.set(name, "not a number")
+    link.send_commands([("INCR", name), ("GET", name)], made_again.append)
+    link.send_commands([("SET", name, "1")], made_again.append)  # reads the two replies first
+    assert made_again == [("INCR", name)], "the error reply was not handed to again()"
+    assert len(link._local.held.unread) == 1, "replies of earlier sends were left unread"
+    link.idle()
+    assert store.client.get(name) == "1"
+    assert getattr(link._local, "held", None) is None
+
+
+def test_a_mirrored_copy_is_sent_without_awaiting_the_backend(redis_server):
+    """The mirror's write goes out at flush (a subscriber hears its publication) though no
+    reply has been read; the next pause reads it and gives the connection back."""
+    app = Celery("mirror-test", broker="memory://", backend=redis_server.url(4), set_as_current=False)
+    girder = Girder(app, url=redis_server.url(3))
+
+    @girder.task(name="mirror_test.inc")
+    def inc(x):
+        return x + 1
+
+    key = uuid.uuid4().hex
+    listener = redis_server.client(4).pubsub()
+    listener.subscribe(app.backend.get_key_for_task(key))
+    assert listener.get_message(timeout=5)["type"] == "subscribe"
+    girder.mirror.put(inc, key, 2, "2", None)
+    girder.unload()
+    message = listener.get_message(timeout=5)
+    assert message is not None and json.loads(message["data"])["result"] == 2
+    assert [link._local.held.unread for link in girder.mirror._links.values()] == [[ANY, ANY]]
+    assert app.AsyncResult(key).get(timeout=5) == 2
+    girder.pause()
+    assert all(getattr(link._local, "held", None) is None for link in girder.mirror._links.values())
+    listener.close()
