@@ -81,11 +81,10 @@ import time
 from importlib import metadata
 from typing import Any
 
-from girder_celery.testing import RedisServer
+from girder_celery.testing import AMQP_URL, RedisServer, amqp_unreachable
 
 from .grid import BROKER_DB, Grid
 from .runner import Plan, format_figures, format_table, run_plan
-from .servers import AMQP_URL, amqp_reachable
 from .suites import SUITES
 
 
@@ -150,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for broker in brokers:
             if broker == "amqp":
                 url = AMQP_URL
-                why = amqp_reachable(url)
+                why = amqp_unreachable(url)
                 if why is not None:
                     print(f"\n[amqp] RabbitMQ unreachable at {_safe(url)} ({why}): skipped")
                     report["runs"].append({"broker": "amqp", "skipped": why})

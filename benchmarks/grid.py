@@ -11,9 +11,9 @@ import uuid
 from pathlib import Path
 from types import ModuleType
 
-from girder_celery.testing import RedisServer
+from girder_celery.testing import RedisServer, delete_amqp_queue
 
-from .servers import Worker, delete_amqp_queue
+from .servers import Worker
 
 #: Databases of the private Redis: the broker (when it is Redis), the result backend, girder.
 BROKER_DB, BACKEND_DB, STORE_DB = 1, 2, 0
@@ -74,4 +74,6 @@ class Grid:
         self.stop_workers()
         self.app_module.app.close()
         if self.broker == "amqp":
-            delete_amqp_queue(self.broker_url, self.queue)
+            why = delete_amqp_queue(self.queue, self.broker_url)
+            if why:
+                print(f"  (could not delete RabbitMQ queue {self.queue}: {why})", file=sys.stderr)

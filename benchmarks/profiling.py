@@ -23,10 +23,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from girder_celery.testing import RedisServer
+from girder_celery.testing import AMQP_URL, RedisServer, amqp_unreachable
 
 from .grid import BROKER_DB, Grid
-from .servers import AMQP_URL, amqp_reachable
 
 
 def _profile(fn: Callable[[], object], n: int) -> tuple[pstats.Stats, float]:
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     redis_server = RedisServer().start()
     try:
         if args.broker == "amqp":
-            why = amqp_reachable(AMQP_URL)
+            why = amqp_unreachable(AMQP_URL)
             if why:
                 print(f"RabbitMQ unreachable: {why}")
                 return 1

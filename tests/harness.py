@@ -7,16 +7,14 @@ Redis or the machine's RabbitMQ (``$GIRDER_TEST_AMQP_URL``), each with queues of
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from girder_celery.testing import CeleryWorker, RedisServer
+from girder_celery.testing import AMQP_URL, CeleryWorker, RedisServer, delete_amqp_queue
 
 ROOT = Path(__file__).resolve().parent.parent
-AMQP_URL = os.environ.get("GIRDER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def wait_until(predicate, timeout: float, what: str, step: float = 0.05):
@@ -29,17 +27,6 @@ def wait_until(predicate, timeout: float, what: str, step: float = 0.05):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(step)
-
-
-def amqp_available(url: str = AMQP_URL) -> bool:
-    from kombu import Connection
-
-    try:
-        with Connection(url, connect_timeout=2) as conn:
-            conn.ensure_connection(max_retries=1)
-        return True
-    except Exception:
-        return False
 
 
 class Grid:
@@ -82,7 +69,7 @@ class Grid:
             worker.stop()
         self.workers.clear()
         if self.broker_kind == "amqp":
-            _delete_amqp_queue(self.queue)
+            delete_amqp_queue(self.queue)
 
 
 class Worker(CeleryWorker):
@@ -100,13 +87,3 @@ class Worker(CeleryWorker):
     def start(self, timeout: float = 60) -> Worker:
         super().start(self.grid.redis_server.client(), f"{self.grid.prefix}:test:ready", timeout)
         return self
-
-
-def _delete_amqp_queue(queue: str) -> None:
-    from kombu import Connection
-
-    try:
-        with Connection(AMQP_URL, connect_timeout=2) as conn:
-            conn.default_channel.queue_delete(queue)
-    except Exception:
-        pass

@@ -478,7 +478,7 @@ def test_an_offer_the_broker_refuses_does_not_strand_the_request(grid):
     made again must run, not wait for a message that was never sent (invariant 1)."""
     from kombu import Connection, Queue
 
-    from tests.harness import AMQP_URL
+    from girder_celery.testing import AMQP_URL
 
     grid.worker("w1", "prefork", 1)
     girder, add = grid.app_module.girder, grid.app_module.add

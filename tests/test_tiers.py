@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from girder_celery.testing import delete_amqp_queue
 from tests.conftest import configure_gridapp
 from tests.harness import Grid
 
@@ -28,9 +29,7 @@ def tiers(redis_server, broker):
     g.stop()
     for queue in (a, b, r):
         if broker == "amqp":
-            from tests.harness import _delete_amqp_queue
-
-            _delete_amqp_queue(queue)
+            delete_amqp_queue(queue)
     g.app_module.app.close()
 
 
