@@ -40,7 +40,6 @@ class Mirror:
 
     def __init__(self) -> None:
         self._local = threading.local()
-        self._links: dict[int, Link] = {}  # one per Redis result backend client
 
     def _buffer(self) -> list:
         buffer = getattr(self._local, "buffer", None)
@@ -70,8 +69,17 @@ class Mirror:
 
     def idle(self) -> None:
         """This thread is about to hop or end: read its replies and give its connections back."""
-        for link in list(self._links.values()):
+        for link in self._links().values():
             link.idle()
+
+    def _links(self) -> dict[int, Link]:
+        # This thread's links, one per Redis backend client. Celery's backends (and so their
+        # clients and pools) are per thread unless result_backend_thread_safe: the links go
+        # with the thread, or each thread that ended would leave its connection open.
+        links = getattr(self._local, "links", None)
+        if links is None:
+            links = self._local.links = {}
+        return links
 
     def _write(self, batch: list[tuple[Any, str, Any, str, Any]]) -> None:
         from celery.backends.redis import RedisBackend
@@ -88,11 +96,10 @@ class Mirror:
                     backend.mark_as_done(key, value, request=request)
 
     def _link(self, backend: Any) -> Link:
-        client = backend.client
-        link = self._links.get(id(client))
+        client, links = backend.client, self._links()
+        link = links.get(id(client))
         if link is None:
-            unconfirmed = "mirrored results; the result backend is unreachable"
-            link = self._links.setdefault(id(client), Link(client, [], unconfirmed=unconfirmed))
+            link = links[id(client)] = Link(client, [], unconfirmed="mirrored results; the backend is unreachable")
         return link
 
 

@@ -200,8 +200,36 @@ def test_a_mirrored_copy_is_sent_without_awaiting_the_backend(redis_server):
     girder.unload()
     message = listener.get_message(timeout=5)
     assert message is not None and json.loads(message["data"])["result"] == 2
-    assert [link._local.held.unread for link in girder.mirror._links.values()] == [[ANY, ANY]]
+    assert [link._local.held.unread for link in girder.mirror._links().values()] == [[ANY, ANY]]
     assert app.AsyncResult(key).get(timeout=5) == 2
     girder.pause()
-    assert all(getattr(link._local, "held", None) is None for link in girder.mirror._links.values())
+    assert all(getattr(link._local, "held", None) is None for link in girder.mirror._links().values())
     listener.close()
+
+
+def test_threads_that_mirror_and_end_leave_no_connection_behind(redis_server):
+    """Celery's backends are per thread, as are their clients: a thread that ends (an inline
+    hop, say) takes its mirror link with it rather than leaving a connection open."""
+    app = Celery("mirror-threads", broker="memory://", backend=redis_server.url(5), set_as_current=False)
+    girder = Girder(app, url=redis_server.url(3))
+
+    @girder.task(name="mirror_threads.inc")
+    def inc(x):
+        return x + 1
+
+    monitor = redis_server.client()
+
+    def connections() -> int:
+        return sum(1 for c in monitor.client_list() if c.get("db") == "5")
+
+    def hop(i: int) -> None:
+        girder.mirror.put(inc, uuid.uuid4().hex, i, str(i), None)
+        girder.pause()
+
+    before = connections()
+    for i in range(20):
+        thread = threading.Thread(target=hop, args=(i,))
+        thread.start()
+        thread.join(10)
+    gc.collect()
+    assert connections() - before <= 2, "threads that ended left their mirror connections open"
