@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import signal
-import subprocess
+import socket
 import sys
 import tempfile
 import time
@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from girder_celery.testing import RedisServer
+from girder_celery.testing import CeleryWorker, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = "XYZ"
@@ -36,7 +36,9 @@ NODES = ("node1", "node2")
 
 
 def say(text: str = "") -> None:
-    print(text, flush=True)
+    # A reader that went away (``| head``) must not cut the teardown short.
+    with contextlib.suppress(BrokenPipeError):
+        print(text, flush=True)
 
 
 class PrivateGrid:
@@ -45,7 +47,7 @@ class PrivateGrid:
     def __init__(self) -> None:
         self.redis = RedisServer()
         self.tmp = Path(tempfile.mkdtemp(prefix="girder-demo-"))
-        self.workers: dict[str, subprocess.Popen] = {}
+        self.workers: dict[str, CeleryWorker] = {}
 
     def url(self, db: int) -> str:
         return self.redis.url(db)
@@ -63,58 +65,28 @@ class PrivateGrid:
         }
 
     def start_workers(self, timeout: float = 60) -> list[str]:
-        env = {
-            **os.environ,
-            **self.env(),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
+        """Start every node side by side, then wait for each one's ready announcement."""
         for name in NODES:
-            cmd = [sys.executable, "-m", "celery", "-A", "example_project.celery_app", "worker",
-                   "-n", f"{name}@%h", "-c", "2", "-l", "info"]  # fmt: skip
-            log = (self.tmp / f"{name}.log").open("w")
-            self.workers[name] = subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
-            log.close()
-        # Each worker's worker_ready signal pushes its hostname onto READY_LIST: wait on that.
+            hostname = f"{name}@{socket.gethostname()}"  # what -n {name}@%h expands to
+            flags = ["-c", "2", "-l", "info"]
+            worker = CeleryWorker("example_project.celery_app", hostname, flags, self.env(), self.log(name), ROOT)
+            self.workers[name] = worker.launch()
         client = redis.Redis.from_url(self.url(0), decode_responses=True)
-        ready: list[str] = []
         deadline = time.monotonic() + timeout
-        while len(ready) < len(NODES):
-            for name, proc in self.workers.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"worker {name} exited with code {proc.returncode}:\n{self.log_tail(name)}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"workers not ready after {timeout}s; ready: {ready}")
-            item = client.blpop([READY_LIST], timeout=1)
-            if item:
-                ready.append(item[1])
-        return ready
+        for worker in self.workers.values():
+            worker.wait_ready(client, READY_LIST, max(0.1, deadline - time.monotonic()))
+        return [worker.hostname for worker in self.workers.values()]
 
-    def log_tail(self, name: str, lines: int = 15, width: int = 160) -> str:
-        path = self.tmp / f"{name}.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return "\n".join(line[:width] for line in text.splitlines()[-lines:])
+    def log(self, name: str) -> Path:
+        return self.tmp / f"{name}.log"
 
     def stop(self, timeout: float = 10) -> None:
-        """SIGTERM every worker, SIGKILL its process group if it is still there after ``timeout``; kill Redis."""
-        for proc in self.workers.values():
-            if proc.poll() is None:
-                proc.terminate()  # warm shutdown: the main process stops its pool children
-        deadline = time.monotonic() + timeout
-        for proc in self.workers.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            _signal_group(proc, signal.SIGKILL)  # also reaps pool children left behind
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
+        """A warm shutdown of every worker at once (SIGKILL past ``timeout``), then Redis."""
+        for worker in self.workers.values():
+            worker.terminate()
+        for worker in self.workers.values():
+            worker.stop(timeout)
         self.redis.close()
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
 
 
 class Steps:
@@ -272,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         grid.stop()
         if outcome == "failed":
             for name in grid.workers:
-                say(f"--- last lines of {grid.tmp / (name + '.log')}")
-                say(grid.log_tail(name))
+                say(f"--- last lines of {grid.log(name)}")
+                say(grid.workers[name].output(lines=15))
             say(f"worker logs kept in {grid.tmp}")
         else:
             shutil.rmtree(grid.tmp, ignore_errors=True)

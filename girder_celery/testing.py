@@ -10,6 +10,7 @@ process group of its own, so stopping or killing it reaches its pool's children 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -161,13 +162,23 @@ class CeleryWorker:
 
     def start(self, ready: redis.Redis, ready_key: str, timeout: float = 60) -> CeleryWorker:
         """Start it and wait, at most ``timeout`` seconds, for its hostname on ``ready_key``."""
+        return self.launch().wait_ready(ready, ready_key, timeout)
+
+    def launch(self) -> CeleryWorker:
+        """Start the process without waiting: several workers can start side by side."""
         path = os.pathsep.join(filter(None, [str(self.cwd), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, **self.env, "PYTHONPATH": path}
         self.terminated = False
         with self.log.open("w") as log:  # the worker keeps its own descriptor
             self.proc = subprocess.Popen(
-                self.command, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+                self.command, cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        return self
+
+    def wait_ready(self, ready: redis.Redis, ready_key: str, timeout: float = 60) -> CeleryWorker:
+        """Wait, at most ``timeout`` seconds, for this worker's hostname on ``ready_key``; another
+        worker's announcement is put back for its own waiter. Stops the worker on failure."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -180,8 +191,10 @@ class CeleryWorker:
         self.stop()
         raise TimeoutError(f"worker {self.hostname} not ready in {timeout}s:\n{self.output()}")
 
-    def output(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
+    def output(self, lines: int | None = None) -> str:
+        """Its log, or the last ``lines`` lines of it."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return text if lines is None else "\n".join(text.splitlines()[-lines:])
 
     def terminate(self) -> None:
         """Ask for a warm shutdown (one SIGTERM) without waiting; ``stop`` waits."""
@@ -196,11 +209,15 @@ class CeleryWorker:
             self.proc.wait(10)
 
     def stop(self, timeout: float = 15) -> None:
-        """A warm shutdown, then SIGKILL if it takes longer than ``timeout`` seconds."""
-        if not self.proc or self.proc.poll() is not None:
+        """A warm shutdown, then SIGKILL if it takes longer than ``timeout`` seconds; pool
+        children that outlived their main process are killed too."""
+        if not self.proc:
             return
-        self.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if self.proc.poll() is None:
+            self.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # nobody left: fine
+            os.killpg(self.proc.pid, signal.SIGKILL)
