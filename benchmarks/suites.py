@@ -130,7 +130,7 @@ def roundtrip(grid: Grid, options: argparse.Namespace) -> list[Scenario]:
             ping,
             warmup=options.warmup,
             baseline="stock",
-            note="a bare round trip to the state store (redis-py PING), for context",
+            note="a bare round trip to the state store (redis-py PING, which sleeps for its reply), for context",
         ),
     ]
 
