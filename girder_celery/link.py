@@ -29,7 +29,6 @@ import contextlib
 import functools
 import logging
 import os
-import select
 import sys
 import threading
 import time
@@ -115,9 +114,9 @@ class Link:
         try:
             packed = [chunk for keys, args in calls for chunk in self._pack(held, script, keys, args)]
             held.connection.send_packed_command(packed, check_health=False)
-            if self.busy_poll:
-                _await_readable(held.connection, self.busy_poll)
             self._read_unread(held)
+            if self.busy_poll:
+                _await_reply(held.connection, self.busy_poll)
             replies = [self._read_one(held) for _ in calls]
         except _FALL_BACK:
             self._reset(held)
@@ -228,14 +227,12 @@ def _pack(held: _Held, command: tuple) -> list:
     return held.connection.pack_command(*command)
 
 
-def _await_readable(connection: Any, seconds: float) -> None:
-    """Spin until ``connection``'s socket has bytes to read, for at most ``seconds``. Called
-    right after a send, when every earlier reply has been read, so its parser buffers nothing."""
-    sock = getattr(connection, "_sock", None)
-    if sock is None:
-        return
+def _await_reply(connection: Any, seconds: float) -> None:
+    """Spin until a reply can be read from ``connection``, for at most ``seconds``: redis-py's
+    ``can_read`` looks at what its parser has buffered (the replies read just before may have
+    brought this one along) and then at the socket."""
     deadline = time.perf_counter() + seconds
-    while not select.select((sock,), (), (), 0)[0] and time.perf_counter() < deadline:
+    while not connection.can_read(0) and time.perf_counter() < deadline:
         pass
 
 

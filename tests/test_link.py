@@ -20,7 +20,7 @@ import redis
 from celery import Celery
 
 from girder_celery import Girder
-from girder_celery.link import Link
+from girder_celery.link import Link, _await_reply
 from girder_celery.store import StateStore
 from girder_celery.testing import RedisServer
 
@@ -233,3 +233,23 @@ def test_threads_that_mirror_and_end_leave_no_connection_behind(redis_server):
         thread.join(10)
     gc.collect()
     assert connections() - before <= 2, "threads that ended left their mirror connections open"
+
+
+def test_a_reply_already_buffered_ends_the_spin_at_once(redis_server):
+    """Reading an unread reply can bring the next one along into the parser's buffer, where the
+    socket no longer shows it: the spin must see it there rather than spin its whole budget."""
+    client = redis_server.client()
+    connection = client.connection_pool.get_connection()
+    try:
+        connection.send_packed_command(connection.pack_commands([("PING",), ("PING",)]))
+        deadline = time.monotonic() + 5
+        while not connection.can_read(0) and time.monotonic() < deadline:
+            pass
+        # Redis answers the two in one write, so this read buffers the second reply too.
+        assert connection.read_response() in ("PONG", b"PONG")
+        started = time.perf_counter()
+        _await_reply(connection, 2.0)
+        assert time.perf_counter() - started < 0.5, "the spin did not see the buffered reply"
+        assert connection.read_response() in ("PONG", b"PONG")
+    finally:
+        client.connection_pool.release(connection)
