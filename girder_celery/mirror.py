@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 from celery import states
@@ -69,17 +70,17 @@ class Mirror:
 
     def idle(self) -> None:
         """This thread is about to hop or end: read its replies and give its connections back."""
-        for link in self._links().values():
-            link.idle()
+        for target in self._targets().values():
+            target.link.idle()
 
-    def _links(self) -> dict[int, Link]:
-        # This thread's links, one per Redis backend client. Celery's backends (and so their
-        # clients and pools) are per thread unless result_backend_thread_safe: the links go
-        # with the thread, or each thread that ended would leave its connection open.
-        links = getattr(self._local, "links", None)
-        if links is None:
-            links = self._local.links = {}
-        return links
+    def _targets(self) -> dict[int, _Target]:
+        # This thread's targets, one per Redis backend. Celery's backends (and so their clients
+        # and pools) are per thread unless result_backend_thread_safe: the targets go with the
+        # thread, or each thread that ended would leave its connection open.
+        targets = getattr(self._local, "targets", None)
+        if targets is None:
+            targets = self._local.targets = {}
+        return targets
 
     def _write(self, batch: list[tuple[Any, str, Any, str, Any]]) -> None:
         from celery.backends.redis import RedisBackend
@@ -90,59 +91,58 @@ class Mirror:
         for items in by_backend.values():
             backend = items[0][0].backend
             if isinstance(backend, RedisBackend):
-                self._link(backend).send_commands(_redis_commands(backend, items), _Again(backend))
+                targets = self._targets()
+                target = targets.get(id(backend)) or targets.setdefault(id(backend), _Target(backend))
+                target.send(items)
             else:
                 for _, key, value, _, request in items:
                     backend.mark_as_done(key, value, request=request)
 
-    def _link(self, backend: Any) -> Link:
-        client, links = backend.client, self._links()
-        link = links.get(id(client))
-        if link is None:
-            link = links[id(client)] = Link(client, [], unconfirmed="mirrored results; the backend is unreachable")
-        return link
 
-
-class _Again:
-    """Writes one copy again through the backend client's own path; logs, never raises."""
+class _Target:
+    """One Redis result backend as this thread writes to it: its link, and what Celery's own
+    writes depend on, read once (a conf lookup and a timezone cost more than the write)."""
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
+        self.link = Link(backend.client, [], unconfirmed="mirrored results; the backend is unreachable")
+        conf = backend.app.conf
+        self.plain_json = backend.serializer == "json" and not backend.compression
+        self.plain_json = self.plain_json and not conf.find_value_for_key("extended", "result")
+        self.timezone = backend.app.timezone  # what app.now() converts to
 
-    def __call__(self, command: tuple) -> None:
+    def send(self, items: list[tuple[Any, str, Any, str, Any]]) -> None:
+        """Send what Celery's Redis backend writes for each successful result: the document,
+        then its publication to anyone subscribed for it."""
+        backend, commands = self.backend, []
+        for _, key, value, value_json, request in items:
+            if self.plain_json:
+                payload = _success_document(key, value_json, request, datetime.now(self.timezone))
+            else:
+                meta = backend._get_result_meta(value, states.SUCCESS, None, request)
+                meta["task_id"] = key
+                payload = backend.encode(meta)
+            name = backend.get_key_for_task(key)
+            if backend.expires:
+                commands.append(("SET", name, payload, "EX", int(backend.expires)))
+            else:
+                commands.append(("SET", name, payload))
+            commands.append(("PUBLISH", name, payload))
+        self.link.send_commands(commands, self.again)
+
+    def again(self, command: tuple) -> None:
+        """Write one copy again through the backend client's own path; logs, never raises."""
         try:
             self.backend.client.execute_command(*command)
         except Exception:
             logger.warning("girder: could not mirror a result to the result backend (%s)", command[0], exc_info=True)
 
 
-def _redis_commands(backend: Any, items: list[tuple[Any, str, Any, str, Any]]) -> list[tuple]:
-    """What Celery's Redis backend writes for each successful result: the document, then its
-    publication to anyone subscribed for it."""
-    plain_json = backend.serializer == "json" and not backend.compression
-    plain_json = plain_json and not backend.app.conf.find_value_for_key("extended", "result")
-    commands: list[tuple] = []
-    for _, key, value, value_json, request in items:
-        if plain_json:
-            payload = _success_document(backend, key, value_json, request)
-        else:
-            meta = backend._get_result_meta(value, states.SUCCESS, None, request)
-            meta["task_id"] = key
-            payload = backend.encode(meta)
-        name = backend.get_key_for_task(key)
-        if backend.expires:
-            commands.append(("SET", name, payload, "EX", int(backend.expires)))
-        else:
-            commands.append(("SET", name, payload))
-        commands.append(("PUBLISH", name, payload))
-    return commands
-
-
-def _success_document(backend: Any, key: str, value_json: str, request: Any) -> str:
+def _success_document(key: str, value_json: str, request: Any, done: datetime) -> str:
     """Celery's SUCCESS meta document, as its JSON serializer writes it, around ``value_json``."""
     parent = getattr(request, "parent_id", None)
     parent_field = f', "parent_id": "{parent}"' if parent else ""
     return (
         f'{{"status": "SUCCESS", "result": {value_json}, "traceback": null, "children": [], '
-        f'"date_done": "{backend.app.now().isoformat()}"{parent_field}, "task_id": "{key}"}}'
+        f'"date_done": "{done.isoformat()}"{parent_field}, "task_id": "{key}"}}'
     )

@@ -200,10 +200,10 @@ def test_a_mirrored_copy_is_sent_without_awaiting_the_backend(redis_server):
     girder.unload()
     message = listener.get_message(timeout=5)
     assert message is not None and json.loads(message["data"])["result"] == 2
-    assert [link._local.held.unread for link in girder.mirror._links().values()] == [[ANY, ANY]]
+    assert [target.link._local.held.unread for target in girder.mirror._targets().values()] == [[ANY, ANY]]
     assert app.AsyncResult(key).get(timeout=5) == 2
     girder.pause()
-    assert all(getattr(link._local, "held", None) is None for link in girder.mirror._links().values())
+    assert all(getattr(target.link._local, "held", None) is None for target in girder.mirror._targets().values())
     listener.close()
 
 
