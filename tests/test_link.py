@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Any
 from unittest.mock import ANY
 
 import pytest
@@ -182,16 +183,22 @@ def test_sent_commands_do_not_pile_up_unread_and_a_failed_one_is_made_again(stor
     assert getattr(link._local, "held", None) is None
 
 
-def test_a_mirrored_copy_is_sent_without_awaiting_the_backend(redis_server):
-    """The mirror's write goes out at flush (a subscriber hears its publication) though no
-    reply has been read; the next pause reads it and gives the connection back."""
-    app = Celery("mirror-test", broker="memory://", backend=redis_server.url(4), set_as_current=False)
+def mirroring(redis_server, backend_db: int) -> tuple[Celery, Girder, Any]:
+    """An app whose Redis result backend is ``backend_db``, its Girder, and a task to mirror."""
+    app = Celery(f"mirror-{backend_db}", broker="memory://", backend=redis_server.url(backend_db), set_as_current=False)
     girder = Girder(app, url=redis_server.url(3))
 
-    @girder.task(name="mirror_test.inc")
+    @girder.task(name=f"mirror_{backend_db}.inc")
     def inc(x):
         return x + 1
 
+    return app, girder, inc
+
+
+def test_a_mirrored_copy_is_sent_without_awaiting_the_backend(redis_server):
+    """The mirror's write goes out at flush (a subscriber hears its publication) though no
+    reply has been read; the next pause reads it and gives the connection back."""
+    app, girder, inc = mirroring(redis_server, 4)
     key = uuid.uuid4().hex
     listener = redis_server.client(4).pubsub()
     listener.subscribe(app.backend.get_key_for_task(key))
@@ -210,13 +217,7 @@ def test_a_mirrored_copy_is_sent_without_awaiting_the_backend(redis_server):
 def test_threads_that_mirror_and_end_leave_no_connection_behind(redis_server):
     """Celery's backends are per thread, as are their clients: a thread that ends (an inline
     hop, say) takes its mirror link with it rather than leaving a connection open."""
-    app = Celery("mirror-threads", broker="memory://", backend=redis_server.url(5), set_as_current=False)
-    girder = Girder(app, url=redis_server.url(3))
-
-    @girder.task(name="mirror_threads.inc")
-    def inc(x):
-        return x + 1
-
+    _, girder, inc = mirroring(redis_server, 5)
     monitor = redis_server.client()
 
     def connections() -> int:
