@@ -4,10 +4,10 @@
 ``GirderStep`` makes the worker a node of its pool (``--girder-pool``, else ``girder_pool``, else
 Celery's default queue): it consumes its own node queue, its pool and the pool's ancestors, and
 checks the state store at start, so a wrong URL is a clear error there rather than per task,
-and keeps kombu's event loop from sleeping on queued acks. ``Hoister`` runs a thread that copies
-offers that waited longer than ``girder_hoist_after`` up a tier (the seed's distributor). The
-handler fails a girder request whose message names a task this worker does not know, so its
-waiters hear of it (invariant 1).
+and keeps kombu's event loop from sleeping on queued acks or on an executor that fell free.
+``Hoister`` runs a thread that copies offers that waited longer than ``girder_hoist_after`` up a
+tier (the seed's distributor). The handler fails a girder request whose message names a task
+this worker does not know, so its waiters hear of it (invariant 1).
 """
 
 from __future__ import annotations
@@ -76,8 +76,12 @@ class GirderStep(bootsteps.StartStopStep):
             raise girder.connection_error(exc) from exc
         logger.info("girder: state store %s, key prefix %r", url, girder.settings.key_prefix)
         hub = getattr(worker, "hub", None)
-        if hub is not None and not wake_hub_for_queued_callbacks(hub):
+        if hub is None:
+            return
+        if not wake_hub_for_queued_callbacks(hub):
             logger.warning("girder: this kombu's event loop has no waker; acks queued by a task may wait up to 10 s")
+        if worker.app.conf.worker_disable_prefetch and getattr(worker, "pool", None) is not None:
+            wake_hub_when_requests_end(worker.pool, hub)
 
 
 def wake_hub_for_queued_callbacks(hub: Any) -> bool:
@@ -104,6 +108,32 @@ def wake_hub_for_queued_callbacks(hub: Any) -> bool:
 
     hub.on_tick.add(wake_if_ready)
     return True
+
+
+def wake_hub_when_requests_end(pool: Any, hub: Any) -> None:
+    """Turn kombu's event loop as each request the pool ran ends, so a free executor fetches.
+
+    With ``worker_disable_prefetch`` (a Redis broker) the loop asks for the next message only
+    while an executor is free, and it asks as it turns. Under ``-P threads`` a request ends on
+    a pool thread while the loop sleeps in its poll for up to its longest timer delay (about a
+    second here), so each message waited that long: prefork's result pipe and solo's own thread
+    wake the loop, a thread pool does not. Queueing a no-op from the ending thread wakes it.
+    """
+    apply_async = pool.apply_async
+
+    def noop() -> None:
+        pass
+
+    def apply_and_wake(target: Any, args: Any = None, kwargs: Any = None, callback: Any = None, **options: Any) -> Any:
+        def settle(result: Any) -> Any:
+            try:
+                return callback(result) if callback is not None else None
+            finally:
+                hub.call_soon(noop)
+
+        return apply_async(target, args, kwargs, callback=settle, **options)
+
+    pool.apply_async = apply_and_wake
 
 
 class Hoister(bootsteps.StartStopStep):

@@ -13,7 +13,7 @@ import time
 
 from kombu.asynchronous import Hub
 
-from girder_celery.worker import wake_hub_for_queued_callbacks
+from girder_celery.worker import wake_hub_for_queued_callbacks, wake_hub_when_requests_end
 
 
 def run_until(hub: Hub, done, bound: float) -> None:
@@ -61,6 +61,36 @@ def test_an_idle_hub_still_sleeps_in_its_poll():
         assert turns == ["timer"], "the timer never fired"
         assert iterations < 10, f"the idle loop turned {iterations} times in half a second"
     finally:
+        hub.close()
+        quiet.close()
+        _peer.close()
+
+
+def test_a_request_ending_on_a_pool_thread_wakes_the_loop():
+    """With ``worker_disable_prefetch`` the loop fetches only as it turns with an executor free.
+
+    Under ``-P threads`` a request ends on a pool thread; without a wake the loop slept out its
+    poll (up to its next timer) before fetching again, about a second per message on Redis.
+    """
+    from celery.concurrency.thread import TaskPool
+
+    hub = Hub()
+    quiet, _peer = socket.socketpair()
+    hub.add_reader(quiet, lambda: None)
+    hub.call_later(5, lambda: None)  # the poll may last until this timer
+    pool = TaskPool(limit=1)
+    pool.start()
+    wake_hub_when_requests_end(pool, hub)
+    ended = []
+    try:
+        loop = hub.create_loop()
+        pool.apply_async(time.sleep, (0.2,), callback=lambda result: ended.append(time.monotonic()))
+        next(loop)  # one turn: it polls until something wakes it
+        turned = time.monotonic()
+        assert ended, "the loop turned before the request ended (nothing to wait for?)"
+        assert turned - ended[0] < 0.5, f"the loop slept {turned - ended[0]:.1f} s after the request ended"
+    finally:
+        pool.stop()
         hub.close()
         quiet.close()
         _peer.close()
