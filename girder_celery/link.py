@@ -113,7 +113,7 @@ class Link:
         held = self._held()
         try:
             packed = [chunk for keys, args in calls for chunk in self._pack(held, script, keys, args)]
-            held.connection.send_packed_command(packed, check_health=False)
+            _send(held, packed)
             self._read_unread(held)
             if self.busy_poll:
                 _await_reply(held.connection, self.busy_poll)
@@ -144,7 +144,7 @@ class Link:
         held = self._held()
         again = functools.partial(script, keys, args, client=self.client)
         try:
-            held.connection.send_packed_command(self._pack(held, script, keys, args), check_health=False)
+            _send(held, self._pack(held, script, keys, args))
         except _FALL_BACK:
             self._reset(held)
             again()
@@ -159,8 +159,7 @@ class Link:
         held = self._held()
         try:
             self._read_unread(held)
-            packed = [chunk for command in commands for chunk in _pack(held, command)]
-            held.connection.send_packed_command(packed, check_health=False)
+            _send(held, [chunk for command in commands for chunk in _pack(held, command)])
         except _FALL_BACK:
             self._reset(held)
             for command in commands:
@@ -225,6 +224,12 @@ def _pack(held: _Held, command: tuple) -> list:
     if _hiredis_pack is not None:  # what redis-py's packer calls, minus its per-argument checks
         return [_hiredis_pack(command)]
     return held.connection.pack_command(*command)
+
+
+def _send(held: _Held, chunks: list) -> None:
+    # One write for the whole batch: redis-py writes each chunk with a system call of its own,
+    # and Redis then may read and run the batch piecemeal.
+    held.connection.send_packed_command([b"".join(chunks)] if len(chunks) > 1 else chunks, check_health=False)
 
 
 def _await_reply(connection: Any, seconds: float) -> None:

@@ -118,10 +118,21 @@ class StateStore:
     def claim(self, key: str, owner: str, node: str, lease_ms: int, via: str = "") -> tuple[str, str, int]:
         """Claim ``key`` for ``owner``, from an offer on queue ``via`` (``""``: a waiter claiming
         its own sub-request): ``(verdict, payload or owner, attempts)``."""
-        verdict, data, attempts = self.link.call(
-            self._scripts["claim"], (self.record_key(key),), (owner, node, lease_ms, via, self.offers_key(""), key)
-        )
+        verdict, data, attempts, _ = self._claim([key], owner, node, lease_ms, via)
         return verdict, data, int(attempts or 0)
+
+    def claim_first(self, keys: list[str], owner: str, node: str, lease_ms: int) -> tuple[str | None, str]:
+        """Claim the first of ``keys`` (a waiter's own sub-requests) that can be claimed, in one
+        round trip: ``(key, payload)``, or ``(None, "")`` if each is running, settled or lost."""
+        verdict, data, _, index = self._claim(keys, owner, node, lease_ms, "")
+        return (keys[index - 1], data) if verdict == "claimed" else (None, "")
+
+    def _claim(self, keys: list[str], owner: str, node: str, lease_ms: int, via: str) -> list:
+        return self.link.call(
+            self._scripts["claim"],
+            tuple(self.record_key(k) for k in keys),
+            (owner, node, lease_ms, via, self.offers_key(""), *keys),
+        )
 
     def renew(self, leases: dict[str, str], lease_ms: int, edge_ttl_ms: int | None = None) -> dict[str, bool]:
         """Extend the leases ``{key: owner}`` and their waits-for edges (by ``edge_ttl_ms``,

@@ -191,16 +191,21 @@ class InlineWait(Wait):
         )
 
     def _run_one_inline(self) -> bool:
+        queued, claimed = [], None
         for key in reversed(self.pending):
             verdict = self.pending[key]
-            if verdict == "claimed":
+            if verdict == "claimed":  # by the submit
+                claimed = key
                 break
             if verdict in ("queued", "offer"):
-                verdict, _, _ = self.girder.store.claim(key, self.owner, self.frame.node, self.lease_ms)
-                if verdict == "claimed":
-                    break
-                self.pending[key] = "running"  # or settled: the mailbox will tell
-        else:
+                queued.append(key)
+        key = None
+        if queued:  # newest first, in one round trip
+            key, _ = self.girder.store.claim_first(queued, self.owner, self.frame.node, self.lease_ms)
+            for other in queued[: queued.index(key) if key else None]:
+                self.pending[other] = "running"  # or settled: the mailbox will tell
+        key = key or claimed
+        if key is None:
             return False
         outcome = run_inline(self.girder, self.unique[key], self.owner, self.mailbox, self.frame)
         self._settle(outcome)

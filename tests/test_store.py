@@ -206,6 +206,27 @@ def test_claim_done_failed_or_absent_is_refused(store):
     assert store.record(failed)["state"] == "failed"
 
 
+def test_claim_first_takes_the_first_claimable_in_one_call(store):
+    running, done, absent, queued, later = (new_key() for _ in range(5))
+    claimed(store, running, "n1/1/a")
+    store.complete(done, claimed(store, done), "1", 0)
+    submit(store, queued, payload="[[3],{}]")
+    submit(store, later)
+    assert store.claim_first([running, done, absent, queued, later], "n2/1/b", "n2", HOUR) == (queued, "[[3],{}]")
+    rec = store.record(queued)
+    assert (rec["state"], rec["owner"], rec["placement"], rec["attempts"]) == ("running", "n2/1/b", "inline", "1")
+    assert store.record(later)["state"] == "queued"  # only the first is taken
+    assert store.record(running)["owner"] == "n1/1/a"
+
+
+def test_claim_first_with_nothing_claimable_changes_nothing(store):
+    running, done = new_key(), new_key()
+    claimed(store, running, "n1/1/a")
+    store.complete(done, claimed(store, done), "1", 0)
+    assert store.claim_first([running, done, new_key()], "n2/1/b", "n2", HOUR) == (None, "")
+    assert store.record(running)["owner"] == "n1/1/a" and store.record(done)["state"] == "done"
+
+
 # -- renew ---------------------------------------------------------------------------------
 
 

@@ -1,47 +1,62 @@
 -- claim: an executor takes a request to run it (invariant 1).
 -- Only a queued request, or a running one whose owner's lease has expired, can be claimed;
 -- anything else means the offer is stale or a duplicate and the function must not run.
+-- A waiter looking for one of its own sub-requests to run inline names several, newest first,
+-- and takes the first it can: one round trip for the whole scan.
 --
--- KEYS[1]  request record   <prefix>:req:<key>  hash
--- ARGV[1]  owner: this claim's token, "<node>/<pid>/<nonce>"
--- ARGV[2]  node (the Celery worker's hostname)
--- ARGV[3]  lease (ms)
--- ARGV[4]  queue the offer came from, or "" for a waiter claiming its own sub-request
--- ARGV[5]  "<prefix>:offers:", to drop the offer from the queue that holds it
--- ARGV[6]  the request's key
+-- KEYS[1..n]    request records   <prefix>:req:<key>  hash, in order of preference
+-- ARGV[1]       owner: this claim's token, "<node>/<pid>/<nonce>"
+-- ARGV[2]       node (the Celery worker's hostname)
+-- ARGV[3]       lease (ms)
+-- ARGV[4]       queue the offer came from, or "" for a waiter claiming its own sub-request
+-- ARGV[5]       "<prefix>:offers:", to drop the offer from the queue that holds it
+-- ARGV[6..5+n]  the requests' keys, as KEYS
 --
 -- Transition: queued | running with an expired lease  ->  running(owner, now + lease), with its
 -- placement: "inline" (a waiter), "local" (from the queue it was offered on), "hoisted" (a copy).
--- Returns {verdict, data, attempts}:
---   {"claimed", payload, attempts}  run it; renew the lease while running
---   {"running", owner, ""}          a live executor holds it: skip
---   {"done", "", ""}                already done: skip
---   {"failed", "", ""}              failed; only a new submit restarts it: skip
---   {"absent", "", ""}              unknown to the store (forgotten, expired or lost)
+-- Returns {verdict, data, attempts, i}: the first claimed, else the last one's verdict:
+--   {"claimed", payload, attempts, i}  run KEYS[i]; renew the lease while running
+--   {"running", owner, "", n}          a live executor holds it: skip
+--   {"done", "", "", n}                already done: skip
+--   {"failed", "", "", n}              failed; only a new submit restarts it: skip
+--   {"absent", "", "", n}              unknown to the store (forgotten, expired or lost)
 
-local rec = KEYS[1]
-local f = redis.call('HMGET', rec, 'state', 'payload', 'owner', 'lease_until', 'pool', 'offered_on')
-local state = f[1]
-if not state then
-  return {'absent', '', ''}
-end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if state == 'running' and tonumber(f[4]) > now then
-  return {'running', f[3], ''}
+
+local function claim(i)
+  local rec = KEYS[i]
+  local f = redis.call('HMGET', rec, 'state', 'payload', 'owner', 'lease_until', 'pool', 'offered_on')
+  local state = f[1]
+  if not state then
+    return {'absent', '', ''}
+  end
+  if state == 'running' and tonumber(f[4]) > now then
+    return {'running', f[3], ''}
+  end
+  if state ~= 'queued' and state ~= 'running' then
+    return {state, '', ''}
+  end
+  local placement = 'inline'
+  if ARGV[4] ~= '' then
+    placement = (ARGV[4] == f[5]) and 'local' or 'hoisted'
+  end
+  if f[6] then
+    redis.call('ZREM', ARGV[5] .. f[6], ARGV[5 + i])
+    redis.call('HDEL', rec, 'offered_on')
+  end
+  redis.call('HSET', rec, 'state', 'running', 'owner', ARGV[1], 'node', ARGV[2],
+    'lease_until', now + tonumber(ARGV[3]), 'started_at', now, 'placement', placement, 'claimed_via', ARGV[4])
+  local attempts = redis.call('HINCRBY', rec, 'attempts', 1)
+  return {'claimed', f[2], attempts}
 end
-if state ~= 'queued' and state ~= 'running' then
-  return {state, '', ''}
+
+local reply
+for i = 1, #KEYS do
+  reply = claim(i)
+  reply[4] = i
+  if reply[1] == 'claimed' then
+    return reply
+  end
 end
-local placement = 'inline'
-if ARGV[4] ~= '' then
-  placement = (ARGV[4] == f[5]) and 'local' or 'hoisted'
-end
-if f[6] then
-  redis.call('ZREM', ARGV[5] .. f[6], ARGV[6])
-  redis.call('HDEL', rec, 'offered_on')
-end
-redis.call('HSET', rec, 'state', 'running', 'owner', ARGV[1], 'node', ARGV[2],
-  'lease_until', now + tonumber(ARGV[3]), 'started_at', now, 'placement', placement, 'claimed_via', ARGV[4])
-local attempts = redis.call('HINCRBY', rec, 'attempts', 1)
-return {'claimed', f[2], attempts}
+return reply
