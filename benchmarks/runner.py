@@ -27,9 +27,10 @@ __all__ = ["Figure", "Plan", "Result", "Scenario", "format_figures", "format_tab
 class Scenario:
     """One kind of round trip, timed ``n`` times after ``warmup`` untimed runs.
 
-    ``step`` performs one round trip and raises if the answer is wrong. ``baseline`` names the
-    scenario this one is compared with (ratio of medians), ``target`` the largest ratio that
-    meets the goal.
+    ``step`` performs one round trip and raises if the answer is wrong, or, with ``check``,
+    returns the answer and ``check`` (untimed) raises if it is wrong: for answers that take
+    longer to check than a small part of the round trip. ``baseline`` names the scenario this
+    one is compared with (ratio of medians), ``target`` the largest ratio that meets the goal.
     """
 
     name: str
@@ -39,6 +40,7 @@ class Scenario:
     baseline: str | None = None
     target: float | None = None
     note: str = ""
+    check: Callable[[Any], None] | None = None
 
 
 @dataclass
@@ -206,7 +208,7 @@ def measure(scenarios: list[Scenario], rounds: int = 10) -> dict[str, Result]:
     for i in range(max(s.warmup for s in scenarios)):
         for s in scenarios:
             if i < s.warmup:
-                s.step()
+                _checked(s, s.step())
     clock = time.perf_counter_ns
     for rnd in range(rounds):
         shift = rnd % len(scenarios)
@@ -216,9 +218,15 @@ def measure(scenarios: list[Scenario], rounds: int = 10) -> dict[str, Result]:
             step = s.step
             for _ in range(size):
                 t0 = clock()
-                step()
+                answer = step()
                 samples.append(clock() - t0)
+                _checked(s, answer)
     return results
+
+
+def _checked(scenario: Scenario, answer: Any) -> None:
+    if scenario.check is not None:
+        scenario.check(answer)
 
 
 def _ceil(value: float, places: int = 3) -> float:

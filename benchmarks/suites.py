@@ -345,14 +345,22 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
     salts = _salts("bogosity")
     girder_check, dask_check = BogosityCheck(len(dag), _girder_node), BogosityCheck(len(dag), _dask_node)
 
-    def girder_step() -> None:
+    def girder_step() -> tuple[list[str], str]:
         salt = next(salts)
-        values = m.girder.requests([m.bogosity.s(msec, j, reclevel, numrecjobs, salt) for j in range(jobs)])
-        girder_check(values, salt, "girder")
+        return m.girder.requests([m.bogosity.s(msec, j, reclevel, numrecjobs, salt) for j in range(jobs)]), salt
 
     runs = options.runs
     girder_name = f"girder, {options.pool} x{per_node}" if per_node > 1 else f"girder, {options.pool}"
-    scenarios = [Scenario(girder_name, runs, girder_step, warmup=1, note="girder.requests([...]) from the client")]
+    scenarios = [
+        Scenario(
+            girder_name,
+            runs,
+            girder_step,
+            warmup=1,
+            note="girder.requests([...]) from the client",
+            check=lambda answer: girder_check(*answer, "girder"),
+        )  # fmt: skip
+    ]
 
     peer = None
     try:
@@ -370,11 +378,20 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
             "processes=True, host=127.0.0.1, dashboard off); sub-requests by worker_client(), pure=True keys"
         )
 
-        def dask_step() -> None:
+        def dask_step() -> tuple[list[str], str]:
             salt = next(salts)
-            dask_check(peer.bogosity_jobs(msec, jobs, reclevel, numrecjobs, salt), salt, "dask")
+            return peer.bogosity_jobs(msec, jobs, reclevel, numrecjobs, salt), salt
 
-        scenarios.append(Scenario("dask", runs, dask_step, warmup=1, note="client.submit x10, gather"))
+        scenarios.append(
+            Scenario(
+                "dask",
+                runs,
+                dask_step,
+                warmup=1,
+                note="client.submit x10, gather",
+                check=lambda answer: dask_check(*answer, "dask"),
+            )  # fmt: skip
+        )
         scenarios[0].baseline = "dask"
 
     def close_peer() -> None:
@@ -400,13 +417,21 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
         print(f"  extra: {nodes} worker(s): celery -A benchmarks.benchapp worker {flags}")
         g = gevent_grid.app_module
 
-        def step() -> None:
+        def step() -> tuple[list[str], str]:
             salt = next(salts)
-            values = g.girder.requests([g.bogosity.s(msec, j, reclevel, numrecjobs, salt) for j in range(jobs)])
-            gevent_check(values, salt, "girder gevent")
+            return g.girder.requests([g.bogosity.s(msec, j, reclevel, numrecjobs, salt) for j in range(jobs)]), salt
 
         return Plan(
-            [Scenario(gevent_name, runs, step, warmup=1, note="the same, on gevent nodes")],
+            [
+                Scenario(
+                    gevent_name,
+                    runs,
+                    step,
+                    warmup=1,
+                    note="the same, on gevent nodes",
+                    check=lambda answer: gevent_check(*answer, "girder gevent"),
+                )  # fmt: skip
+            ],
             rounds=runs,
             close=gevent_grid.close,
             notes=[
