@@ -21,7 +21,7 @@ What it starts
 Suite ``roundtrip``: N sequential round trips from one client process, each timed with ``perf_counter_ns``
     - ``stock``: ``plain_inc.delay(x).get()``, a fresh x each time (the baseline);
     - ``girder cold``: ``inc.call(x)``, a fresh x each time, so nothing is memoized: submit script,
-      offer message, claim and complete scripts on the worker, wake-up by BLPOP;
+      offer message, claim and complete scripts on the worker, wake-up by a blocking pop;
     - ``girder hit``: ``inc.call(x)`` for an x computed before timing: one submit script, no message.
 
     Every answer is checked. After an interleaved warm-up the scenarios run in rounds, each round

@@ -67,6 +67,7 @@ class StateStore:
         self.prefix = prefix
         self._scripts = {name: client.register_script(_load(name)) for name in self.SCRIPTS}
         self.link = Link(client, list(self._scripts.values()), busy_poll)
+        self._blmpop = True  # until the server says it has no BLMPOP (Redis < 7)
 
     def record_key(self, key: str) -> str:
         return f"{self.prefix}:req:{key}"
@@ -228,6 +229,22 @@ class StateStore:
     def record(self, key: str) -> dict[str, Any]:
         """The request record as stored (empty when absent)."""
         return self.client.hgetall(self.record_key(key))
+
+    def pop_mailbox(self, mailbox: str, block: float, most: int) -> list[str]:
+        """The notifications in ``mailbox``, up to ``most``, waiting up to ``block`` seconds for
+        the first: one round trip however many are there (``BLMPOP``; before Redis 7, ``BLPOP``
+        and one each). A waiter that ran sub-requests inline finds the others' results piled up."""
+        if self._blmpop:
+            try:
+                reply = self.client.blmpop(block, 1, mailbox, direction="LEFT", count=most)
+            except redis.ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                self._blmpop = False
+            else:
+                return reply[1] if reply else []
+        item = self.client.blpop([mailbox], timeout=block)
+        return [item[1]] if item else []
 
     def unregister(self, keys: list[str], mailbox: str) -> None:
         """Withdraw a waiter that gives up: drop its mailbox from ``keys`` and delete it."""

@@ -1,8 +1,9 @@
 """Waiting for requests, at top level or inside a running request (invariants 2, 3, 4, 5).
 
 A waiter submits its requests with its mailbox registered in the same atomic step that reads
-their state (invariant 4), then blocks on a single ``BLPOP`` of that mailbox: completions push
-the outcome there, so the value arrives with the wake-up. Every block is bounded: each
+their state (invariant 4), then blocks on a single pop of that mailbox: completions push the
+outcome there, so the value arrives with the wake-up, and one pop takes every outcome already
+there (a waiter that ran sub-requests inline finds the others' piled up). Every block is bounded: each
 ``check_interval`` the waiter re-submits what is still pending, which re-offers a request that
 was lost (absent, an expired lease, an offer older than ``reoffer_after``) and re-registers it
 after a Redis restart. A Redis error mid-wait is retried for a bounded window, never hangs.
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["InlineWait", "Wait"]
 
-#: Longest single BLPOP, kept below the client's socket timeout.
+#: Longest single blocking pop, kept below the client's socket timeout.
 MAX_BLOCK = 10.0
 #: How long a waiter rides out an unreachable Redis before raising.
 RECONNECT_WINDOW = 30.0
@@ -107,9 +108,8 @@ class Wait:
 
     def _pop(self, block: float) -> None:
         self.girder.unload()  # no copy buffered here waits on this executor's block
-        item = self.girder.store.client.blpop([self.mailbox], timeout=max(block, 0.01))
-        if item is not None:
-            verdict, key, data = item[1].split(":", 2)
+        for entry in self.girder.store.pop_mailbox(self.mailbox, max(block, 0.01), len(self.pending)):
+            verdict, key, data = entry.split(":", 2)
             if key in self.pending:
                 self._settle(Outcome(key, verdict, data))
 

