@@ -3,10 +3,11 @@
 A waiter submits its requests with its mailbox registered in the same atomic step that reads
 their state (invariant 4), then blocks on a single pop of that mailbox: completions push the
 outcome there, so the value arrives with the wake-up, and one pop takes every outcome already
-there (a waiter that ran sub-requests inline finds the others' piled up). Every block is bounded: each
-``check_interval`` the waiter re-submits what is still pending, which re-offers a request that
-was lost (absent, an expired lease, an offer older than ``reoffer_after``) and re-registers it
-after a Redis restart. A Redis error mid-wait is retried for a bounded window, never hangs.
+there (a waiter that ran sub-requests inline finds the others' piled up). Every block is
+bounded: each ``check_interval`` the waiter re-submits what is still pending, which re-offers
+a request that was lost (absent, an expired lease, an offer older than ``reoffer_after``) and
+re-registers it after a Redis restart. A Redis error mid-wait is retried for a bounded window,
+never hangs.
 
 Inside a running request the waiter never blocks on unclaimed work (invariant 2): it claims the
 newest of its own pending sub-requests that is still queued and runs it inline, and blocks only
