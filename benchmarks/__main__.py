@@ -48,8 +48,11 @@ Suite ``bogosity``: the seed post's workload (two worker nodes), against the ide
     bound (total work / executors, 160 ms); efficiency = ideal / median wall time, target >= 90%.
     The same workload runs on Dask distributed, interleaved run by run: a ``LocalCluster`` of as
     many worker processes and threads, sub-requests through ``worker_client()`` with ``pure=True``
-    keys; girder / Dask wall time, target <= 1x (girder faster). Extra line: girder on
-    ``-P gevent -c 10`` nodes (``--skip-gevent`` to leave it out).
+    keys; girder / Dask wall time, target <= 1x (girder faster). A run's answer is checked after
+    its timing. Reference line, a stage of its own: stock Celery running 10 independent plain
+    tasks of 20 ms (``delay`` each, then ``get``) on the same nodes, against their 100 ms ideal:
+    what Celery's cost per message leaves, which girder's requests pay too. Extra line: girder
+    on ``-P gevent -c 10`` nodes (``--skip-gevent`` to leave it out).
 
 Suite ``fanout``: tiers (one, then two, then four nodes of the same pool)
     One request (``fan_parent``) fans out to 200 children of 20 ms at once. Its node runs them

@@ -93,6 +93,13 @@ def bogosity(self, msec, jobnum, reclevel, numrecjobs, args):
     return f"Bogosity:{node}:{jobnum}:{msec}:{reclevel}:{args}:[{','.join(values)}]"
 
 
+@app.task(name="bench.plain_sleep", shared=False)
+def plain_sleep(msec, j):
+    """A plain Celery task of ``msec`` ms: the bogosity suite's stock reference."""
+    time.sleep(msec / 1000)
+    return j
+
+
 @girder.task(name="bench.fan_child", bind=True)
 def fan_child(self, msec, salt, i):
     time.sleep(msec / 1000)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import re
 import uuid
 from collections import Counter
@@ -349,6 +350,14 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
         salt = next(salts)
         return m.girder.requests([m.bogosity.s(msec, j, reclevel, numrecjobs, salt) for j in range(jobs)]), salt
 
+    def stock_step() -> list[int]:
+        return [r.get(timeout=30) for r in [m.plain_sleep.delay(msec, j) for j in range(jobs)]]
+
+    def stock_check(values: list[int]) -> None:
+        _check(values, list(range(jobs)), "stock plain_sleep")
+
+    stock_name = f"stock, {jobs} tasks"
+    stock_ideal_ms = math.ceil(jobs / executors) * msec
     runs = options.runs
     girder_name = f"girder, {options.pool} x{per_node}" if per_node > 1 else f"girder, {options.pool}"
     scenarios = [
@@ -359,7 +368,7 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
             warmup=1,
             note="girder.requests([...]) from the client",
             check=lambda answer: girder_check(*answer, "girder"),
-        )  # fmt: skip
+        ),
     ]
 
     peer = None
@@ -390,7 +399,7 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
                 warmup=1,
                 note="client.submit x10, gather",
                 check=lambda answer: dask_check(*answer, "dask"),
-            )  # fmt: skip
+            )
         )
         scenarios[0].baseline = "dask"
 
@@ -402,10 +411,22 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
     gevent_check = BogosityCheck(len(dag), _girder_node)
     gevent_ideal = optimal_slots(dag, nodes * GEVENT_CONCURRENCY) * msec
 
+    def stock_stage() -> Plan:
+        # A stage of its own, so no stock run (nor what it leaves behind) lands between girder's.
+        close_peer()
+        scenario = Scenario(
+            stock_name,
+            runs,
+            stock_step,
+            warmup=1,
+            note=f"plain_sleep.delay({msec}, j) for j < {jobs}, then .get() each",
+            check=stock_check,
+        )
+        return Plan([scenario], rounds=runs, then=gevent_stage)
+
     def gevent_stage() -> Plan | None:
         if options.skip_gevent or options.pool == "gevent":
             return None
-        close_peer()
         grid.stop_workers()
         gevent_grid = Grid(grid.redis_server, grid.broker, grid.broker_url, "gevent", GEVENT_CONCURRENCY)
         try:
@@ -430,7 +451,7 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
                     warmup=1,
                     note="the same, on gevent nodes",
                     check=lambda answer: gevent_check(*answer, "girder gevent"),
-                )  # fmt: skip
+                )
             ],
             rounds=runs,
             close=gevent_grid.close,
@@ -453,6 +474,18 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
                 note=f"{ideal_ms:g} / {girder_ms:.1f} ms; {girder_check.split()}",
             ),
         ]
+        if stock_name in results:
+            stock_ms = results[stock_name].median_ms
+            figures.append(
+                Figure(
+                    "stock Celery reference",
+                    stock_ideal_ms / stock_ms,
+                    "%",
+                    note=f"{jobs} independent plain tasks of {msec} ms on the same nodes, measured after girder "
+                    f"and Dask: {stock_ideal_ms:g} / {stock_ms:.1f} ms, what Celery's own cost per message leaves "
+                    "(girder's requests pay it too)",
+                )
+            )
         if "dask" in results:
             dask_ms = results["dask"].median_ms
             faster = girder_ms < dask_ms
@@ -484,7 +517,7 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
             )
         return figures
 
-    return Plan(scenarios, rounds=runs, derive=derive, notes=notes, then=gevent_stage, close=close_peer)
+    return Plan(scenarios, rounds=runs, derive=derive, notes=notes, then=stock_stage, close=close_peer)
 
 
 # -- fan-out across tiers -------------------------------------------------------------------------
