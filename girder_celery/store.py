@@ -125,6 +125,8 @@ class StateStore:
     def claim_first(self, keys: list[str], owner: str, node: str, lease_ms: int) -> tuple[str | None, str]:
         """Claim the first of ``keys`` (a waiter's own sub-requests) that can be claimed, in one
         round trip: ``(key, payload)``, or ``(None, "")`` if each is running, settled or lost."""
+        if not keys:
+            return None, ""
         verdict, data, _, index = self._claim(keys, owner, node, lease_ms, "")
         return (keys[index - 1], data) if verdict == "claimed" else (None, "")
 
@@ -237,9 +239,7 @@ class StateStore:
         if self._blmpop:
             try:
                 reply = self.client.blmpop(block, 1, mailbox, direction="LEFT", count=most)
-            except redis.ResponseError as exc:
-                if "unknown command" not in str(exc).lower():
-                    raise
+            except redis.ResponseError:  # unknown before Redis 7 (or refused by an ACL): pop one at a time
                 self._blmpop = False
             else:
                 return reply[1] if reply else []
