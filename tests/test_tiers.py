@@ -151,3 +151,18 @@ def test_a_solo_node_takes_the_next_request_at_once_after_skipping_hoisted_copie
         m.girder.request(m.echo.s(f"{tag}.next.{cycle}"), timeout=30)
         waits.append(time.monotonic() - started)
     assert max(waits) < 2, f"the request after a fan-out waited {max(waits):.1f} s ({[round(w, 2) for w in waits]})"
+
+
+def test_a_threads_node_takes_each_next_request_at_once(grid):
+    """Under ``-P threads`` a request ends on a pool thread. With a Redis broker the worker asks
+    for a message only as its event loop turns with an executor free, and nothing turned it, so a
+    request often waited out the loop's poll, about a second (see test_event_loop)."""
+    node = grid.worker("w1", "threads", 1)
+    m, tag = grid.app_module, uuid.uuid4().hex
+    waits = []
+    for i in range(10):
+        started = time.monotonic()
+        assert m.girder.request(m.echo.s(f"{tag}.{i}"), timeout=30) == [[f"{tag}.{i}"], {}]
+        waits.append(time.monotonic() - started)
+    # The first warms the worker up; before the fix, about half of the others took ~1 s.
+    assert max(waits[1:]) < 0.5, f"{node.hostname}: requests one after another took {[round(w, 2) for w in waits]} s"
