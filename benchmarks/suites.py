@@ -22,6 +22,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 from .dag import bogosity_dag, critical_path, level_formula, optimal_slots
 from .grid import Grid
@@ -345,10 +346,17 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
     ]
     salts = _salts("bogosity")
     girder_check, dask_check = BogosityCheck(len(dag), _girder_node), BogosityCheck(len(dag), _dask_node)
+    runs = options.runs
 
-    def girder_step() -> tuple[list[str], str]:
-        salt = next(salts)
-        return m.girder.requests([m.bogosity.s(msec, j, reclevel, numrecjobs, salt) for j in range(jobs)]), salt
+    def girder_scenario(name: str, module: ModuleType, check: BogosityCheck, who: str, note: str) -> Scenario:
+        """The seed's launch from the client, on the grid whose app module is ``module``."""
+
+        def step() -> tuple[list[str], str]:
+            salt = next(salts)
+            sigs = [module.bogosity.s(msec, j, reclevel, numrecjobs, salt) for j in range(jobs)]
+            return module.girder.requests(sigs), salt
+
+        return Scenario(name, runs, step, warmup=1, note=note, check=lambda answer: check(*answer, who))
 
     def stock_step() -> list[int]:
         return [r.get(timeout=30) for r in [m.plain_sleep.delay(msec, j) for j in range(jobs)]]
@@ -358,18 +366,8 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
 
     stock_name = f"stock, {jobs} tasks"
     stock_ideal_ms = math.ceil(jobs / executors) * msec
-    runs = options.runs
     girder_name = f"girder, {options.pool} x{per_node}" if per_node > 1 else f"girder, {options.pool}"
-    scenarios = [
-        Scenario(
-            girder_name,
-            runs,
-            girder_step,
-            warmup=1,
-            note="girder.requests([...]) from the client",
-            check=lambda answer: girder_check(*answer, "girder"),
-        ),
-    ]
+    scenarios = [girder_scenario(girder_name, m, girder_check, "girder", "girder.requests([...]) from the client")]
 
     peer = None
     try:
@@ -436,21 +434,10 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
             raise
         flags = " ".join(gevent_grid.worker_flags).replace(gevent_grid.queue, "<queue>")
         print(f"  extra: {nodes} worker(s): celery -A benchmarks.benchapp worker {flags}")
-        g = gevent_grid.app_module
-
-        def step() -> tuple[list[str], str]:
-            salt = next(salts)
-            return g.girder.requests([g.bogosity.s(msec, j, reclevel, numrecjobs, salt) for j in range(jobs)]), salt
-
         return Plan(
             [
-                Scenario(
-                    gevent_name,
-                    runs,
-                    step,
-                    warmup=1,
-                    note="the same, on gevent nodes",
-                    check=lambda answer: gevent_check(*answer, "girder gevent"),
+                girder_scenario(
+                    gevent_name, gevent_grid.app_module, gevent_check, "girder gevent", "the same, on gevent nodes"
                 )
             ],
             rounds=runs,

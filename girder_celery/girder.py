@@ -361,6 +361,20 @@ class Girder:
             raise self.connection_error(exc) from exc
         return _describe(key, record)
 
+    def offers(self, queue: str, limit: int = 20) -> tuple[int, int, list[tuple[str, int, str | None]]]:
+        """The offers waiting on ``queue`` (a node queue or a pool): how many, Redis's clock in
+        ms, and the ``limit`` oldest as ``(key, offered at ms, readable request)``."""
+        if not isinstance(queue, str) or not queue:
+            raise TypeError(f"queue must be a queue name, not {queue!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive int, not {limit!r}")
+        try:
+            total, now_ms, oldest = self.store.offers(queue, limit)
+            requests = self.store.requests_of([key for key, _ in oldest]) if oldest else []
+        except STORE_UNREACHABLE as exc:
+            raise self.connection_error(exc) from exc
+        return total, now_ms, [(key, at, request) for (key, at), request in zip(oldest, requests)]
+
     def forget(self, sig_or_key: Signature | str) -> bool:
         """Drop a settled request's memoized value or error; True if there was one.
 

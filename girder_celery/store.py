@@ -197,6 +197,16 @@ class StateStore:
     def _settle_keys(self, key: str) -> tuple[str, str, str]:
         return self.record_key(key), self.waiters_key(key), self.edges_key(key)
 
+    def offers(self, queue: str, limit: int) -> tuple[int, int, list[tuple[str, int]]]:
+        """The offers waiting on ``queue``: how many, Redis's clock (ms) and the ``limit``
+        oldest as ``(key, offered at ms)``, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zcard(self.offers_key(queue))
+        pipe.time()
+        pipe.zrange(self.offers_key(queue), 0, limit - 1, withscores=True)
+        total, (seconds, micros), oldest = pipe.execute()
+        return total, seconds * 1000 + micros // 1000, [(key, int(at)) for key, at in oldest]
+
     def requests_of(self, keys: list[str]) -> list[str | None]:
         """The readable request of each key (None where unknown), for messages."""
         pipe = self.client.pipeline(transaction=False)

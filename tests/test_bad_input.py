@@ -117,6 +117,11 @@ def test_api_misuse_is_refused_before_the_store_is_touched():
         girder.request(girder.app.signature("bad.nothing"))
     with pytest.raises(ValueError, match="key"):
         girder.state("0" * 63)
+    with pytest.raises(TypeError, match="queue"):
+        girder.offers("")
+    for bad_limit in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="limit"):
+            girder.offers("q", bad_limit)
 
 
 # -- reported by the worker --------------------------------------------------------------------
@@ -197,6 +202,7 @@ def test_an_unreachable_store_is_a_fast_clear_error_naming_the_url():
         "delay": lambda: add.delay(1, 2),
         "state": lambda: girder.state(add.s(1, 2)),
         "forget": lambda: girder.forget(add.s(1, 2)),
+        "offers": lambda: girder.offers("q"),
     }
     for what, call in calls.items():
         started = time.monotonic()
