@@ -3,6 +3,8 @@
 A failed request is stored as a JSON-family dict (never a pickled exception, invariant 7) and
 rebuilt as a ``GirderError`` in every waiter. ``causes`` holds the failed sub-requests' errors,
 so the chain from the outermost request to the innermost failure survives any number of hops.
+``unreachable`` is the one place a Redis client's connection failure becomes a
+``GirderConnectionError`` naming the state store.
 """
 
 from __future__ import annotations
@@ -134,6 +136,12 @@ class GirderConnectionError(GirderError, ConnectionError):
 
 #: What the Redis client raises when the state store is unreachable or is not a Redis server.
 STORE_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.InvalidResponse)
+
+
+def unreachable(url: str, exc: BaseException) -> GirderConnectionError:
+    """The error for a state store at ``url`` that could not be reached (``exc`` says why)."""
+    masked = safe_url(url)
+    return GirderConnectionError(f"cannot reach girder's state store at {masked}: {exc}", url=masked)
 
 
 def safe_url(url: str) -> str:

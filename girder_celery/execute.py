@@ -1,148 +1,153 @@
-"""Running a request: claim, run with a renewed lease, complete or fail (invariants 1, 4, 7).
+"""The runner: claim a request, run it with a renewed lease, complete or fail it (invariants 1, 4, 7).
 
-A worker that receives an offer claims the key first; only a successful claim runs the function,
+A node that receives an offer claims the key first; only a successful claim runs the function,
 so a duplicate, stale or hoisted copy of a message never runs it twice. An inline run arrives
-already claimed. Either way the value is written to the state store (waking every waiter) before
-Celery mirrors it into its result backend.
+already claimed, its ``InlineRun`` in the Celery request. Either way the outcome is written to
+the state store (waking every waiter) before it is mirrored into Celery's result backend.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-import uuid
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
+from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 
-from . import inline, keys
+from . import keys
 from .errors import GirderError
+from .frame import Frame, enter, leave
 from .lease import LeaseKeeper
-from .store import Outcome
+from .mirror import Mirror
+from .offers import Offers
+from .settings import Settings
+from .store import Outcome, StateStore, Verdict
 
-if TYPE_CHECKING:
-    from .girder import Girder
-    from .task import GirderTask
-
-__all__ = ["Executor", "unique_id"]
+__all__ = ["InlineRun", "Runner"]
 
 logger = logging.getLogger(__name__)
-
-_nonce: tuple[int, str] = (0, "")
-_counter = itertools.count()
-
-
-def unique_id() -> str:
-    """Unique across processes and time: a random nonce drawn once per process, and a counter
-    (cheaper than a uuid4 per claim or mailbox, which costs a system call)."""
-    global _nonce
-    if _nonce[0] != os.getpid():
-        _nonce = (os.getpid(), uuid.uuid4().hex[:16])
-    return f"{_nonce[1]}{next(_counter):x}"
-
 
 #: Exceptions that are Celery control flow, not a failure of the function.
 _CONTROL_FLOW = (Ignore, Reject, Retry)
 
 
-class Executor:
-    """Claims and runs girder requests in this process."""
+@dataclass
+class InlineRun:
+    """Carried in an inline run's Celery request: its owner already holds the claim, and the
+    outcome is handed back here to the waiter, whose ``mailbox`` is not notified of it."""
 
-    def __init__(self, girder: Girder) -> None:
-        self.girder = girder
-        self.leases = LeaseKeeper(lambda: girder.store, girder.settings.lease_seconds, girder.edge_ttl_seconds)
+    owner: str
+    mailbox: str
+    outcome: Outcome | None = field(default=None)
 
-    def owner_token(self, node: str) -> str:
-        """A token no other claim shares: node, process, a per-process nonce and a counter."""
-        return f"{node}/{os.getpid()}/{unique_id()}"
 
-    def take_offer(self, task: GirderTask, context: Any, args: tuple, kwargs: dict) -> tuple[Any] | None:
+class Runner:
+    """Claims, runs and settles girder requests for this process's executors."""
+
+    def __init__(self, store: StateStore, offers: Offers, mirror: Mirror, settings: Settings) -> None:
+        self.store = store
+        self.offers = offers
+        self.mirror = mirror
+        self.settings = settings
+        self.leases = LeaseKeeper(store, settings.lease_ms, settings.edge_ttl_ms)
+        #: Whether this node sends task events (``-E``), and its number of executors; set by
+        #: the worker bootstep.
+        self.events = False
+        self.concurrency = 0
+
+    @staticmethod
+    def new_owner(node: str) -> str:
+        """An owner token no other claim shares: node, process, a per-process nonce and a counter."""
+        return f"{node}/{os.getpid()}/{keys.unique_id()}"
+
+    def take_offer(self, task: Task, context: Any, args: tuple, kwargs: dict) -> tuple[Any] | None:
         """Run what a Celery request carries: ``(value,)``, or None if the offer was skipped."""
-        claim = getattr(context, "girder_inline", None)
-        if claim is not None:
-            return (self.run_claimed(task, context.id, claim.owner, args, kwargs, context, claim),)
+        run = getattr(context, "girder_inline", None)
+        if run is not None:
+            return (self.run_claimed(task, context.id, run.owner, args, kwargs, context, run),)
         key, node = context.id, context.hostname or "unknown"
-        owner = self.owner_token(node)
+        owner = self.new_owner(node)
         via = (context.delivery_info or {}).get("routing_key") or ""
-        verdict, data, _ = self.girder.store.claim(key, owner, node, self.leases.lease_ms, via)
-        if verdict == "absent":
+        verdict, data, _ = self.store.claim(key, owner, node, self.leases.lease_ms, via)
+        if verdict is Verdict.ABSENT:
             key, verdict, data = self._adopt(task, key, args, kwargs, owner, node)
-        if verdict != "claimed":
+        if verdict is not Verdict.CLAIMED:
             logger.info("girder: skipping offer of %s[%s]: %s", task.name, key, verdict)
             return None
         call_args, call_kwargs = keys.decode_payload(data)
         return (self.run_claimed(task, key, owner, call_args, call_kwargs, context),)
 
-    def _adopt(self, task, key, args, kwargs, owner, node) -> tuple[str, str, str]:
+    def _adopt(self, task, key, args, kwargs, owner, node) -> tuple[str, Verdict, str]:
         # The store has no record (lost, expired, or sent by plain send_task): the message's
         # own arguments are the request. It runs under its canonical key.
         request = task.prepare(args, kwargs)
         if request.key != key:
             logger.warning("girder: message id %s of %s is not its request key %s", key, task.name, request.key)
-        self.girder.submit([request], mailbox="", offer=False)
-        verdict, data, _ = self.girder.store.claim(request.key, owner, node, self.leases.lease_ms)
+        self.offers.submit([request], mailbox="", offer=False)
+        verdict, data, _ = self.store.claim(request.key, owner, node, self.leases.lease_ms)
         return request.key, verdict, data
 
     def run_claimed(
         self,
-        task: GirderTask,
+        task: Task,
         key: str,
         owner: str,
         args: list | tuple,
         kwargs: dict,
         context: Any,
-        claim: inline.InlineClaim | None = None,
+        run: InlineRun | None = None,
     ) -> Any:
         """Run a claimed request and settle it in the store; returns the value or raises.
 
-        With an inline ``claim`` the outcome is also left on it for the waiting frame, and
+        With an inline ``run`` the outcome is also left on it for the waiting frame, and
         Celery control-flow exceptions count as failures (there is no message to retry).
         """
-        parent = claim.parent if claim is not None else None
-        frame = inline.Frame(key, context.hostname or "unknown", context.root_id or key, owner, parent)
-        skip_mailbox = claim.skip_mailbox if claim is not None else ""
+        token = enter(Frame(key, context.hostname or "unknown", context.root_id or key, owner))
+        skip_mailbox = run.mailbox if run is not None else ""
         # Inline runs and girder's own offers leave the result backend to girder (mirror.py).
-        mirror = not task.ignore_result and (claim is not None or getattr(context, "girder_mirror", False))
-        token = inline.enter(frame)
+        mirror = not task.ignore_result and (run is not None or getattr(context, "girder_mirror", False))
         self.leases.hold(key, owner)
         try:
-            outcome, value = self._run(task, key, owner, args, kwargs, claim, skip_mailbox)
+            outcome, value = self._run(task, key, owner, args, kwargs, run, skip_mailbox)
         except Exception as exc:
             if mirror:
-                self._mirror_failure(task, key, exc, context)
+                self.mirror.put_failure(task, key, exc, context)
             raise
         else:
             if mirror:
-                self.girder.mirror.put(task, key, value, outcome.data, context)
+                self.mirror.put(task, key, value, outcome.data, context)
             return value
         finally:
             self.leases.release(key)
-            inline.leave(token)
-            if claim is None:  # the request a message brought is done
-                self.girder.between_messages()
+            leave(token)
+            if run is None:  # the request a message brought is done
+                self._after_message()
 
-    def _run(self, task, key, owner, args, kwargs, claim, skip_mailbox) -> tuple[Outcome, Any]:
+    def _run(self, task, key, owner, args, kwargs, run, skip_mailbox) -> tuple[Outcome, Any]:
         outcome = None
         try:
             value = task.run(*args, **kwargs)
             encoded = self._encode(task, key, args, kwargs, value)
         except Exception as exc:
-            if claim is None and isinstance(exc, _CONTROL_FLOW):
+            if run is None and isinstance(exc, _CONTROL_FLOW):
                 raise
             outcome = self._fail(task, key, owner, args, kwargs, exc, skip_mailbox)
             raise
         else:
-            self.girder.store.complete_unawaited(key, owner, encoded, self.girder.result_ttl_ms(task), skip_mailbox)
-            outcome = Outcome(key, "done", encoded)
+            ttl_ms = self.settings.result_ttl_ms(task.cache_ttl)
+            self.store.complete_unawaited(key, owner, encoded, ttl_ms, skip_mailbox)
+            outcome = Outcome(key, Verdict.DONE, encoded)
             return outcome, value
         finally:
-            if claim is not None:
-                claim.outcome = outcome
+            if run is not None:
+                run.outcome = outcome
 
-    def _encode(self, task, key, args, kwargs, value: Any) -> str:
+    @staticmethod
+    def _encode(task, key, args, kwargs, value: Any) -> str:
         try:
-            return self.girder.encode_value(value)
+            return keys.encode_value(value)
         except TypeError as exc:
             raise GirderError(
                 f"its result is not JSON-serializable: {exc}",
@@ -151,23 +156,47 @@ class Executor:
                 exc_type="TypeError",
             ) from exc
 
-    @staticmethod
-    def _mirror_failure(task, key, exc: Exception, context: Any) -> None:
-        try:
-            task.backend.mark_as_failure(key, exc, exc.__traceback__, request=context)
-        except Exception:
-            logger.warning("girder: could not mirror the failure of %s to the result backend", key, exc_info=True)
-
     def _fail(self, task, key, owner, args, kwargs, exc: BaseException, skip_mailbox: str) -> Outcome:
         if isinstance(exc, GirderError) and exc.key == key:
             error = exc
         else:
             error = GirderError.from_exception(exc, key=key, request=keys.readable(task.name, args, kwargs))
-        encoded = self.girder.encode_json(error.to_dict())
-        self.girder.store.fail(key, owner, encoded, task.cache_errors, self.girder.error_ttl_ms(task), skip_mailbox)
-        return Outcome(key, "failed", encoded)
+        encoded = keys.encode_value(error.to_dict())
+        ttl_ms = self.settings.error_ttl_ms(task.cache_ttl, task.cache_errors)
+        self.store.fail(key, owner, encoded, task.cache_errors, ttl_ms, skip_mailbox)
+        return Outcome(key, Verdict.FAILED, encoded)
 
     def fail_internal(self, task, key, owner, args, kwargs, skip_mailbox: str) -> Outcome:
         """Fail an inline run whose tracer broke before the function ran."""
         error = RuntimeError(f"Celery's tracer failed before running {task.name}; see the worker log")
         return self._fail(task, key, owner, args, kwargs, error, skip_mailbox)
+
+    def refuse_unknown(self, key: str, name: str, node: str) -> None:
+        """Fail request ``key`` whose message names task ``name``, unknown on ``node``, so its
+        waiters hear of it: only while nobody has claimed it, since a stale copy reaching a node
+        deployed without the task must not fail a run going on, or done, elsewhere."""
+        error = GirderError(
+            f"no task named {name!r} is registered on {node}",
+            key=key,
+            request=name,
+            exc_type="celery.exceptions.NotRegistered",
+        )
+        encoded = keys.encode_value(error.to_dict())
+        self.store.fail(key, "", encoded, False, self.settings.error_ttl_ms(None, False), only_if_queued=True)
+
+    # -- this thread's connections -------------------------------------------------------------
+
+    def release_thread(self) -> None:
+        """This thread is about to hop or end: send its mirror copies, read every reply it left
+        unread and give its connections back to their pools."""
+        self.mirror.flush()
+        self.store.idle()
+        self.mirror.idle()
+
+    def _after_message(self) -> None:
+        # The thread takes the next message: its copies go out now, unawaited, and it keeps
+        # its connections. A greenlet ends with its message, so it releases them.
+        if self.store.link.green:
+            self.release_thread()
+        else:
+            self.mirror.flush()

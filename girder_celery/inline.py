@@ -1,11 +1,16 @@
 """Running sub-requests inline, on the waiting executor's own stack (invariants 2, 3).
 
-A *frame* is one girder request running in this process; frames nest as requests run their
-sub-requests inline. An inline run goes through Celery's own tracer, so it has a real request
-context (``self.request.id`` is the key, with ``parent_id``, ``root_id`` and ``hostname``), fires
+``InlineWait`` is a running request waiting for its sub-requests: it never blocks on unclaimed
+work (invariant 2), it claims the newest of its own pending sub-requests that is still queued
+and runs it here, and blocks only when every one left is running on a live executor. It runs
+nothing but its own sub-requests (invariant 3).
+
+An inline run goes through Celery's own tracer, so it has a real request context
+(``self.request.id`` is the key, with ``parent_id``, ``root_id`` and ``hostname``), fires
 ``task_prerun``/``task_postrun``, is logged, and its result is mirrored to the result backend
-(asynchronously, by ``mirror.py``);
-task events are sent when the worker sends them (``-E``), so Flower shows inline runs.
+(by ``mirror.py``); task events are sent when the worker sends them (``-E``), so Flower shows
+inline runs. The tracer calls the task, which hands the run back to the runner
+(``Runner.take_offer``) with the ``InlineRun`` the context carries.
 
 Depth: nested inline runs would exhaust the interpreter's stack long before a 2,000-deep chain
 ends, so when the current thread's stack is deep the next inline run hops to a fresh thread (a
@@ -16,68 +21,77 @@ limit is never raised, and each thread's C stack carries only a bounded slice of
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from celery import Task
 from celery.app.trace import build_tracer
 from celery.utils.saferepr import saferepr
 
-from .keys import decode_payload
-from .store import Outcome
+from .execute import InlineRun, Runner
+from .frame import Frame
+from .keys import Request, decode_payload
+from .store import Claimant, Outcome, Verdict
+from .wait import Wait
 
-if TYPE_CHECKING:
-    from .girder import Girder
-    from .task import GirderTask, Request
-
-__all__ = ["Frame", "InlineClaim", "current_frame", "run_inline"]
-
-
-@dataclass(frozen=True)
-class Frame:
-    """A girder request running in this process, and the frame that runs it inline, if any."""
-
-    key: str
-    node: str
-    root_id: str
-    owner: str
-    parent: Frame | None = None
-
-    def ancestors(self) -> list[str]:
-        """Keys from this frame outwards."""
-        keys, frame = [], self
-        while frame is not None:
-            keys.append(frame.key)
-            frame = frame.parent
-        return keys
+__all__ = ["InlineWait", "run_inline"]
 
 
-_current: contextvars.ContextVar[Frame | None] = contextvars.ContextVar("girder_frame", default=None)
+class InlineWait(Wait):
+    """A running request waiting for its sub-requests: it runs queued ones itself, newest first."""
 
+    def __init__(self, runner: Runner, requests: list[Request], timeout: float | None, frame: Frame) -> None:
+        node_queue = runner.offers.node_queue(frame.node)
+        local = [r if r.pool else dataclasses.replace(r, pool=node_queue) for r in requests]
+        super().__init__(runner.offers, local, timeout)
+        # On a node whose only executor is this waiter, a message on its own queue could only
+        # ever reach the waiter itself: the offer is recorded, not sent, and the hoister copies
+        # it up to the pool if it waits longer than girder_hoist_after.
+        self.send_offers = runner.concurrency != 1 or any(r.pool != node_queue for r in local)
+        self.runner = runner
+        self.frame = frame
+        self.owner = runner.new_owner(frame.node)
+        self.lease_ms = runner.leases.lease_ms
 
-def current_frame() -> Frame | None:
-    """The girder request this thread (or greenlet) is running, if any."""
-    return _current.get()
+    def _submit(self, requests: list[Request]) -> list[Outcome]:
+        claimant = Claimant(requests[-1].key, self.owner, self.frame.node, self.lease_ms)
+        return self.offers.submit(
+            requests, self.mailbox, offer=self.send_offers, requester=self.frame.key, claimant=claimant
+        )
 
+    def _resubmit(self) -> list[Outcome]:
+        # Whatever became claimable again (an expired lease, a lost record) is run here, not
+        # offered: this executor is free for it right now.
+        return self.offers.submit(
+            [self.unique[k] for k in self.pending], self.mailbox, offer=False, requester=self.frame.key
+        )
 
-def enter(frame: Frame) -> contextvars.Token:
-    return _current.set(frame)
+    def _before_block(self) -> None:
+        self.runner.mirror.flush()  # no copy buffered here waits on this executor's block
 
-
-def leave(token: contextvars.Token) -> None:
-    _current.reset(token)
-
-
-@dataclass
-class InlineClaim:
-    """Carried in an inline run's Celery request: the claim is held, skip claiming again."""
-
-    owner: str
-    skip_mailbox: str
-    parent: Frame
-    outcome: Outcome | None = field(default=None)
+    def _run_one_inline(self) -> bool:
+        queued, claimed = [], None
+        for key in reversed(self.pending):
+            verdict = self.pending[key]
+            if verdict is Verdict.CLAIMED:  # by the submit
+                claimed = key
+                break
+            if verdict is Verdict.QUEUED or verdict is Verdict.OFFER:
+                queued.append(key)
+        key = None
+        if queued:  # newest first, in one round trip
+            key, _ = self.store.claim_first(queued, self.owner, self.frame.node, self.lease_ms)
+            for other in queued[: queued.index(key) if key else None]:
+                self.pending[other] = Verdict.RUNNING  # or settled: the mailbox will tell
+        key = key or claimed
+        if key is None:
+            return False
+        outcome = run_inline(self.runner, self.unique[key], self.owner, self.mailbox, self.frame)
+        self._settle(outcome)
+        return True
 
 
 def _stack_is_deep() -> bool:
@@ -88,21 +102,21 @@ def _stack_is_deep() -> bool:
     return True
 
 
-def run_inline(girder: Girder, request: Request, owner: str, mailbox: str, parent: Frame) -> Outcome:
+def run_inline(runner: Runner, request: Request, owner: str, mailbox: str, waiter: Frame) -> Outcome:
     """Run a request this executor has claimed, as a Celery task, inline; its outcome."""
     if not _stack_is_deep():
-        return _trace(girder, request, owner, mailbox, parent)
-    girder.pause()  # this thread waits for the hop
+        return _trace(runner, request, owner, mailbox, waiter)
+    runner.release_thread()  # this thread waits for the hop
     result: list[Any] = []
     context = contextvars.copy_context()
 
     def hop() -> None:
         try:
-            result.append(context.run(_trace, girder, request, owner, mailbox, parent))
+            result.append(context.run(_trace, runner, request, owner, mailbox, waiter))
         except BaseException as exc:  # handed to the waiting thread
             result.append(exc)
         finally:
-            girder.pause()  # this thread ends
+            runner.release_thread()  # this thread ends
 
     thread = threading.Thread(target=hop, name=f"girder-inline-{request.key[:8]}", daemon=True)
     thread.start()
@@ -115,47 +129,47 @@ def run_inline(girder: Girder, request: Request, owner: str, mailbox: str, paren
 _tracers: dict[tuple[str, str], Any] = {}
 
 
-def _tracer(task: GirderTask, node: str) -> Any:
+def _tracer(task: Task, node: str) -> Any:
     tracer = _tracers.get((task.name, node))
     if tracer is None:
         tracer = _tracers[(task.name, node)] = build_tracer(task.name, task, hostname=node, app=task.app)
     return tracer
 
 
-def _trace(girder: Girder, request: Request, owner: str, mailbox: str, parent: Frame) -> Outcome:
-    task, key, node = request.task, request.key, parent.node
-    claim = InlineClaim(owner, mailbox, parent)
+def _trace(runner: Runner, request: Request, owner: str, mailbox: str, waiter: Frame) -> Outcome:
+    task, key, node = request.task, request.key, waiter.node
+    run = InlineRun(owner, mailbox)
     args, kwargs = decode_payload(request.payload)
     context = {
         "id": key,
         "task": task.name,
-        "root_id": parent.root_id,
-        "parent_id": parent.key,
+        "root_id": waiter.root_id,
+        "parent_id": waiter.key,
         "hostname": node,
         "delivery_info": {"exchange": "", "routing_key": "", "priority": None, "redelivered": False},
         "correlation_id": key,
-        "girder_inline": claim,
-        # The tracer must not store the result: the executor mirrors it (see mirror.py).
+        "girder_inline": run,
+        # The tracer must not store the result: the runner mirrors it (see mirror.py).
         "ignore_result": True,
     }
-    events = girder.worker_events
+    events = runner.events
     if events:
         _send_event(task, node, "task-received", key, name=task.name, args=saferepr(args), kwargs=saferepr(kwargs),
-                    root_id=parent.root_id, parent_id=parent.key, retries=0)  # fmt: skip
+                    root_id=waiter.root_id, parent_id=waiter.key, retries=0)  # fmt: skip
         _send_event(task, node, "task-started", key)
     started = time.monotonic()
     _tracer(task, node)(key, args, kwargs, context)
-    outcome = claim.outcome
+    outcome = run.outcome
     if outcome is None:  # the tracer failed before our code ran
-        outcome = girder.executor.fail_internal(task, key, owner, args, kwargs, mailbox)
+        outcome = runner.fail_internal(task, key, owner, args, kwargs, mailbox)
     if events:
-        if outcome.verdict == "done":
+        if outcome.verdict is Verdict.DONE:
             _send_event(task, node, "task-succeeded", key, result=outcome.data, runtime=time.monotonic() - started)
         else:
-            _send_event(task, node, "task-failed", key, exception=girder.decode_json(outcome.data).get("message"))
+            _send_event(task, node, "task-failed", key, exception=outcome.error().message)
     return outcome
 
 
-def _send_event(task: GirderTask, node: str, type_: str, key: str, **fields: Any) -> None:
+def _send_event(task: Task, node: str, type_: str, key: str, **fields: Any) -> None:
     with task.app.events.default_dispatcher(hostname=node) as dispatcher:
         dispatcher.send(type_, uuid=key, **fields)

@@ -6,6 +6,8 @@ The encoding is typed and exact: ``1``, ``1.0``, ``True`` and ``"1"`` differ, ``
 ``{"1": x}`` differ, dict order never matters, and a tuple encodes as the list with the same items.
 The canonical text is both what is hashed (SHA-256) and the payload a worker decodes to call the
 function, so the function receives exactly what the key describes (tuples arrive as lists).
+A :class:`Request` is one such call, ready to submit. Values (results) travel and rest as kombu's
+JSON (invariant 7); ``unique_id`` makes the ids of owners and mailboxes.
 
 Supported argument types: ``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``, ``list``,
 ``tuple``, ``dict`` (keys of type ``str``, ``int``, ``float``, ``bool`` or ``None``),
@@ -20,14 +22,22 @@ import datetime as dt
 import decimal
 import hashlib
 import inspect
+import itertools
 import json
+import os
+import re
 import reprlib
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from celery import Task
+from kombu.utils import json as kombu_json
+
 __all__ = [
-    "bind_arguments", "binder", "decode_payload", "encode_payload", "readable", "readable_args", "request_key",
+    "Request", "bind_arguments", "binder", "check_key", "decode_payload", "decode_value", "encode_payload",
+    "encode_value", "is_key", "readable", "readable_args", "request_key", "unique_id",
 ]  # fmt: skip
 
 #: Marker of a tagged value; a user dict holding this key is itself encoded tagged.
@@ -200,3 +210,59 @@ def readable(name: str, args: tuple | list, kwargs: dict) -> str:
     parts = [_repr.repr(a) for a in args]
     parts += [f"{k}={_repr.repr(v)}" for k, v in kwargs.items()]
     return f"{name}({', '.join(parts)})"
+
+
+_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def is_key(text: Any) -> bool:
+    """Whether ``text`` has the form of a request key: 64 lowercase hex digits."""
+    return isinstance(text, str) and _KEY_RE.match(text) is not None
+
+
+def check_key(text: Any) -> str:
+    """``text`` if it is a request key, else ``ValueError`` saying what a key looks like."""
+    if not is_key(text):
+        raise ValueError(f"not a girder key (64 lowercase hex digits): {text!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class Request:
+    """A girder request ready to submit: the task, its key and its canonical payload, and the
+    pool (queue) it is offered on when it is not the task's own."""
+
+    task: Task
+    key: str
+    payload: str
+    args: tuple
+    kwargs: dict
+    pool: str | None = None
+
+    @property
+    def readable(self) -> str:
+        return readable(self.task.name, self.args, self.kwargs)
+
+
+def encode_value(value: Any) -> str:
+    """A result as it is stored and sent: kombu's JSON (datetime, Decimal, UUID, bytes too);
+    ``TypeError`` for a value it cannot encode."""
+    return kombu_json.dumps(value)
+
+
+def decode_value(text: str) -> Any:
+    """A result stored by :func:`encode_value`."""
+    return kombu_json.loads(text)
+
+
+_nonce: tuple[int, str] = (0, "")
+_counter = itertools.count()
+
+
+def unique_id() -> str:
+    """Unique across processes and time: a random nonce drawn once per process, and a counter
+    (cheaper than a uuid4 per claim or mailbox, which costs a system call)."""
+    global _nonce
+    if _nonce[0] != os.getpid():
+        _nonce = (os.getpid(), uuid.uuid4().hex[:16])
+    return f"{_nonce[1]}{next(_counter):x}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+import time
 
 from .store import StateStore
 
@@ -24,15 +24,14 @@ logger = logging.getLogger(__name__)
 class LeaseKeeper:
     """The leases held in this process, ``{key: owner}``, and the thread that renews them."""
 
-    def __init__(self, store: Callable[[], StateStore], lease_seconds: float, edge_ttl_seconds: float) -> None:
-        self._store = store
-        self.lease_ms = int(lease_seconds * 1000)
-        self.edge_ttl_ms = int(edge_ttl_seconds * 1000)
-        self.interval = lease_seconds / 3
+    def __init__(self, store: StateStore, lease_ms: int, edge_ttl_ms: int) -> None:
+        self.store = store
+        self.lease_ms = lease_ms
+        self.edge_ttl_ms = edge_ttl_ms
+        self.interval = lease_ms / 3000
         self._held: dict[str, str] = {}
         self._lock = threading.Lock()
         self._pid: int | None = None
-        self._wake = threading.Event()
 
     def hold(self, key: str, owner: str) -> None:
         with self._lock:
@@ -52,13 +51,12 @@ class LeaseKeeper:
         # A forked child inherits the parent's table but not its thread: start afresh.
         self._pid = os.getpid()
         self._held = {}
-        self._wake = threading.Event()
         threading.Thread(target=self._run, name="girder-lease-keeper", daemon=True).start()
 
     def _run(self) -> None:
         pid = os.getpid()
         while self._pid == pid:
-            self._wake.wait(self.interval)
+            time.sleep(self.interval)
             self.renew_once()
 
     def renew_once(self) -> None:
@@ -67,7 +65,7 @@ class LeaseKeeper:
         if not leases:
             return
         try:
-            renewed = self._store().renew(leases, self.lease_ms, self.edge_ttl_ms)
+            renewed = self.store.renew(leases, self.lease_ms, self.edge_ttl_ms)
         except Exception:
             logger.warning("girder: could not renew %d lease(s); will retry", len(leases), exc_info=True)
             return

@@ -1,4 +1,4 @@
-"""Mirroring inline results into Celery's result backend, off the executor's critical path.
+"""Mirroring outcomes into Celery's result backend, off the executor's critical path.
 
 The state store is the truth (invariant 1) and every waiter hears from it; the copy in Celery's
 result backend is for ``AsyncResult(key).get()``, Flower and other Celery tools. An inline run
@@ -12,6 +12,7 @@ encodes, delays the executor's every socket read.
 A Redis result backend storing plain JSON gets Celery's document built around the value's JSON,
 which girder already has; any other backend gets ``mark_as_done`` per result. A copy lost in a
 crash is written again by the next ``apply_async`` of the request, which re-stores a done value.
+A failure is rare and carries its traceback: it is written at once, with ``mark_as_failure``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ class Mirror:
         buffer.append((task, key, value, value_json, request))
         if len(buffer) >= BATCH or time.monotonic() - self._local.since > MAX_AGE:
             self.flush()
+
+    def put_failure(self, task: Any, key: str, exc: BaseException, request: Any) -> None:
+        """Write the failure of ``key`` now; a failure to write is logged, never raised."""
+        try:
+            task.backend.mark_as_failure(key, exc, exc.__traceback__, request=request)
+        except Exception:
+            logger.warning("girder: could not mirror the failure of %s to the result backend", key, exc_info=True)
 
     def flush(self) -> None:
         """Send this thread's buffered copies now; a failure is logged, never raised."""

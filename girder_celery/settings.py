@@ -1,11 +1,15 @@
-"""Girder's settings: ``app.conf.girder_*``, read once, validated, with documented defaults."""
+"""Girder's settings: ``app.conf.girder_*``, read once, validated, with documented defaults.
+
+Settings are in seconds, as Celery's are; the state store's scripts count milliseconds, and
+the conversions are made here, once (``ms`` and the ``*_ms`` properties).
+"""
 
 from __future__ import annotations
 
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "ms"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,32 @@ class Settings:
         if not isinstance(self.volunteer, bool):
             raise ValueError(f"girder_volunteer must be True or False, not {self.volunteer!r}")
 
+    @property
+    def lease_ms(self) -> int:
+        return ms(self.lease_seconds)
+
+    @property
+    def edge_ttl_ms(self) -> int:
+        """How long a waits-for edge outlives its last refresh: renewals and re-submissions
+        refresh it, so it goes only when its requester has died."""
+        return ms(2 * self.lease_seconds + self.check_interval)
+
+    @property
+    def reoffer_after_ms(self) -> int:
+        return ms(self.reoffer_after)
+
+    @property
+    def hoist_after_ms(self) -> int:
+        return ms(self.hoist_after)
+
+    def result_ttl_ms(self, cache_ttl: float | None) -> int:
+        """How long a done value is kept (0: forever): a task's ``cache_ttl``, else ``result_ttl``."""
+        return ms((cache_ttl if cache_ttl is not None else self.result_ttl) or 0)
+
+    def error_ttl_ms(self, cache_ttl: float | None, cache_errors: bool) -> int:
+        """How long a failure is kept: as long as a done value where errors are memoized."""
+        return self.result_ttl_ms(cache_ttl) if cache_errors else ms(self.error_ttl)
+
     def pool_chain(self, pool: str) -> list[str]:
         """``pool`` and its ancestors, nearest first."""
         chain = [pool]
@@ -103,6 +133,11 @@ def _validate_pools(pools: Any) -> None:
                 raise ValueError(f"girder_pools has a cycle through {cur!r}")
             seen.add(cur)
             cur = pools.get(cur)
+
+
+def ms(seconds: float) -> int:
+    """Seconds as the whole milliseconds Redis and the scripts count in."""
+    return int(seconds * 1000)
 
 
 def _default(f: Field) -> Any:

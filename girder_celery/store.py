@@ -1,35 +1,119 @@
 """The Redis state store: the single source of truth for every request (invariants 1, 4, 7).
 
-One method per state transition, each one atomic Lua script from ``girder_celery/lua``, loaded
-once per client and called by SHA (redis-py reloads a script that a restarted Redis forgot).
-Every key lives under the prefix: ``<prefix>:req:<key>`` (the request record, a hash),
-``<prefix>:waiters:<key>`` (the mailboxes to notify) and ``<prefix>:mailbox:<id>`` (one waiter's
-notifications). Values and errors are stored as JSON text; nothing is ever unpickled.
+The whole contract is here, one method per state transition, each one atomic Lua script from
+``girder_celery/lua`` (loaded once per client and called by SHA; redis-py reloads a script that
+a restarted Redis forgot). Values and errors are stored as JSON text; nothing is unpickled.
+
+Keys, all under the prefix:
+
+- ``<prefix>:req:<key>``: the request record, a hash: ``state``, ``payload``, ``name``,
+  ``request`` (readable), ``pool``, ``owner``, ``node``, ``lease_until``, ``value`` or
+  ``error`` and ``memo``, the ``*_at`` times (ms), ``attempts``, ``offers``, ``offered_on``,
+  ``placement``, ``claimed_via``, ``hoists``, ``ran_by``;
+- ``<prefix>:waiters:<key>``: the mailboxes to notify when it settles, a set;
+- ``<prefix>:waits:<key>``: the waits-for edges of a running request, the set of keys it
+  waits for, which expires with its lease (a cycle is refused by walking them);
+- ``<prefix>:offers:<queue>``: the offers waiting on a queue, a zset of keys by offer time;
+- ``<prefix>:mailbox:<id>``: one waiter's notifications, a list of ``<verdict>:<key>:<data>``.
+
+States of a record: absent -> queued -> running(owner, lease) -> done(value) | failed(error).
+A record answers each call with a ``Verdict`` (see there) and data; ``Outcome`` carries both.
+
+| method | script | transition |
+| --- | --- | --- |
+| ``submit`` | submit.lua | absent, failed (not memoized), lapsed -> queued (offer); or -> running for a claimant |
+| ``claim``, ``claim_first`` | claim.lua | queued, lapsed -> running(owner, lease) |
+| ``renew`` | renew.lua | running(owner) -> running(owner, later lease) |
+| ``complete`` | complete.lua | not settled -> done(value); waiters woken |
+| ``fail`` | fail.lua | not settled -> failed(error); waiters woken |
+| ``release`` | release.lua | running(owner) -> queued (Celery retries it) |
+| ``unoffer`` | unoffer.lua | queued, offered -> queued, never offered |
+| ``hoist`` | hoist.lua | queued on a queue -> queued there and on the next tier |
+| ``forget`` | forget.lua | done, failed -> absent |
+
+"Lapsed" is running with an expired lease: its owner died, and anyone may take it over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
+from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import redis
 
+from .errors import STORE_UNREACHABLE, GirderConnectionError, GirderError, unreachable
+from .keys import decode_value
 from .link import Link
 
-__all__ = ["Claim", "Outcome", "StateStore"]
+__all__ = ["Claimant", "Outcome", "StateStore", "Verdict"]
 
 #: How long a notification waits in a mailbox nobody reads (a waiter that died).
 MAILBOX_TTL_MS = 24 * 3600 * 1000
 
 
-def _load(name: str) -> str:
-    return (importlib.resources.files("girder_celery") / "lua" / f"{name}.lua").read_text()
+class Verdict(str, Enum):
+    """What the store answers for a request: its state, or what the caller must do next."""
+
+    #: submit: it is queued now and nothing was offered; the caller must publish an offer.
+    OFFER = "offer"
+    #: submit: already queued and offered. A record's state: waiting for an executor.
+    QUEUED = "queued"
+    #: A live executor holds it (data: the owner token).
+    RUNNING = "running"
+    #: submit with a claimant, claim: the caller holds it now and must run it (data: payload).
+    CLAIMED = "claimed"
+    #: Settled with a value (data: the value's JSON).
+    DONE = "done"
+    #: Settled with an error (data: the error's JSON); a submit restarts it unless memoized.
+    FAILED = "failed"
+    #: submit: refused, it (transitively) waits for its requester (data: the cycle's keys).
+    CYCLE = "cycle"
+    #: claim, forget: the store has no record of it (forgotten, expired or lost).
+    ABSENT = "absent"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_VERDICTS = {v.value: v for v in Verdict}
+_SETTLED = (Verdict.DONE, Verdict.FAILED)
+
+
+def _verdict(text: str) -> Verdict:
+    try:
+        return _VERDICTS[text]
+    except KeyError:
+        raise GirderError(f"the state store answered an unknown verdict {text!r}") from None
 
 
 @dataclass(frozen=True)
-class Claim:
-    """Who claims a request at submission, to run it inline: owner token, node, lease."""
+class Outcome:
+    """What the store answered for one request: a ``Verdict`` and its data."""
+
+    key: str
+    verdict: Verdict
+    data: str
+
+    @property
+    def settled(self) -> bool:
+        return self.verdict in _SETTLED
+
+    def value(self) -> Any:
+        """The value of a ``done`` outcome."""
+        return decode_value(self.data)
+
+    def error(self) -> GirderError:
+        """The error of a ``failed`` outcome."""
+        return GirderError.from_dict(decode_value(self.data))
+
+
+@dataclass(frozen=True)
+class Claimant:
+    """Who claims request ``key`` in the same step that submits it, to run it inline."""
 
     key: str
     owner: str
@@ -37,34 +121,29 @@ class Claim:
     lease_ms: int
 
 
-_NO_CLAIM = Claim("", "", "", 0)
+_NO_CLAIMANT = Claimant("", "", "", 0)
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What the store answered for one request: a verdict and its data.
-
-    ``verdict`` is one of ``offer``, ``queued``, ``running``, ``done``, ``failed``; ``data`` is
-    the value or error JSON for ``done``/``failed`` and the owner for ``running``.
-    """
-
-    key: str
-    verdict: str
-    data: str
-
-    @property
-    def settled(self) -> bool:
-        return self.verdict in ("done", "failed")
+def _load(name: str) -> str:
+    return (importlib.resources.files("girder_celery") / "lua" / f"{name}.lua").read_text()
 
 
 class StateStore:
-    """Atomic transitions of request records in one Redis database."""
+    """Atomic transitions of request records in one Redis database.
+
+    Args:
+        client: the Redis client (``decode_responses=True``).
+        prefix: the prefix of every key (``girder_key_prefix``).
+        busy_poll: seconds a thread spins for an awaited reply (see ``link.py``).
+        url: the store's URL, named by ``GirderConnectionError``; default: the client's.
+    """
 
     SCRIPTS = ("submit", "claim", "renew", "complete", "fail", "forget", "hoist", "unoffer", "release")
 
-    def __init__(self, client: redis.Redis, prefix: str = "girder", busy_poll: float = 0.0) -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "girder", busy_poll: float = 0.0, url: str = "") -> None:
         self.client = client
         self.prefix = prefix
+        self.url = url or _url_of(client)
         self._scripts = {name: client.register_script(_load(name)) for name in self.SCRIPTS}
         self.link = Link(client, list(self._scripts.values()), busy_poll)
         self._blmpop = True  # until the server says it has no BLMPOP (Redis < 7)
@@ -84,6 +163,18 @@ class StateStore:
     def mailbox_key(self, mailbox_id: str) -> str:
         return f"{self.prefix}:mailbox:{mailbox_id}"
 
+    @contextlib.contextmanager
+    def reachable(self) -> Iterator[None]:
+        """Around calls made for a caller: a Redis connection failure becomes a
+        ``GirderConnectionError`` naming the store."""
+        try:
+            yield
+        except STORE_UNREACHABLE as exc:
+            raise unreachable(self.url, exc) from exc
+
+    def connection_error(self, exc: BaseException) -> GirderConnectionError:
+        return unreachable(self.url, exc)
+
     # -- transitions -------------------------------------------------------------------------
 
     def submit(
@@ -93,13 +184,13 @@ class StateStore:
         reoffer_after_ms: int,
         requester: str = "",
         edge_ttl_ms: int = 0,
-        claim: Claim | None = None,
+        claimant: Claimant | None = None,
     ) -> list[Outcome]:
         """Submit requests given as ``(key, payload, name, readable, pool)``, in one round trip.
 
         Registers ``mailbox`` (a full mailbox key, or ``""`` for none) as a waiter on each
         request that is not settled. A ``requester`` (the key of the running request making
-        these) gets waits-for edges to each, and a cycle is answered ``cycle``; ``claim``
+        these) gets waits-for edges to each, and a cycle is answered ``cycle``; ``claimant``
         claims the request it names for an inline run. See ``lua/submit.lua``.
         """
         script = self._scripts["submit"]
@@ -107,20 +198,20 @@ class StateStore:
         edges = self.edges_key(requester)
         calls = []
         for key, payload, name, readable, pool in items:
-            claimer = claim if claim is not None and claim.key == key else _NO_CLAIM
+            claimer = claimant if claimant is not None and claimant.key == key else _NO_CLAIMANT
             calls.append((
                 (self.record_key(key), self.waiters_key(key), edges, offers + pool),
                 (payload, name, readable, pool, mailbox, reoffer_after_ms, key, requester, waits, edge_ttl_ms,
                  claimer.owner, claimer.node, claimer.lease_ms, offers),
             ))  # fmt: skip
         replies = self.link.call_many(script, calls)
-        return [Outcome(item[0], v, d or "") for item, (v, d) in zip(items, replies)]
+        return [Outcome(item[0], _verdict(v), d or "") for item, (v, d) in zip(items, replies)]
 
-    def claim(self, key: str, owner: str, node: str, lease_ms: int, via: str = "") -> tuple[str, str, int]:
+    def claim(self, key: str, owner: str, node: str, lease_ms: int, via: str = "") -> tuple[Verdict, str, int]:
         """Claim ``key`` for ``owner``, from an offer on queue ``via`` (``""``: a waiter claiming
         its own sub-request): ``(verdict, payload or owner, attempts)``."""
         verdict, data, attempts, _ = self._claim([key], owner, node, lease_ms, via)
-        return verdict, data, int(attempts or 0)
+        return _verdict(verdict), data, int(attempts or 0)
 
     def claim_first(self, keys: list[str], owner: str, node: str, lease_ms: int) -> tuple[str | None, str]:
         """Claim the first of ``keys`` (a waiter's own sub-requests) that can be claimed, in one
@@ -128,7 +219,7 @@ class StateStore:
         if not keys:
             return None, ""
         verdict, data, _, index = self._claim(keys, owner, node, lease_ms, "")
-        return (keys[index - 1], data) if verdict == "claimed" else (None, "")
+        return (keys[index - 1], data) if verdict == Verdict.CLAIMED else (None, "")
 
     def _claim(self, keys: list[str], owner: str, node: str, lease_ms: int, via: str) -> list:
         return self.link.call(
@@ -162,10 +253,6 @@ class StateStore:
         keys, args = self._settle_keys(key), (key, owner, value, ttl_ms, MAILBOX_TTL_MS, skip_mailbox)
         return self._scripts["complete"], keys, args
 
-    def idle(self) -> None:
-        """This thread is about to hop or end (see ``link.py``)."""
-        self.link.idle()
-
     def fail(
         self,
         key: str,
@@ -178,24 +265,44 @@ class StateStore:
     ) -> bool:
         """Store ``error`` (JSON) and wake the waiters but ``skip_mailbox``; False if it was
         already settled (or, with ``only_if_queued``, claimed by an executor)."""
-        return bool(
-            self._scripts["fail"](
-                self._settle_keys(key),
-                (
-                    key,
-                    owner,
-                    error,
-                    "1" if memoize else "0",
-                    ttl_ms,
-                    MAILBOX_TTL_MS,
-                    skip_mailbox,
-                    "1" if only_if_queued else "",
-                ),
-            )  # fmt: skip
-        )
+        memo, queued_only = "1" if memoize else "0", "1" if only_if_queued else ""
+        args = (key, owner, error, memo, ttl_ms, MAILBOX_TTL_MS, skip_mailbox, queued_only)
+        return bool(self._scripts["fail"](self._settle_keys(key), args))
 
     def _settle_keys(self, key: str) -> tuple[str, str, str]:
         return self.record_key(key), self.waiters_key(key), self.edges_key(key)
+
+    def release(self, key: str, owner: str) -> bool:
+        """Give claimed ``key`` back to queued (Celery is retrying it); False if not ours."""
+        return bool(self._scripts["release"]((self.record_key(key),), (owner,)))
+
+    def unoffer(self, key: str, pool: str) -> bool:
+        """Withdraw the offer of ``key`` on ``pool`` whose message was never sent."""
+        return bool(self._scripts["unoffer"]((self.record_key(key), self.offers_key(pool)), (key,)))
+
+    def forget(self, key: str) -> Verdict:
+        """Drop a settled request; returns the state it had (``absent`` if none)."""
+        return _verdict(self._scripts["forget"]((self.record_key(key),), ()))
+
+    def hoist(self, source: str, destination: str | None, after_ms: int, limit: int = 16) -> list[tuple[str, ...]]:
+        """Move up to ``limit`` offers queued on ``source`` for over ``after_ms`` to
+        ``destination``, unless ``limit`` offers wait that long there too (None at the top:
+        only drop stale entries): the ``(key, name, payload)`` to publish there."""
+        reply = self._scripts["hoist"](
+            (self.offers_key(source), self.offers_key(destination or source)),
+            (after_ms, self.record_key(""), destination or "", limit),
+        )
+        return [tuple(reply[i : i + 3]) for i in range(0, len(reply), 3)]
+
+    def idle(self) -> None:
+        """This thread is about to hop or end (see ``link.py``)."""
+        self.link.idle()
+
+    # -- reads and housekeeping -------------------------------------------------------------
+
+    def record(self, key: str) -> dict[str, Any]:
+        """The request record as stored (empty when absent)."""
+        return self.client.hgetall(self.record_key(key))
 
     def offers(self, queue: str, limit: int) -> tuple[int, int, list[tuple[str, int]]]:
         """The offers waiting on ``queue``: how many, Redis's clock (ms) and the ``limit``
@@ -214,38 +321,13 @@ class StateStore:
             pipe.hget(self.record_key(key), "request")
         return pipe.execute()
 
-    def release(self, key: str, owner: str) -> bool:
-        """Give claimed ``key`` back to queued (Celery is retrying it); False if not ours."""
-        return bool(self._scripts["release"]((self.record_key(key),), (owner,)))
+    def pop_mailbox(self, mailbox: str, block: float, most: int) -> list[Outcome]:
+        """The outcomes notified to ``mailbox``, up to ``most``, waiting up to ``block`` seconds
+        for the first: one round trip however many are there (``BLMPOP``; before Redis 7,
+        ``BLPOP`` and one each). A waiter that ran sub-requests inline finds the others' piled up."""
+        return [_notified(entry) for entry in self._pop(mailbox, block, most)]
 
-    def unoffer(self, key: str, pool: str) -> bool:
-        """Withdraw the offer of ``key`` on ``pool`` whose message was never sent."""
-        return bool(self._scripts["unoffer"]((self.record_key(key), self.offers_key(pool)), (key,)))
-
-    def forget(self, key: str) -> str:
-        """Drop a settled request; returns the state it had (``absent`` if none)."""
-        return self._scripts["forget"]((self.record_key(key),), ())
-
-    def hoist(self, source: str, destination: str | None, after_ms: int, limit: int = 16) -> list[tuple[str, ...]]:
-        """Move up to ``limit`` offers queued on ``source`` for over ``after_ms`` to
-        ``destination``, unless ``limit`` offers wait that long there too (None at the top:
-        only drop stale entries): the ``(key, name, payload)`` to publish there."""
-        reply = self._scripts["hoist"](
-            (self.offers_key(source), self.offers_key(destination or source)),
-            (after_ms, self.record_key(""), destination or "", limit),
-        )
-        return [tuple(reply[i : i + 3]) for i in range(0, len(reply), 3)]
-
-    # -- reads and housekeeping -------------------------------------------------------------
-
-    def record(self, key: str) -> dict[str, Any]:
-        """The request record as stored (empty when absent)."""
-        return self.client.hgetall(self.record_key(key))
-
-    def pop_mailbox(self, mailbox: str, block: float, most: int) -> list[str]:
-        """The notifications in ``mailbox``, up to ``most``, waiting up to ``block`` seconds for
-        the first: one round trip however many are there (``BLMPOP``; before Redis 7, ``BLPOP``
-        and one each). A waiter that ran sub-requests inline finds the others' results piled up."""
+    def _pop(self, mailbox: str, block: float, most: int) -> list[str]:
         if self._blmpop:
             try:
                 reply = self.client.blmpop(block, 1, mailbox, direction="LEFT", count=most)
@@ -263,3 +345,16 @@ class StateStore:
             pipe.srem(self.waiters_key(key), mailbox)
         pipe.delete(mailbox)
         pipe.execute()
+
+
+def _notified(entry: str) -> Outcome:
+    # complete.lua and fail.lua push "<verdict>:<key>:<data>"; data may hold colons.
+    verdict, key, data = entry.split(":", 2)
+    return Outcome(key, _verdict(verdict), data)
+
+
+def _url_of(client: redis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"

@@ -3,50 +3,44 @@
 A girder task is a Celery task whose task id is its request key (invariant 6). Calling it through
 girder (``call``, ``delay``, ``apply_async``) goes through the state store first, so a memoized
 request sends no message and an identical one in flight is joined rather than repeated
-(invariant 1). When a worker receives its message, ``__call__`` claims the key before running.
+(invariant 1). When a worker receives its message, ``__call__`` hands it to the runner, which
+claims the key before running. ``validate_options`` checks ``@girder.task``'s options.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import celery
 from celery.exceptions import Ignore
 
 from . import keys
-from .errors import GirderError
-from .inline import current_frame
+from .frame import current_frame
+from .keys import Request
+from .runtime import Runtime
+from .store import Verdict
 
-if TYPE_CHECKING:
-    from .girder import Girder
+__all__ = ["GIRDER_OPTIONS", "GirderTask", "validate_options"]
 
-__all__ = ["GirderTask", "Request"]
-
-
-@dataclass(frozen=True)
-class Request:
-    """A girder request ready to submit: the task, its key and its canonical payload."""
-
-    task: GirderTask
-    key: str
-    payload: str
-    args: tuple
-    kwargs: dict
-    pool: str | None = None
-
-    @property
-    def readable(self) -> str:
-        return keys.readable(self.task.name, self.args, self.kwargs)
+#: ``@girder.task`` options of girder's own; everything else goes to Celery.
+GIRDER_OPTIONS = ("version", "cache_ttl", "cache_errors")
+#: ``app.task`` options that are not Task attributes: decorator options, and routing and
+#: publishing options Celery reads from the task when it sends a message.
+_DECORATOR_OPTIONS = {
+    "name", "base", "bind", "shared", "lazy", "filter", "autoretry_for", "dont_autoretry_for",
+    "retry_kwargs", "retry_backoff", "retry_backoff_max", "retry_jitter", "pydantic",
+    "pydantic_strict", "pydantic_context", "pydantic_dump_kwargs", "queue", "routing_key",
+    "exchange", "exchange_type", "delivery_mode", "compression", "immediate", "mandatory",
+}  # fmt: skip
 
 
 class GirderTask(celery.Task):
-    """Base class of ``@girder.task`` tasks (``Girder`` binds a subclass to itself)."""
+    """Base class of ``@girder.task`` tasks (``Girder`` binds a subclass to its runtime)."""
 
-    girder: Girder
+    runtime: Runtime
     #: Part of every key: bump it when the function's meaning changes.
     version: str | None = None
     #: Seconds a done value is kept; None falls back to ``girder_result_ttl``.
@@ -86,7 +80,7 @@ class GirderTask(celery.Task):
 
         Raises ``GirderError`` if it failed, ``GirderTimeout`` past ``girder_request_timeout``.
         """
-        return self.girder.wait([self.prepare(args, kwargs)])[0]
+        return self.runtime.wait([self.prepare(args, kwargs)])[0]
 
     def apply_async(
         self,
@@ -108,32 +102,50 @@ class GirderTask(celery.Task):
         if app.conf.task_always_eager:
             return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
         request = self.prepare(args or (), kwargs, options.get("queue"))
+        runtime = self.runtime
         frame = current_frame()
         if options.get("retries") and frame is not None and frame.key == request.key:
             # Celery's retry of the request running here: give the claim back, so the retry
             # message is the request's next offer, not a duplicate of this run.
-            self.girder.store.release(request.key, frame.owner)
+            runtime.store.release(request.key, frame.owner)
             return super().apply_async(args, kwargs, request.key, producer, link, link_error, shadow, **options)
         if task_id is not None and task_id != request.key:
             raise ValueError(
                 f"{self.name}: a girder task's id is its request key {request.key}; got task_id={task_id!r}"
             )
-        outcome = self.girder.submit([request], mailbox="", offer=False)[0]
-        if outcome.verdict == "offer":
-            with self.girder.offering(request):
+        outcome = runtime.offers.submit([request], mailbox="", offer=False)[0]
+        if outcome.verdict is Verdict.OFFER:
+            with runtime.offers.offering(request):
                 return super().apply_async(args, kwargs, request.key, producer, link, link_error, shadow, **options)
-        if outcome.verdict == "done":
-            self.backend.mark_as_done(request.key, self.girder.decode_value(outcome.data))
-        elif outcome.verdict == "failed":
-            self.backend.mark_as_failure(request.key, GirderError.from_dict(self.girder.decode_json(outcome.data)))
+        if outcome.verdict is Verdict.DONE:
+            self.backend.mark_as_done(request.key, outcome.value())
+        elif outcome.verdict is Verdict.FAILED:
+            self.backend.mark_as_failure(request.key, outcome.error())
         return self.AsyncResult(request.key)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         context = self.request
         if context.called_directly or context.is_eager:
             return super().__call__(*args, **kwargs)
-        result = self.girder.executor.take_offer(self, context, args, kwargs)
+        result = self.runtime.runner.take_offer(self, context, args, kwargs)
         if result is None:
             # Stale or duplicate offer: the function did not run; leave Celery's state alone.
             raise Ignore()
         return result[0]
+
+
+def validate_options(options: dict[str, Any]) -> None:
+    """Refuse an unknown ``@girder.task`` option, or a bad value of one of girder's own."""
+    for name in options:
+        if name not in _DECORATOR_OPTIONS and name not in GIRDER_OPTIONS and not hasattr(GirderTask, name):
+            raise TypeError(
+                f"unknown task option {name!r}: girder.task takes Celery's task options and {GIRDER_OPTIONS}"
+            )
+    version = options.get("version")
+    if version is not None and (not isinstance(version, str) or not version):
+        raise TypeError(f"version must be a non-empty str, not {version!r}")
+    ttl = options.get("cache_ttl")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
+        raise TypeError(f"cache_ttl must be a positive number of seconds or None, not {ttl!r}")
+    if "cache_errors" in options and not isinstance(options["cache_errors"], bool):
+        raise TypeError(f"cache_errors must be True or False, not {options['cache_errors']!r}")

@@ -40,7 +40,7 @@ def done_request(grid, word: str, queue: str = "q") -> str:
     """A request of ``echo(word)`` made done in the store: its key."""
     g, m = grid.app_module.girder, grid.app_module
     request = g._prepare(m.echo.s(word), queue)
-    g.submit([request], "", offer=False)
+    g.runtime.offers.submit([request], "", offer=False)
     assert g.store.claim(request.key, "cli/1/a", "cli", 60_000)[0] == "claimed"
     assert g.store.complete(request.key, "cli/1/a", json.dumps([[word], {}]), 0)
     return request.key
@@ -70,7 +70,7 @@ def test_offers_lists_what_waits_on_a_queue_oldest_first(grid):
     queue = f"{grid.queue}-offers"
     requests = [g._prepare(m.echo.s(f"w{i}"), queue) for i in range(3)]
     for request in requests:  # each offered in a later millisecond than the one before
-        g.submit([request], "", offer=False)
+        g.runtime.offers.submit([request], "", offer=False)
         wait_redis_past(g.store.client, redis_now_ms(g.store.client))
     out = celery(grid.env, "offers", queue, "--limit", "2")
     assert out.returncode == 0, out.stderr

@@ -13,7 +13,7 @@ import time
 
 from kombu.asynchronous import Hub
 
-from girder_celery.worker import wake_hub_for_queued_callbacks, wake_hub_when_requests_end
+from girder_celery.hub import wake_hub_for_queued_callbacks, wake_hub_when_requests_end
 
 
 def run_until(hub: Hub, done, bound: float) -> None:

@@ -197,20 +197,21 @@ def mirroring(redis_server, backend_db: int) -> tuple[Celery, Girder, Any]:
 
 def test_a_mirrored_copy_is_sent_without_awaiting_the_backend(redis_server):
     """The mirror's write goes out at flush (a subscriber hears its publication) though no
-    reply has been read; the next pause reads it and gives the connection back."""
+    reply has been read; the thread's release reads it and gives the connection back."""
     app, girder, inc = mirroring(redis_server, 4)
+    mirror, runner = girder.runtime.mirror, girder.runtime.runner
     key = uuid.uuid4().hex
     listener = redis_server.client(4).pubsub()
     listener.subscribe(app.backend.get_key_for_task(key))
     assert listener.get_message(timeout=5)["type"] == "subscribe"
-    girder.mirror.put(inc, key, 2, "2", None)
-    girder.unload()
+    mirror.put(inc, key, 2, "2", None)
+    mirror.flush()
     message = listener.get_message(timeout=5)
     assert message is not None and json.loads(message["data"])["result"] == 2
-    assert [target.link._local.held.unread for target in girder.mirror._targets().values()] == [[ANY, ANY]]
+    assert [target.link._local.held.unread for target in mirror._targets().values()] == [[ANY, ANY]]
     assert app.AsyncResult(key).get(timeout=5) == 2
-    girder.pause()
-    assert all(getattr(target.link._local, "held", None) is None for target in girder.mirror._targets().values())
+    runner.release_thread()
+    assert all(getattr(target.link._local, "held", None) is None for target in mirror._targets().values())
     listener.close()
 
 
@@ -218,14 +219,15 @@ def test_threads_that_mirror_and_end_leave_no_connection_behind(redis_server):
     """Celery's backends are per thread, as are their clients: a thread that ends (an inline
     hop, say) takes its mirror link with it rather than leaving a connection open."""
     _, girder, inc = mirroring(redis_server, 5)
+    mirror, runner = girder.runtime.mirror, girder.runtime.runner
     monitor = redis_server.client()
 
     def connections() -> int:
         return sum(1 for c in monitor.client_list() if c.get("db") == "5")
 
     def hop(i: int) -> None:
-        girder.mirror.put(inc, uuid.uuid4().hex, i, str(i), None)
-        girder.pause()
+        mirror.put(inc, uuid.uuid4().hex, i, str(i), None)
+        runner.release_thread()
 
     before = connections()
     for i in range(20):

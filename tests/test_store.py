@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from girder_celery.store import MAILBOX_TTL_MS, StateStore
+from girder_celery.store import MAILBOX_TTL_MS, Outcome, StateStore
 from girder_celery.testing import RedisServer
 from tests.core_support import redis_now_ms, wait_redis_past
 from tests.harness import wait_until
@@ -268,8 +268,9 @@ def test_renew_answers_each_lease(store):
 def test_pop_mailbox_takes_what_is_there_up_to_most_in_one_call(store):
     box = mailbox(store)
     store.client.rpush(box, "done:a:1", "done:b:2", "failed:c:{}")
-    assert store.pop_mailbox(box, 1.0, 2) == ["done:a:1", "done:b:2"]  # BLPOP gives one at most
-    assert store.pop_mailbox(box, 1.0, 5) == ["failed:c:{}"]
+    # BLMPOP takes up to ``most`` in one call (BLPOP gives one at most)
+    assert store.pop_mailbox(box, 1.0, 2) == [Outcome("a", "done", "1"), Outcome("b", "done", "2")]
+    assert store.pop_mailbox(box, 1.0, 5) == [Outcome("c", "failed", "{}")]
     started = time.monotonic()
     assert store.pop_mailbox(box, 0.2, 5) == []
     assert 0.15 < time.monotonic() - started < 5
@@ -286,8 +287,8 @@ def test_pop_mailbox_before_redis_7_takes_one_at_a_time():
         assert server.version().startswith("6.")
         box = mailbox(old)
         old.client.rpush(box, "done:a:1", "done:b:2")
-        assert old.pop_mailbox(box, 1.0, 5) == ["done:a:1"]
-        assert old.pop_mailbox(box, 1.0, 5) == ["done:b:2"]
+        assert old.pop_mailbox(box, 1.0, 5) == [Outcome("a", "done", "1")]
+        assert old.pop_mailbox(box, 1.0, 5) == [Outcome("b", "done", "2")]
         assert old.pop_mailbox(box, 0.05, 5) == []
     finally:
         server.close()

@@ -1,0 +1,74 @@
+"""The runtime: girder's parts for one Celery app, built on first use and wired together.
+
+It holds the settings, the state store client, offers, the result-backend mirror and this
+process's runner, each handed only the collaborators it uses, and decides how a caller waits:
+outside any girder request a plain wait, inside one an inline wait (invariant 2). The Celery
+integration (task class, bootsteps) and the public ``Girder`` sit above it.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import redis
+from celery import Celery
+
+from .execute import Runner
+from .frame import current_frame
+from .inline import InlineWait
+from .keys import Request
+from .mirror import Mirror
+from .offers import Offers
+from .settings import Settings
+from .store import StateStore
+from .wait import Wait
+
+__all__ = ["Runtime"]
+
+
+class Runtime:
+    """Girder's parts for ``app``; ``url`` (the state store) overrides ``girder_url``."""
+
+    def __init__(self, app: Celery, url: str | None = None) -> None:
+        self.app = app
+        self._url = url
+        #: The pool this process's node belongs to; set by the worker bootstep.
+        self.node_pool: str | None = None
+
+    @cached_property
+    def settings(self) -> Settings:
+        """The app's ``girder_*`` settings, read on first use (after the app is configured)."""
+        return Settings.from_conf(self.app.conf, self._url)
+
+    @cached_property
+    def store(self) -> StateStore:
+        s = self.settings
+        client = redis.Redis.from_url(
+            s.url, decode_responses=True, socket_connect_timeout=s.connect_timeout, socket_timeout=30.0
+        )
+        return StateStore(client, s.key_prefix, s.busy_poll, s.url)
+
+    @cached_property
+    def offers(self) -> Offers:
+        return Offers(self.app, self.settings, self.store)
+
+    @cached_property
+    def mirror(self) -> Mirror:
+        return Mirror()
+
+    @cached_property
+    def runner(self) -> Runner:
+        return Runner(self.store, self.offers, self.mirror, self.settings)
+
+    def wait(self, requests: list[Request], timeout: float | None = None, return_exceptions: bool = False) -> list[Any]:
+        """Submit prepared requests and wait for their values, in order (``task.call`` and
+        ``girder.requests``); inside a girder request, run its queued ones inline."""
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
+        if not requests:
+            return []
+        frame = current_frame()
+        if frame is None:
+            return Wait(self.offers, requests, timeout).run(return_exceptions)
+        return InlineWait(self.runner, requests, timeout, frame).run(return_exceptions)
