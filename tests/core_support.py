@@ -1,7 +1,8 @@
 """Helpers of the core suite: run counters, bounded waits on the store, and broker inspection.
 
 Every wait here is bounded and polls Redis or the broker for the event it names; nothing sleeps
-a fixed time in place of an event.
+a fixed time in place of an event. Redis key names come from the state store's own key methods
+(``record_key``, ``waiters_key`` ...), never spelled out here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 from kombu import Connection
 
+from girder_celery.store import StateStore
 from tests.harness import Grid, wait_until
 
 
@@ -22,17 +24,24 @@ def runs(grid: Grid, task_name: str, key: str) -> int:
     return int(grid.redis_server.client().get(grid.app_module.runs_key(task_name, key)) or 0)
 
 
+def store(grid: Grid) -> StateStore:
+    """The state store of the grid's app: its key methods name the Redis keys tests read."""
+    return grid.app_module.girder.store
+
+
 def record(grid: Grid, key: str) -> dict[str, str]:
-    return grid.redis_server.client().hgetall(f"{grid.prefix}:req:{key}")
+    """The request record of ``key`` (empty if absent)."""
+    return grid.redis_server.client().hgetall(store(grid).record_key(key))
 
 
 def waiters(grid: Grid, key: str) -> set[str]:
-    return grid.redis_server.client().smembers(f"{grid.prefix}:waiters:{key}")
+    """The mailboxes registered as waiters on ``key``."""
+    return grid.redis_server.client().smembers(store(grid).waiters_key(key))
 
 
 def store_keys(grid: Grid) -> list[str]:
     """Every request record under the grid's prefix."""
-    return list(grid.redis_server.client().scan_iter(f"{grid.prefix}:req:*"))
+    return list(grid.redis_server.client().scan_iter(store(grid).record_key("*")))
 
 
 def wait_state(grid: Grid, key: str, state: str, timeout: float = 10.0) -> dict[str, str]:

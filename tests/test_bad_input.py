@@ -58,7 +58,9 @@ def offline(url: str, **conf):
 # -- refused at the call site, before anything is sent ----------------------------------------
 
 
+@pytest.mark.invariant6
 def test_unsupported_arguments_are_refused_before_anything_is_sent(grid):
+    """Every entry point refuses an unsupported argument, naming its path, before anything is sent (invariant 6)."""
     m = grid.app_module
     bad = {"a": [1, 2, Opaque()]}
     path = re.escape("args[0]['a'][2]")
@@ -82,7 +84,9 @@ def test_unsupported_arguments_are_refused_before_anything_is_sent(grid):
     assert drain_ids(grid, grid.queue, sentinel.id) == []
 
 
+@pytest.mark.invariant6
 def test_a_call_that_does_not_fit_the_function_is_refused_before_anything_is_sent(grid):
+    """A call that does not fit the function gets no key and is refused before anything is sent."""
     m = grid.app_module
     with pytest.raises(TypeError, match="grid.add"):
         m.add.call(1, 2, 3)
@@ -96,6 +100,7 @@ def test_a_call_that_does_not_fit_the_function_is_refused_before_anything_is_sen
 
 
 def test_api_misuse_is_refused_before_the_store_is_touched():
+    """Bad timeouts, pools, signatures, keys, queues and limits are refused before the store is touched."""
     girder, add = offline(closed_port_url())
     for bad_timeout in (0, -1, True, "5"):
         with pytest.raises(ValueError, match="timeout"):
@@ -127,7 +132,9 @@ def test_api_misuse_is_refused_before_the_store_is_touched():
 # -- reported by the worker --------------------------------------------------------------------
 
 
+@pytest.mark.invariant7
 def test_a_result_that_is_not_json_fails_the_request_for_every_waiter(live):
+    """A result that is not JSON fails the request for every waiter in flight (invariant 7)."""
     m = live.app_module
     t = tag()
     key, errors = concurrent_failures(live, t, "set")
@@ -144,6 +151,7 @@ def test_a_result_that_is_not_json_fails_the_request_for_every_waiter(live):
 
 
 def test_a_task_the_worker_does_not_have_fails_fast_naming_it(live):
+    """A request of a task the worker lacks fails fast with NotRegistered, naming the task and node."""
     m = live.app_module
     name = f"grid.only_here_{tag()}"
 
@@ -164,9 +172,10 @@ def test_a_task_the_worker_does_not_have_fails_fast_naming_it(live):
     assert m.girder.request(m.add.s(2, 2), timeout=10) == 4  # the worker is fine
 
 
+@pytest.mark.invariant1
 def test_a_message_of_an_unknown_task_does_not_fail_a_request_running_elsewhere(live):
     """A copy of an offer reaching a node without the task (a node of an older deploy, a
-    hoisted copy) must not change the outcome of a request a live executor is running."""
+    hoisted copy) must not change the outcome of a request a live executor is running (invariant 1)."""
     m = live.app_module
     t = tag()
     key = m.gated.key(t)
@@ -193,6 +202,7 @@ def test_a_message_of_an_unknown_task_does_not_fail_a_request_running_elsewhere(
 
 
 def test_an_unreachable_store_is_a_fast_clear_error_naming_the_url():
+    """Every call on an unreachable store raises GirderConnectionError naming the URL, within 2 s."""
     url = closed_port_url()
     girder, add = offline(url)
     calls = {
@@ -214,6 +224,7 @@ def test_an_unreachable_store_is_a_fast_clear_error_naming_the_url():
 
 
 def test_an_unreachable_store_error_hides_the_password():
+    """The unreachable-store error shows the URL with its password masked."""
     url = closed_port_url(password="hunter2")
     girder, add = offline(url)
     with pytest.raises(GirderConnectionError) as info:
@@ -259,6 +270,7 @@ def test_a_url_that_is_not_redis_is_a_clear_error_naming_it():
 
 
 def test_a_request_no_worker_serves_times_out_naming_key_and_state(grid):
+    """A request nobody serves times out naming key and state, withdraws its waiter and stays queued."""
     m = grid.app_module
     a = uuid.uuid4().int % 10**12
     key = m.add.key(a, 1)

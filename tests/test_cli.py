@@ -47,6 +47,7 @@ def done_request(grid, word: str, queue: str = "q") -> str:
 
 
 def test_state_prints_the_record_as_json(grid):
+    """celery girder state prints a request's record as JSON."""
     key = done_request(grid, "hello")
     out = celery(grid.env, "state", key)
     assert out.returncode == 0, out.stderr
@@ -57,6 +58,7 @@ def test_state_prints_the_record_as_json(grid):
 
 
 def test_forget_drops_a_memoized_value_and_says_when_there_was_none(grid):
+    """celery girder forget drops a done request, and says so when there is nothing to forget."""
     key = done_request(grid, "bye")
     first = celery(grid.env, "forget", key)
     assert (first.returncode, first.stdout.strip()) == (0, f"forgot {key}"), first.stderr
@@ -66,6 +68,7 @@ def test_forget_drops_a_memoized_value_and_says_when_there_was_none(grid):
 
 
 def test_offers_lists_what_waits_on_a_queue_oldest_first(grid):
+    """celery girder offers lists the offers waiting on a queue, oldest first, at most --limit."""
     g, m = grid.app_module.girder, grid.app_module
     queue = f"{grid.queue}-offers"
     requests = [g._prepare(m.echo.s(f"w{i}"), queue) for i in range(3)]
@@ -83,6 +86,7 @@ def test_offers_lists_what_waits_on_a_queue_oldest_first(grid):
 
 
 def test_bad_input_and_an_unreachable_store_give_clear_errors(grid, tmp_path):
+    """Bad input, an app without Girder and an unreachable store exit with clear errors, no traceback."""
     bad_key = celery(grid.env, "state", "not-a-key")
     assert bad_key.returncode == 2 and "not a girder key" in bad_key.stderr, bad_key.stderr
     bad_limit = celery(grid.env, "offers", "q", "--limit", "0")

@@ -51,12 +51,14 @@ def local_app(**conf) -> Celery:
 
 
 def test_girder_url_argument_then_app_conf():
+    """Girder reads girder_url from app.conf, and a url argument wins over it."""
     app = local_app(girder_url="redis://127.0.0.1:7001/3")
     assert Girder(app).settings.url == "redis://127.0.0.1:7001/3"
     assert Girder(local_app(girder_url="redis://x:1/0"), url="redis://y:2/0").settings.url == "redis://y:2/0"
 
 
 def test_girder_without_a_url_is_a_clear_error():
+    """Without a girder_url, settings and calls raise a ValueError asking for a Redis URL."""
     girder = Girder(local_app())
 
     @girder.task(name="nourl.add")
@@ -70,6 +72,7 @@ def test_girder_without_a_url_is_a_clear_error():
 
 
 def test_girder_refuses_a_bad_app_or_url():
+    """Girder refuses what is not a Celery app, a url that is not a str and one that is not redis://."""
     with pytest.raises(TypeError, match="Celery app"):
         Girder(object())
     with pytest.raises(TypeError, match="url"):
@@ -79,6 +82,7 @@ def test_girder_refuses_a_bad_app_or_url():
 
 
 def test_task_decorator_bare_and_with_celery_options():
+    """@girder.task works bare, and passes Celery's options through along with girder's own."""
     app = local_app()
     girder = Girder(app, url="redis://127.0.0.1:1/0")
 
@@ -122,6 +126,7 @@ def test_task_decorator_bare_and_with_celery_options():
     ids=repr,
 )
 def test_bad_task_options_are_type_errors(options):
+    """A bad or unknown task option is a TypeError naming it."""
     girder = Girder(local_app(), url="redis://127.0.0.1:1/0")
     with pytest.raises(TypeError, match=next(iter(options))):
 
@@ -131,6 +136,7 @@ def test_bad_task_options_are_type_errors(options):
 
 
 def test_task_decorator_refuses_positional_options():
+    """@girder.task refuses a positional argument."""
     girder = Girder(local_app(), url="redis://127.0.0.1:1/0")
     with pytest.raises(TypeError):
         girder.task("name")
@@ -139,7 +145,9 @@ def test_task_decorator_refuses_positional_options():
 # -- no worker: what is sent, and to where ---------------------------------------------------
 
 
+@pytest.mark.invariant6
 def test_task_id_other_than_the_key_is_refused_before_anything_is_sent(grid):
+    """A task_id other than the key is refused before anything is sent; the key itself is accepted."""
     m = grid.app_module
     with pytest.raises(ValueError, match=m.add.key(1, 2)):
         m.add.apply_async((1, 2), task_id="my-own-id")
@@ -149,7 +157,10 @@ def test_task_id_other_than_the_key_is_refused_before_anything_is_sent(grid):
     assert drain_ids(grid, grid.queue, same.id) == []
 
 
+@pytest.mark.invariant1
+@pytest.mark.invariant6
 def test_a_request_in_flight_is_offered_once(grid):
+    """Four spellings of a call in flight share one key, one record and one broker message."""
     m = grid.app_module
     t = tag()
     key = m.gated.key(t)
@@ -167,6 +178,7 @@ def test_a_request_in_flight_is_offered_once(grid):
 
 
 def test_celery_routing_options_reach_the_offer(grid):
+    """A task's queue option and a request's pool decide the queue its offer goes to."""
     m = grid.app_module
     routed_q, pool_q = dead_queue(grid), dead_queue(grid)
     try:
@@ -191,7 +203,9 @@ def test_celery_routing_options_reach_the_offer(grid):
 # -- the API on a live worker --------------------------------------------------------------
 
 
+@pytest.mark.invariant6
 def test_every_spelling_of_a_call_runs_once(live):
+    """Every spelling of one call, defaults filled in, runs the function once (invariant 6)."""
     m = live.app_module
     a = num()
     key = m.add.key(a, 2)
@@ -207,7 +221,9 @@ def test_every_spelling_of_a_call_runs_once(live):
     assert runs(live, "grid.add", m.add.key(a, 0)) == 1
 
 
+@pytest.mark.invariant6
 def test_requests_answers_in_order_with_duplicates(live):
+    """requests() answers in order, and spellings of one call among its requests run once."""
     m = live.app_module
     a, b = num(), num()
     sigs = [m.add.s(a, 1), m.add.s(b, 2), m.add.s(a, y=1), m.echo.s(a, k=b), m.add.s(x=a, y=1)]
@@ -217,6 +233,7 @@ def test_requests_answers_in_order_with_duplicates(live):
 
 
 def test_requests_return_exceptions_puts_errors_in_place(live):
+    """requests(return_exceptions=True) puts each error in its place; without it the error raises."""
     m = live.app_module
     a = num()
     values = m.girder.requests([m.add.s(a, 1), m.divide.s(a, 0), m.add.s(a, 2)], timeout=10, return_exceptions=True)
@@ -227,7 +244,10 @@ def test_requests_return_exceptions_puts_errors_in_place(live):
     assert info.value.key == m.divide.key(a, 0)
 
 
+@pytest.mark.invariant6
+@pytest.mark.invariant7
 def test_the_function_receives_exactly_the_decoded_arguments(live):
+    """The function receives exactly the JSON-family values its key describes (a tuple as a list)."""
     import datetime as dt
     import decimal
 
@@ -257,13 +277,17 @@ def test_the_function_receives_exactly_the_decoded_arguments(live):
     assert m.inspect_args.key(t, [1, 2]) == m.inspect_args.key(t, (1, 2))
 
 
+@pytest.mark.invariant7
 def test_results_round_trip_through_json(live):
+    """A result comes back through JSON as the same lists, dicts and None (invariant 7)."""
     m = live.app_module
     a = num()
     assert m.girder.request(m.echo.s(a, [1, {"x": None}], k="v"), timeout=10) == [[a, [1, {"x": None}]], {"k": "v"}]
 
 
+@pytest.mark.invariant6
 def test_delay_uses_the_key_as_task_id_and_the_result_backend_answers(live):
+    """delay() and apply_async() take the key as task id for any spelling, and AsyncResult answers."""
     m = live.app_module
     a = num()
     key = m.add.key(a, 5)
@@ -276,7 +300,9 @@ def test_delay_uses_the_key_as_task_id_and_the_result_backend_answers(live):
     assert runs(live, "grid.add", key) == 1
 
 
+@pytest.mark.invariant1
 def test_a_done_request_is_answered_without_any_message(live):
+    """A done request is answered by the store without any broker message, on any queue (invariant 1)."""
     m = live.app_module
     a = num()
     key = m.add.key(a, 1)
@@ -298,7 +324,9 @@ def test_a_done_request_is_answered_without_any_message(live):
         forget_queue(live, dead)
 
 
+@pytest.mark.invariant1
 def test_state_and_forget_through_a_request_lifecycle(live):
+    """state() follows absent -> running(owner, lease) -> done; forget() drops only a settled request."""
     m = live.app_module
     t = tag()
     sig, key = m.gated.s(t), m.gated.key(t)
@@ -333,6 +361,7 @@ def test_state_and_forget_through_a_request_lifecycle(live):
 
 
 def test_state_and_forget_refuse_what_is_not_a_request(live):
+    """state() and forget() refuse what is not a key, and a plain Celery task's signature."""
     m = live.app_module
     with pytest.raises(ValueError, match="key"):
         m.girder.state("not-a-key")
@@ -356,7 +385,9 @@ print(json.dumps(m.girder.request(m.slow.s(0.3, sys.argv[2]), timeout=30)))
 """
 
 
+@pytest.mark.invariant1
 def test_identical_requests_from_many_processes_run_once(live):
+    """Eight processes making one request at once share one offer, one run and its value."""
     n, t = 8, tag()
     m = live.app_module
     key = m.slow.key(0.3, t)
@@ -385,7 +416,9 @@ def test_identical_requests_from_many_processes_run_once(live):
     assert (rec["offers"], rec["attempts"]) == ("1", "1")
 
 
+@pytest.mark.invariant1
 def test_duplicate_delivery_of_a_done_request_never_runs_nor_overwrites(live):
+    """A redelivered or forged copy of a done request's message never runs nor overwrites (invariant 1)."""
     m = live.app_module
     a = num()
     key = m.add.key(a, 1)
@@ -400,7 +433,9 @@ def test_duplicate_delivery_of_a_done_request_never_runs_nor_overwrites(live):
     assert m.girder.request(m.add.s(a, 1), timeout=5) == a + 1
 
 
+@pytest.mark.invariant1
 def test_duplicate_delivery_of_a_running_request_never_runs_it_twice(live):
+    """A copy of a running request's message is skipped: the function runs once (invariant 1)."""
     m = live.app_module
     t = tag()
     key = m.gated.key(t)
@@ -432,7 +467,9 @@ def test_celery_autoretry_runs_the_request_again(live):
 # -- the worker side: leases -----------------------------------------------------------------
 
 
+@pytest.mark.invariant1
 def test_a_running_request_renews_its_lease(make_grid, worker_pool):
+    """A running request renews its lease, so its waiter never re-offers it and it runs once."""
     pool, concurrency = worker_pool
     grid = make_grid(lease=1.0, check=0.3)  # a waiter that re-offers as soon as a lease lapses
     grid.worker("w1", pool, concurrency)
@@ -457,7 +494,9 @@ def test_a_running_request_renews_its_lease(make_grid, worker_pool):
     assert runs(grid, "grid.slow", key) == 1
 
 
+@pytest.mark.invariant1
 def test_a_killed_workers_request_is_reoffered_and_completed_elsewhere(make_grid, worker_pool):
+    """A killed worker's request is recovered by its waiter and completed on another node (invariant 1)."""
     pool, concurrency = worker_pool
     grid = make_grid(lease=1.0, check=0.5)
     w1 = grid.worker("w1", pool, concurrency)

@@ -46,6 +46,7 @@ def chain() -> GirderError:
 
 
 def test_str_shows_the_chain_outermost_first_with_the_innermost_traceback():
+    """str() of an error chain lists it outermost first, with only the innermost traceback."""
     text = str(chain())
     lines = text.splitlines()
     assert lines[0] == "proj.report() failed: girder_celery.errors.GirderError: a sub-request failed"
@@ -57,12 +58,14 @@ def test_str_shows_the_chain_outermost_first_with_the_innermost_traceback():
 
 
 def test_chain_and_cause():
+    """chain() lists the errors outermost first, and __cause__ is the first cause."""
     err = chain()
     assert [e.request for e in err.chain()] == ["proj.report()", "proj.ratio(1)", "proj.divide(1, 0)"]
     assert err.__cause__ is err.causes[0]
 
 
 def test_to_dict_from_dict_round_trip_keeps_every_field():
+    """to_dict() and from_dict() round-trip every field of an error chain."""
     err = chain()
     back = GirderError.from_dict(err.to_dict())
     assert back.to_dict() == err.to_dict()
@@ -72,6 +75,7 @@ def test_to_dict_from_dict_round_trip_keeps_every_field():
 
 
 def test_from_exception_names_the_type_and_keeps_girder_causes():
+    """from_exception() names the exception's type and keeps the GirderErrors it was raised from."""
     cause = GirderError("boom", key="d" * 64, request="p.sub()", exc_type="ValueError")
     try:
         try:
@@ -90,6 +94,7 @@ def test_from_exception_names_the_type_and_keeps_girder_causes():
 
 
 def test_a_remote_failure_carries_key_request_type_message_and_traceback(live):
+    """A remote failure carries the key, the readable request, type, message and traceback."""
     m = live.app_module
     a = num()
     with pytest.raises(GirderError) as info:
@@ -108,6 +113,7 @@ def test_a_remote_failure_carries_key_request_type_message_and_traceback(live):
 
 
 def test_the_chain_names_the_failed_sub_request(live):
+    """A failed sub-request is its requester's cause, named in the error's chain and text."""
     m = live.app_module
     a = num()
     with pytest.raises(GirderError) as info:
@@ -125,6 +131,7 @@ def test_the_chain_names_the_failed_sub_request(live):
 
 
 def test_a_timeout_names_the_key_and_the_running_state(live):
+    """A timeout names the key and its running state and withdraws its waiter; the request goes on."""
     m = live.app_module
     t = tag()
     key = m.gated.key(t)
@@ -144,6 +151,7 @@ def test_a_timeout_names_the_key_and_the_running_state(live):
 
 
 def test_an_uncached_failure_reaches_every_waiter_then_runs_again(live):
+    """A failure without cache_errors reaches every waiter in flight; the next request runs again."""
     m = live.app_module
     t = tag()
     key, errors = concurrent_failures(live, t, "raise")
@@ -158,6 +166,7 @@ def test_an_uncached_failure_reaches_every_waiter_then_runs_again(live):
 
 
 def test_cache_errors_memoizes_the_failure_until_forgotten(live):
+    """cache_errors=True memoizes a failure, answered without a run until it is forgotten."""
     m = live.app_module
     a = num()
     key = m.memo_fail.key(a)
@@ -180,11 +189,12 @@ def test_cache_errors_memoizes_the_failure_until_forgotten(live):
 
 
 def test_cache_ttl_expires_the_value(live):
+    """cache_ttl expires a value's record; the request then runs again."""
     m = live.app_module
     a = num()
     key = m.short_lived.key(a)
     client = live.redis_server.client()
-    record_key = f"{live.prefix}:req:{key}"
+    record_key = m.girder.store.record_key(key)
     assert m.girder.request(m.short_lived.s(a), timeout=10) == a
     assert 0 < client.pttl(record_key) <= 1000
     assert m.short_lived.call(a) == a and runs(live, "grid.short_lived", key) == 1
@@ -195,7 +205,8 @@ def test_cache_ttl_expires_the_value(live):
 
 
 def test_values_are_kept_without_a_ttl(live):
+    """Without cache_ttl a value's record never expires."""
     m = live.app_module
     a = num()
     assert m.girder.request(m.add.s(a, 3), timeout=10) == a + 3
-    assert live.redis_server.client().pttl(f"{live.prefix}:req:{m.add.key(a, 3)}") == -1
+    assert live.redis_server.client().pttl(m.girder.store.record_key(m.add.key(a, 3))) == -1

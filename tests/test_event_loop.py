@@ -25,6 +25,7 @@ def run_until(hub: Hub, done, bound: float) -> None:
 
 
 def test_a_callback_queued_by_a_queued_callback_runs_without_waiting_out_the_poll():
+    """A callback queued by a queued callback runs at once, not after the hub's poll."""
     hub = Hub()
     quiet, _peer = socket.socketpair()
     hub.add_reader(quiet, lambda: None)  # a reader that never fires: the hub polls

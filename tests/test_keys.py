@@ -26,6 +26,8 @@ from girder_celery import Girder, request_key
 from girder_celery.keys import bind_arguments, binder, decode_payload, encode_payload
 from tests.harness import ROOT
 
+pytestmark = pytest.mark.invariant6
+
 
 def f(x, y=0):
     return x + y
@@ -62,6 +64,7 @@ def tasks():
 
 
 def test_spellings_of_one_call_share_a_key():
+    """Positional and keyword spellings of one call, in any order, share one key (invariant 6)."""
     spellings = [
         request_key("f", (1, 2), signature=SIG),
         request_key("f", (1,), {"y": 2}, signature=SIG),
@@ -72,12 +75,14 @@ def test_spellings_of_one_call_share_a_key():
 
 
 def test_defaults_are_applied_before_hashing():
+    """Defaults are filled in before hashing: f(1) and f(1, 0) share a key, f(1, 1) does not."""
     assert request_key("f", (1,), signature=SIG) == request_key("f", (1, 0), signature=SIG)
     assert request_key("f", (), {"x": 1}, signature=SIG) == request_key("f", (1, 0), signature=SIG)
     assert request_key("f", (1,), signature=SIG) != request_key("f", (1, 1), signature=SIG)
 
 
 def test_task_key_binds_to_the_function_signature(tasks):
+    """A task's key binds the call to its function's signature: every spelling gives one key."""
     add = tasks["add"]
     key = add.key(1, 2)
     assert add.key(1, y=2) == add.key(x=1, y=2) == add.key(y=2, x=1) == key
@@ -87,6 +92,7 @@ def test_task_key_binds_to_the_function_signature(tasks):
 
 
 def test_task_key_with_var_arguments(tasks):
+    """With *args and **kwargs, keyword order and spelled-out defaults do not change the key."""
     star = tasks["star"]
     assert star.key(1, 2, 3, c=4, d=5) == star.key(1, 2, 3, d=5, c=4) == star.key(1, 2, 3, b=1, c=4, d=5)
     assert star.key(1, 2, 3) != star.key(1, 2)
@@ -94,6 +100,7 @@ def test_task_key_with_var_arguments(tasks):
 
 
 def test_a_call_that_does_not_fit_the_signature_raises_type_error(tasks):
+    """A call that does not fit the signature gets no key: a TypeError naming the task."""
     with pytest.raises(TypeError, match=r"k\.add"):
         tasks["add"].key(1, 2, 3)
     with pytest.raises(TypeError, match=r"k\.add"):
@@ -124,6 +131,7 @@ def test_the_binder_of_a_signature_binds_as_signature_bind_does(fn):
 
 
 def test_dict_order_never_matters():
+    """Dict order never changes a key, with str keys or keys of mixed types."""
     a = {"b": 2, "a": 1, "c": {"y": [1, 2], "x": None}}
     b = {"c": {"x": None, "y": [1, 2]}, "a": 1, "b": 2}
     assert request_key("f", (a,)) == request_key("f", (b,))
@@ -135,6 +143,7 @@ def test_dict_order_never_matters():
 
 
 def test_tuple_and_list_with_the_same_items_share_a_key():
+    """A tuple and the list with the same items share a key (both arrive as that list)."""
     assert request_key("f", ((1, 2),)) == request_key("f", ([1, 2],))
     assert request_key("f", ({"a": (1, (2, 3))},)) == request_key("f", ({"a": [1, [2, 3]]},))
     assert request_key("f", (1, 2)) == request_key("f", [1, 2])
@@ -178,18 +187,21 @@ DISTINCT = [
 
 
 def test_distinct_values_give_distinct_keys():
+    """1, 1.0, True, '1', {1: x}, {'1': x} and the rest of DISTINCT give distinct keys (invariant 6)."""
     keys = [request_key("f", (v,)) for v in DISTINCT]
     dupes = [(DISTINCT[i], DISTINCT[j]) for i, j in itertools.combinations(range(len(keys)), 2) if keys[i] == keys[j]]
     assert dupes == []
 
 
 def test_name_and_position_are_part_of_the_key():
+    """The task name and where each argument goes are part of the key."""
     assert request_key("f", (1,)) != request_key("g", (1,))
     assert request_key("f", (1, 2)) != request_key("f", (2, 1))
     assert request_key("f", (), {"x": 1}) != request_key("f", (1,))
 
 
 def test_version_changes_the_key(tasks):
+    """A task's version is part of its key: each version has keys of its own."""
     plain = request_key("f", (1,))
     assert request_key("f", (1,), version="2") != plain
     assert request_key("f", (1,), version="2") != request_key("f", (1,), version="3")
@@ -199,6 +211,7 @@ def test_version_changes_the_key(tasks):
 
 
 def test_key_is_sha256_hex():
+    """A key is a SHA-256 digest in 64 hex digits."""
     key = request_key("f", (1, {"a": b"x"}))
     assert re.fullmatch(r"[0-9a-f]{64}", key)
 
@@ -239,12 +252,14 @@ class Thing:
     ],
 )
 def test_unsupported_types_raise_type_error_naming_the_path(args, kwargs, path):
+    """An unsupported type is refused with a TypeError naming its path in the arguments (invariant 6)."""
     with pytest.raises(TypeError) as info:
         request_key("f", args, kwargs)
     assert path in str(info.value)
 
 
 def test_task_key_names_the_argument_path(tasks):
+    """A task's key refuses an unsupported argument with a TypeError naming its path."""
     with pytest.raises(TypeError, match=re.escape("args[1]['a'][0]")):
         tasks["add"].key(1, {"a": [Thing()]})
     with pytest.raises(TypeError, match=re.escape("args[0]")):
@@ -252,6 +267,7 @@ def test_task_key_names_the_argument_path(tasks):
 
 
 def test_request_key_checks_name_and_version():
+    """request_key refuses an empty or missing name and a version that is not a str."""
     with pytest.raises(TypeError):
         request_key("", ())
     with pytest.raises(TypeError):
@@ -309,14 +325,18 @@ def _same(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.invariant7
 @pytest.mark.parametrize("value", ROUND_TRIP, ids=repr)
 def test_supported_types_round_trip_exactly(value):
+    """Each supported type comes back from the JSON payload with its value and type (invariant 7)."""
     args, kwargs = decode_payload(encode_payload((value,), {"kw": value}))
     assert _same(value, args[0]), (value, args[0])
     assert _same(value, kwargs["kw"]), (value, kwargs["kw"])
 
 
+@pytest.mark.invariant7
 def test_nested_mix_round_trips_and_is_json_text():
+    """A nested mix of tagged types round-trips, and the payload is JSON text (invariant 7)."""
     value = {
         "when": dt.datetime(2021, 1, 2, 3, 4, 5),
         "ids": [uuid.UUID(int=7), uuid.UUID(int=8)],
@@ -330,7 +350,9 @@ def test_nested_mix_round_trips_and_is_json_text():
     assert args[0]["t"] == [1, 2.5, "x"] and type(args[0]["t"]) is list
 
 
+@pytest.mark.invariant7
 def test_nan_round_trips():
+    """NaN comes back from the JSON payload as NaN."""
     args, _ = decode_payload(encode_payload((float("nan"),), {}))
     assert math.isnan(args[0])
 

@@ -46,7 +46,9 @@ def running(store: StateStore, owner: str = "n1/1/a") -> tuple[str, str]:
     return key, mailbox
 
 
+@pytest.mark.invariant4
 def test_a_completion_wakes_its_waiters_before_its_reply_is_read(store):
+    """An unawaited completion stores the value and wakes its waiter before its reply is read (invariant 4)."""
     key, mailbox = running(store)
     store.complete_unawaited(key, "n1/1/a", '{"v": 1}', 0)
     woken = store.client.blpop([mailbox], timeout=5)  # another connection; nothing read on ours
@@ -56,6 +58,7 @@ def test_a_completion_wakes_its_waiters_before_its_reply_is_read(store):
 
 
 def test_the_next_call_reads_the_unread_replies_and_gets_its_own(store):
+    """The next call reads the replies left unread, and gets its own reply, not an earlier one's."""
     first, _ = running(store)
     second, _ = running(store)
     store.complete_unawaited(first, "n1/1/a", "1", 0)
@@ -66,6 +69,7 @@ def test_the_next_call_reads_the_unread_replies_and_gets_its_own(store):
 
 
 def test_a_script_redis_forgot_is_loaded_again_even_for_an_unread_completion(store):
+    """A script Redis forgot is loaded again, even for a completion whose reply was not read yet."""
     key, _ = running(store)
     store.client.script_flush()
     store.complete_unawaited(key, "n1/1/a", '"late"', 0)  # NOSCRIPT, read below
@@ -76,7 +80,9 @@ def test_a_script_redis_forgot_is_loaded_again_even_for_an_unread_completion(sto
     assert json.loads(store.record(key)["value"]) == "late"
 
 
+@pytest.mark.invariant4
 def test_a_killed_connection_falls_back_and_sends_its_unconfirmed_completion_again(store):
+    """A killed connection's unconfirmed completion is sent again: the value is stored and the waiter woken."""
     key, mailbox = running(store)
     store.claim(new_key(), "n1/1/a", "n1", 1000)  # this thread now holds its connection
     host, port = store.link._local.held.connection._sock.getsockname()[:2]
@@ -88,6 +94,7 @@ def test_a_killed_connection_falls_back_and_sends_its_unconfirmed_completion_aga
 
 
 def test_threads_give_their_connection_back_when_they_end(store):
+    """Threads that end give their connection back to the pool."""
     before = _connections(store)
 
     def one_call() -> None:
@@ -106,6 +113,7 @@ def _connections(store: StateStore) -> int:
 
 
 def test_a_batch_is_one_send_and_a_script_error_leaves_the_connection_in_step(store):
+    """A batch goes out in one send, and a script error in it leaves the connection's replies in step."""
     keys = [new_key() for _ in range(5)]
     outcomes = store.submit([(k, "[[1],{}]", "t.f", "t.f(1)", "") for k in keys], "", 3_600_000)
     assert [o.verdict for o in outcomes] == ["offer"] * 5
@@ -157,6 +165,7 @@ def test_a_call_spins_at_most_its_busy_poll_then_sleeps_until_the_reply():
 
 
 def test_green_sockets_turn_busy_polling_off():
+    """Under gevent's monkey-patching the link turns busy polling off; otherwise it keeps it."""
     code = (
         "from gevent import monkey; monkey.patch_all()\n"
         "import redis\n"
@@ -170,6 +179,7 @@ def test_green_sockets_turn_busy_polling_off():
 
 
 def test_sent_commands_do_not_pile_up_unread_and_a_failed_one_is_made_again(store):
+    """The next send reads the replies of earlier ones, and a failed command is handed to again()."""
     link = Link(store.client, [])
     made_again: list[tuple] = []
     name = f"{store.prefix}:counter"

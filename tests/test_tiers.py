@@ -39,6 +39,7 @@ def runs(grid, task, *args) -> int:
 
 
 def test_local_first_small_children_run_on_the_parents_node(grid):
+    """Small children of a fan-out run on their parent's node, inline or from its own queue."""
     w1, w2 = grid.worker("w1", "solo", 1), grid.worker("w2", "solo", 1)
     m, t = grid.app_module, grid.app_module.tier_tasks
     tag = uuid.uuid4().hex
@@ -49,7 +50,9 @@ def test_local_first_small_children_run_on_the_parents_node(grid):
     assert placements <= {"inline", "local"}
 
 
+@pytest.mark.invariant1
 def test_an_overburdened_node_gets_help_from_an_idle_one(grid):
+    """An idle node runs hoisted copies of a busy node's children; each still runs once (invariant 1)."""
     w1, w2 = grid.worker("w1", "solo", 1), grid.worker("w2", "solo", 1)
     m, t = grid.app_module, grid.app_module.tier_tasks
     tag = uuid.uuid4().hex
@@ -66,7 +69,9 @@ def test_an_overburdened_node_gets_help_from_an_idle_one(grid):
     assert [runs(grid, t.tier_child, 0.2, f"{tag}.{i}") for i in range(20)] == [1] * 20
 
 
+@pytest.mark.invariant1
 def test_nested_pools_a_fan_out_in_a_gets_help_from_b(tiers):
+    """A fan-out in pool a gets help from pool b through their parent r; each child runs once."""
     wa = tiers.worker("wa", "solo", 1, "--girder-pool", tiers.pools["a"])
     wb = tiers.worker("wb", "solo", 1, "--girder-pool", tiers.pools["b"])
     m, t = tiers.app_module, tiers.app_module.tier_tasks
@@ -111,9 +116,12 @@ def test_a_busy_node_holds_no_offer_an_idle_node_could_run(redis_server, broker,
         grid.app_module.app.close()
 
 
+@pytest.mark.invariant1
+@pytest.mark.invariant2
 def test_no_starvation_with_two_pools_the_reentrant_workloads_complete(tiers):
     """The re-entrant suite's fan-out and the seed's bogosity, on one -c 1 node in each of two
-    pools under a parent: hoisting moves work between them, and nothing starves or runs twice."""
+    pools under a parent: hoisting moves work between them, and nothing starves (invariant 2) or
+    runs twice (invariant 1)."""
     wa = tiers.worker("wa", "solo", 1, "--girder-pool", tiers.pools["a"])
     wb = tiers.worker("wb", "solo", 1, "--girder-pool", tiers.pools["b"])
     m, rt = tiers.app_module, tiers.app_module.reentrant_tasks
