@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def run_suite(redis_server: RedisServer, broker: str, url: str, s, args: argparse.Namespace) -> dict[str, Any]:
     grid = Grid(redis_server, broker, url, args.pool, args.concurrency)
     try:
-        grid.start_workers(s.nodes)
-        flags = " ".join(grid.worker_flags).replace(grid.queue, "<queue>")
+        grid.start_nodes(s.nodes)
+        flags = grid.shown_flags()
         print(f"\n[{broker}] suite {s.name}: {s.description}")
         print(f"  broker {_safe(url)}, backend redis db 2, state store redis db 0")
         print(f"  {s.nodes} worker(s): celery -A benchmarks.benchapp worker {flags}")

@@ -3,7 +3,8 @@
 One app, one worker process serving both kinds of task, so girder and stock Celery share the
 broker, the queue, the result backend and the worker flags: ``inc`` is a girder task, ``plain_inc``
 the same function as a plain Celery task. Configured from ``GIRDER_BENCH_*`` environment variables
-set by ``benchmarks.__main__`` (the client re-imports this module per grid).
+set by ``benchmarks.grid.Grid`` (the client re-imports this module per grid); its workers tell
+their grid when they are ready (``announce_ready``).
 
 Re-entrant workloads (suites ``inline``, ``fib`` and ``bogosity``): ``leaf``, ``many_children``,
 ``fib`` and ``bogosity`` are girder tasks that request other girder tasks from inside a running
@@ -16,18 +17,16 @@ from __future__ import annotations
 import os
 import time
 
-import redis
-from celery import Celery, signals
+from celery import Celery
 
 from girder_celery import Girder
+from girder_celery.testing import announce_ready
 
 BROKER = os.environ.get("GIRDER_BENCH_BROKER", "redis://127.0.0.1:6379/1")
 BACKEND = os.environ.get("GIRDER_BENCH_BACKEND", "redis://127.0.0.1:6379/2")
 STORE = os.environ.get("GIRDER_BENCH_STORE", "redis://127.0.0.1:6379/0")
 QUEUE = os.environ.get("GIRDER_BENCH_QUEUE", "girder-bench")
 PREFIX = os.environ.get("GIRDER_BENCH_PREFIX", "girder-bench")
-#: Where a worker announces it is ready (a list in the state store's database).
-READY_KEY = f"{PREFIX}:bench:ready"
 
 app = Celery("benchapp", broker=BROKER, backend=BACKEND)
 app.conf.update(
@@ -38,13 +37,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 girder = Girder(app)
-
-
-@signals.worker_ready.connect
-def _announce_ready(sender=None, **_):
-    client = redis.Redis.from_url(STORE, decode_responses=True)
-    client.rpush(READY_KEY, sender.hostname)
-    client.close()
+announce_ready(app)
 
 
 @girder.task(name="bench.inc")

@@ -1,79 +1,61 @@
-"""A benchmark grid: one broker, a fresh queue and key prefix, ``benchmarks.benchapp`` loaded in
-this (client) process with the same configuration as its real worker subprocesses."""
+"""A benchmark grid: ``benchmarks.benchapp`` workers on one broker, with a fresh queue and key prefix,
+and the same app loaded in this (client) process with their configuration.
+
+Self-contained on purpose (it does not import ``tests``): the workers are started by
+``girder_celery.testing.LocalGrid`` with the flags the benchmarks print, and the RabbitMQ queue,
+if any, is deleted at the end.
+"""
 
 from __future__ import annotations
 
-import importlib
-import os
 import sys
-import tempfile
 import uuid
 from pathlib import Path
-from types import ModuleType
 
-from girder_celery.testing import RedisServer, delete_amqp_queue
+from girder_celery.testing import QUIET_FLAGS, CeleryWorker, LocalGrid, RedisServer
 
-from .servers import Worker
+ROOT = Path(__file__).resolve().parent.parent
 
 #: Databases of the private Redis: the broker (when it is Redis), the result backend, girder.
 BROKER_DB, BACKEND_DB, STORE_DB = 1, 2, 0
 
 
-class Grid:
-    """Workers on one broker, and the client-side app module configured to match them."""
+class Grid(LocalGrid):
+    """Identical workers (``-P pool -c concurrency``) on one broker, and the client-side app module
+    (``app_module``) configured to match them."""
 
     def __init__(self, redis_server: RedisServer, broker: str, broker_url: str, pool: str, concurrency: int) -> None:
-        self.redis_server = redis_server
-        self.broker = broker
-        self.broker_url = broker_url
         tag = uuid.uuid4().hex[:8]
-        self.queue = f"girder-bench-{tag}"
-        self.prefix = f"gb-{tag}"
-        self.env = {
+        queue, prefix = f"girder-bench-{tag}", f"gb-{tag}"
+        env = {
             "GIRDER_BENCH_BROKER": broker_url,
             "GIRDER_BENCH_BACKEND": redis_server.url(BACKEND_DB),
             "GIRDER_BENCH_STORE": redis_server.url(STORE_DB),
-            "GIRDER_BENCH_QUEUE": self.queue,
-            "GIRDER_BENCH_PREFIX": self.prefix,
+            "GIRDER_BENCH_QUEUE": queue,
+            "GIRDER_BENCH_PREFIX": prefix,
         }
-        self.worker_flags = [
-            "-P", pool, "-c", str(concurrency), "-Q", self.queue, "-l", "warning",
-            "--without-heartbeat", "--without-mingle", "--without-gossip",
-        ]  # fmt: skip
-        self.logdir = Path(tempfile.mkdtemp(prefix="girder-bench-workers-"))
-        self.workers: list[Worker] = []
-        self.app_module: ModuleType = self._load_app()
+        super().__init__(
+            "benchmarks.benchapp", redis_server.url(STORE_DB), env=env, queue=queue, key_prefix=prefix,
+            broker_url=broker_url, flags=["-l", "warning", *QUIET_FLAGS], cwd=ROOT,
+        )  # fmt: skip
+        self.redis_server = redis_server
+        self.broker = broker
+        self.pool = pool
+        self.concurrency = concurrency
+        self.load_app()
 
-    def _load_app(self) -> ModuleType:
-        os.environ.update(self.env)
-        module = sys.modules.get("benchmarks.benchapp")
-        if module is None:
-            return importlib.import_module("benchmarks.benchapp")
-        module.app.close()
-        return importlib.reload(module)
-
-    def start_workers(self, count: int, python_args: tuple[str, ...] = ()) -> list[Worker]:
-        """Start ``count`` identical workers (``python_args`` go before ``-m celery``)."""
-        ready = self.redis_server.client(STORE_DB)
-        for _ in range(count):
-            name = f"bench{len(self.workers) + 1}-{self.prefix}@localhost"
-            worker = Worker(self.env, name, self.worker_flags, self.logdir, python_args)
-            self.workers.append(worker)
-            worker.start(ready, self.app_module.READY_KEY)
+    def start_nodes(self, count: int, python_args: tuple[str, ...] = ()) -> list[CeleryWorker]:
+        """Start ``count`` more workers side by side (``python_args`` go before ``-m celery``): all of them."""
+        first = len(self.workers) + 1
+        names = [f"bench{i}" for i in range(first, first + count)]
+        self.start_workers(names, self.pool, self.concurrency, python_args=python_args)
         return self.workers
 
-    def stop_workers(self) -> None:
-        # All at once: each warm shutdown waits for the worker's current request.
-        for worker in self.workers:
-            worker.terminate()
-        for worker in self.workers:
-            worker.stop()
-        self.workers.clear()
+    def shown_flags(self) -> str:
+        """The workers' flags as the results print them, the queue's name left out."""
+        return " ".join(self.worker_flags(self.pool, self.concurrency)).replace(self.queue, "<queue>")
 
     def close(self) -> None:
-        self.stop_workers()
-        self.app_module.app.close()
-        if self.broker == "amqp":
-            why = delete_amqp_queue(self.queue, self.broker_url)
-            if why:
-                print(f"  (could not delete RabbitMQ queue {self.queue}: {why})", file=sys.stderr)
+        why = super().close()
+        if why:
+            print(f"  (could not delete RabbitMQ queue {self.queue}: {why})", file=sys.stderr)

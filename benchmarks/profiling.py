@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             grid = Grid(redis_server, args.broker, url, args.pool, 1)
             try:
                 prof_file = out / f"worker-{phase}.prof"
-                grid.start_workers(1, python_args=("-m", "cProfile", "-o", str(prof_file)))
+                grid.start_nodes(1, python_args=("-m", "cProfile", "-o", str(prof_file)))
                 stats.update(_client_phase(phase, grid.app_module, args))
             finally:
                 grid.close()  # SIGTERM: the worker's cProfile writes its file as it exits

@@ -425,15 +425,14 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
     def gevent_stage() -> Plan | None:
         if options.skip_gevent or options.pool == "gevent":
             return None
-        grid.stop_workers()
+        grid.stop()
         gevent_grid = Grid(grid.redis_server, grid.broker, grid.broker_url, "gevent", GEVENT_CONCURRENCY)
         try:
-            gevent_grid.start_workers(nodes)
+            gevent_grid.start_nodes(nodes)
         except BaseException:
             gevent_grid.close()
             raise
-        flags = " ".join(gevent_grid.worker_flags).replace(gevent_grid.queue, "<queue>")
-        print(f"  extra: {nodes} worker(s): celery -A benchmarks.benchapp worker {flags}")
+        print(f"  extra: {nodes} worker(s): celery -A benchmarks.benchapp worker {gevent_grid.shown_flags()}")
         return Plan(
             [
                 girder_scenario(
@@ -526,7 +525,7 @@ def fanout(grid: Grid, options: argparse.Namespace) -> Plan:
 
     def stage(nodes: int) -> Plan:
         if len(grid.workers) < nodes:
-            grid.start_workers(nodes - len(grid.workers))
+            grid.start_nodes(nodes - len(grid.workers))
         name = f"{nodes} node{'s' * (nodes > 1)}"
 
         def step() -> None:

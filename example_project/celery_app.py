@@ -6,19 +6,20 @@ Configured from the environment, so workers and clients agree:
 - ``GIRDER_DEMO_REDIS_URL``: Redis for girder's state store, and by default also the broker and
   the result backend (default ``redis://127.0.0.1:6379/0``);
 - ``GIRDER_DEMO_BROKER_URL``: another broker, e.g. ``amqp://guest:guest@127.0.0.1:5672//``;
-- ``GIRDER_DEMO_BACKEND_URL``: another result backend;
-- ``GIRDER_DEMO_READY_LIST``: if set, each worker pushes its hostname onto this Redis list when it
-  is ready (the demo waits on it instead of sleeping).
+- ``GIRDER_DEMO_BACKEND_URL``: another result backend.
+
+A worker the demo starts (``girder_celery.testing.LocalGrid``) also says when it is ready, so the
+demo waits for that instead of sleeping; ``announce_ready`` does nothing in any other worker.
 """
 
 from __future__ import annotations
 
 import os
 
-import redis
-from celery import Celery, signals
+from celery import Celery
 
 from girder_celery import Girder
+from girder_celery.testing import announce_ready
 
 REDIS_URL = os.environ.get("GIRDER_DEMO_REDIS_URL", "redis://127.0.0.1:6379/0")
 BROKER_URL = os.environ.get("GIRDER_DEMO_BROKER_URL", REDIS_URL)
@@ -30,10 +31,4 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 girder = Girder(app)
-
-
-@signals.worker_ready.connect
-def _announce_ready(sender=None, **_):
-    ready_list = os.environ.get("GIRDER_DEMO_READY_LIST")
-    if ready_list:
-        redis.Redis.from_url(REDIS_URL).rpush(ready_list, sender.hostname)
+announce_ready(app)

@@ -13,25 +13,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import redis
-
-from girder_celery.testing import CeleryWorker, RedisServer
+from girder_celery.testing import LocalGrid, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = "XYZ"
-READY_LIST = "example_project:demo:ready"
 NODES = ("node1", "node2")
 
 
@@ -41,52 +36,16 @@ def say(text: str = "") -> None:
         print(text, flush=True)
 
 
-class PrivateGrid:
-    """A private redis-server and two real Celery workers, stopped within bounded time."""
-
-    def __init__(self) -> None:
-        self.redis = RedisServer()
-        self.tmp = Path(tempfile.mkdtemp(prefix="girder-demo-"))
-        self.workers: dict[str, CeleryWorker] = {}
-
-    def url(self, db: int) -> str:
-        return self.redis.url(db)
-
-    def start_redis(self, timeout: float = 20) -> None:
-        self.redis.start(timeout)
-        say(f"redis-server  {self.redis.binary}, port {self.redis.port}, no persistence")
-
-    def env(self) -> dict[str, str]:
-        return {
-            "GIRDER_DEMO_REDIS_URL": self.url(0),
-            "GIRDER_DEMO_BROKER_URL": self.url(1),
-            "GIRDER_DEMO_BACKEND_URL": self.url(2),
-            "GIRDER_DEMO_READY_LIST": READY_LIST,
-        }
-
-    def start_workers(self, timeout: float = 60) -> list[str]:
-        """Start every node side by side, then wait for each one's ready announcement."""
-        for name in NODES:
-            hostname = f"{name}@{socket.gethostname()}"  # what -n {name}@%h expands to
-            flags = ["-c", "2", "-l", "info"]
-            worker = CeleryWorker("example_project.celery_app", hostname, flags, self.env(), self.log(name), ROOT)
-            self.workers[name] = worker.launch()
-        client = redis.Redis.from_url(self.url(0), decode_responses=True)
-        deadline = time.monotonic() + timeout
-        for worker in self.workers.values():
-            worker.wait_ready(client, READY_LIST, max(0.1, deadline - time.monotonic()))
-        return [worker.hostname for worker in self.workers.values()]
-
-    def log(self, name: str) -> Path:
-        return self.tmp / f"{name}.log"
-
-    def stop(self, timeout: float = 10) -> None:
-        """A warm shutdown of every worker at once (SIGKILL past ``timeout``), then Redis."""
-        for worker in self.workers.values():
-            worker.terminate()
-        for worker in self.workers.values():
-            worker.stop(timeout)
-        self.redis.close()
+def private_grid(redis: RedisServer) -> LocalGrid:
+    """Two-executor workers of ``example_project.celery_app`` on ``redis``: db 0 the state store,
+    db 1 the broker, db 2 the result backend; named ``<node>@<this host>``, as ``-n <node>@%h`` would."""
+    env = {
+        "GIRDER_DEMO_REDIS_URL": redis.url(0),
+        "GIRDER_DEMO_BROKER_URL": redis.url(1),
+        "GIRDER_DEMO_BACKEND_URL": redis.url(2),
+    }
+    return LocalGrid("example_project.celery_app", redis.url(0), env=env, flags=["-l", "info"],
+                     host=socket.gethostname(), cwd=ROOT)  # fmt: skip
 
 
 class Steps:
@@ -119,10 +78,8 @@ def check(condition: bool, message: str) -> None:
         raise AssertionError(message)
 
 
-def demo(grid: PrivateGrid, timeout: float) -> bool:
-    # The app reads its configuration from the environment when first imported.
-    os.environ.update(grid.env())
-    from example_project.celery_app import girder
+def demo(grid: LocalGrid, timeout: float) -> bool:
+    girder = grid.load_app().girder  # the app reads its configuration from the environment
     from example_project.tasks import bogosity, calc_portfolio, calc_price, instruments, ratio
     from girder_celery import GirderError
 
@@ -214,6 +171,20 @@ def demo(grid: PrivateGrid, timeout: float) -> bool:
     return steps.ok
 
 
+def teardown(grid: LocalGrid, redis: RedisServer, outcome: str) -> None:
+    """Stop the workers (SIGKILL past 10 s) and Redis; keep the logs of a failed run, and show their ends."""
+    workers = list(grid.workers)
+    grid.stop(timeout=10)
+    redis.close()
+    if outcome != "failed":
+        shutil.rmtree(grid.logdir, ignore_errors=True)
+        return
+    for worker in workers:
+        say(f"--- last lines of {worker.log}")
+        say(worker.output(lines=15))
+    say(f"worker logs kept in {grid.logdir}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m example_project.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds each request may take (default 60)")
@@ -223,15 +194,17 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    grid = PrivateGrid()
+    redis = RedisServer()
+    grid = private_grid(redis)
     outcome = "failed"
     try:
         say("== starting a private grid")
-        grid.start_redis()
+        redis.start()
+        say(f"redis-server  {redis.binary}, port {redis.port}, no persistence")
         t0 = time.monotonic()
-        nodes = grid.start_workers()
+        nodes = [worker.hostname for worker in grid.start_workers(NODES, concurrency=2)]
         say(f"workers       {', '.join(sorted(nodes))} ready in {time.monotonic() - t0:.1f} s (2 executors each)")
-        say(f"logs          {grid.tmp}")
+        say(f"logs          {grid.logdir}")
         outcome = "passed" if demo(grid, args.timeout) else "failed"
     except KeyboardInterrupt:
         outcome = "interrupted"
@@ -241,14 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the teardown short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         say(f"\n== {outcome}: stopping workers and redis-server")
-        grid.stop()
-        if outcome == "failed":
-            for name in grid.workers:
-                say(f"--- last lines of {grid.log(name)}")
-                say(grid.workers[name].output(lines=15))
-            say(f"worker logs kept in {grid.tmp}")
-        else:
-            shutil.rmtree(grid.tmp, ignore_errors=True)
+        teardown(grid, redis, outcome)
     say(f"demo {outcome}")
     return {"passed": 0, "interrupted": 130}.get(outcome, 1)
 

@@ -5,7 +5,6 @@ Under ``CI=true`` a missing RabbitMQ fails the AMQP tests instead of skipping th
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -31,14 +30,6 @@ def _check_broker(kind: str) -> None:
         pytest.skip(f"RabbitMQ not reachable: {why}")
 
 
-def configure_gridapp(grid: Grid):
-    """(Re)load tests.gridapp in this process with the grid's configuration."""
-    os.environ.update(grid.env)
-    import tests.gridapp
-
-    return importlib.reload(tests.gridapp)
-
-
 @pytest.fixture(params=["redis", "amqp"])
 def broker(request):
     _check_broker(request.param)
@@ -49,10 +40,9 @@ def broker(request):
 def grid(redis_server, broker):
     """An empty grid (no workers yet) on each broker; ``grid.worker(...)`` adds real workers."""
     g = Grid(redis_server, broker)
-    g.app_module = configure_gridapp(g)
+    g.load_app()
     yield g
-    g.stop()
-    g.app_module.app.close()
+    g.close()
 
 
 # -- core suite: worker pools, a shared live grid, and grids with custom timing
@@ -72,7 +62,7 @@ def _live_grid(request, redis_server):
     broker, pool = request.param
     _check_broker(broker)
     g = Grid(redis_server, broker)
-    g.app_module = configure_gridapp(g)
+    g.load_app()
     g.pool = pool
     g.node = g.worker("live", pool, POOLS[pool])
     yield g
@@ -89,9 +79,8 @@ def live(_live_grid):
     g = _live_grid
     if g.node.proc.poll() is not None:
         pytest.fail(f"the shared worker died:\n{g.node.output()[-5000:]}")
-    if os.environ.get("GIRDER_TEST_PREFIX") != g.prefix:
-        g.app_module.app.close()
-        configure_gridapp(g)
+    if os.environ.get("GIRDER_TEST_PREFIX") != g.key_prefix:
+        g.load_app()
     return g
 
 
@@ -103,20 +92,17 @@ def make_grid(redis_server, broker):
 
     def make(**timing):
         g = Grid(redis_server, broker, **timing)
-        g.app_module = configure_gridapp(g)
+        g.load_app()
         made.append(g)
         return g
 
     yield make
     for g in made:
         _fast_stop(g)
-    if made:
-        made[-1].app_module.app.close()
 
 
 def _fast_stop(g: Grid) -> None:
-    """Stop a grid's workers with SIGKILL: a warm shutdown would wait for requests a test left
+    """Close a grid after killing its workers: a warm shutdown would wait for requests a test left
     running (some sleep for seconds), and teardown checks nothing."""
-    for worker in g.workers:
-        worker.kill()
-    g.stop()
+    g.kill()
+    g.close()

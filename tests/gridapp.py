@@ -1,8 +1,9 @@
 """The Celery app the end-to-end tests run, in the test process and in real worker processes.
 
-Configured from the environment (set by ``tests/harness.py``), so a ``celery -A tests.gridapp
-worker`` subprocess and the test process share the broker, queue, state store and key prefix.
-Tasks count their executions in Redis, so tests can assert "ran exactly once".
+Configured from the ``GIRDER_TEST_*`` environment (set by ``tests.harness.Grid``), so a ``celery -A
+tests.gridapp worker`` subprocess and the test process share the broker, queue, state store and
+key prefix; its workers tell their grid when they are ready (``announce_ready``). Tasks count
+their executions in Redis, so tests can assert "ran exactly once".
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import sys
 import time
 
 import redis
-from celery import Celery, signals
+from celery import Celery
 
 from girder_celery import Girder
+from girder_celery.testing import announce_ready
 
 BROKER = os.environ.get("GIRDER_TEST_BROKER", "redis://127.0.0.1:6379/15")
 STORE = os.environ.get("GIRDER_TEST_STORE", "redis://127.0.0.1:6379/15")
@@ -38,6 +40,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 girder = Girder(app)
+announce_ready(app)
 _counter = redis.Redis.from_url(STORE, decode_responses=True)
 
 
@@ -47,11 +50,6 @@ def runs_key(name: str, key: str) -> str:
 
 def count_run(task) -> None:
     _counter.incr(runs_key(task.name, task.request.id))
-
-
-@signals.worker_ready.connect
-def _announce_ready(sender=None, **_):
-    _counter.rpush(f"{PREFIX}:test:ready", sender.hostname)
 
 
 @girder.task(bind=True, name="grid.add")

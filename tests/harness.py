@@ -1,18 +1,18 @@
-"""Real servers for the tests: a private redis-server and real ``celery worker`` processes.
+"""The test grid, and a bounded poll for the waits no event exists for.
 
 No fakes: each test session runs its own ``redis-server`` on a free port (so tests may kill and
-restart it), workers are ``celery -A tests.gridapp worker`` subprocesses, and brokers are that
-Redis or the machine's RabbitMQ (``$GIRDER_TEST_AMQP_URL``), each with queues of its own.
+restart it), workers are ``celery -A tests.gridapp worker`` subprocesses started by
+``girder_celery.testing.LocalGrid``, and brokers are that Redis or the machine's RabbitMQ
+(``$GIRDER_TEST_AMQP_URL``), each grid with a queue and key prefix of its own.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from girder_celery.testing import AMQP_URL, CeleryWorker, RedisServer, delete_amqp_queue
+from girder_celery.testing import AMQP_URL, QUIET_FLAGS, LocalGrid, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,25 +29,24 @@ def wait_until(predicate, timeout: float, what: str, step: float = 0.05):
         time.sleep(step)
 
 
-class Grid:
-    """One test grid: a broker, a state store, a queue and key prefix, and its workers.
+class Grid(LocalGrid):
+    """One test grid of ``tests.gridapp`` workers: a broker, the state store, a queue and a key prefix.
 
-    ``env`` configures ``tests.gridapp`` identically in the test process and in workers.
+    ``env`` (``GIRDER_TEST_*``) configures ``tests.gridapp`` identically in the test process
+    (``load_app``) and in workers; a test may change it before either. ``worker(name, pool,
+    concurrency, *flags)`` adds a real worker.
     """
 
     def __init__(self, redis_server: RedisServer, broker: str, lease: float = 30, check: float = 5) -> None:
-        self.redis_server = redis_server
-        self.broker_kind = broker
         tag = uuid.uuid4().hex[:8]
-        self.queue = f"girder-test-{tag}"
-        self.prefix = f"gt-{tag}"
+        queue, prefix = f"girder-test-{tag}", f"gt-{tag}"
         broker_url = redis_server.url(1) if broker == "redis" else AMQP_URL
-        self.env = {
+        env = {
             "GIRDER_TEST_BROKER": broker_url,
             "GIRDER_TEST_STORE": redis_server.url(0),
             "GIRDER_TEST_BACKEND": redis_server.url(2),
-            "GIRDER_TEST_QUEUE": self.queue,
-            "GIRDER_TEST_PREFIX": self.prefix,
+            "GIRDER_TEST_QUEUE": queue,
+            "GIRDER_TEST_PREFIX": prefix,
             "GIRDER_TEST_LEASE": str(lease),
             "GIRDER_TEST_CHECK": str(check),
             # Every setting a test may change, at its default: os.environ carries the last grid's.
@@ -56,34 +55,9 @@ class Grid:
             "GIRDER_TEST_HOIST_AFTER": "0.1",
             "GIRDER_TEST_ACKS_LATE": "0",
         }
-        self.workers: list[Worker] = []
-        self.logdir = Path(tempfile.mkdtemp(prefix="girder-workers-"))
-
-    def worker(self, name: str = "w1", pool: str = "prefork", concurrency: int = 2, *extra: str) -> Worker:
-        worker = Worker(self, name, pool, concurrency, extra)
-        self.workers.append(worker)
-        return worker.start()
-
-    def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
-        self.workers.clear()
-        if self.broker_kind == "amqp":
-            delete_amqp_queue(self.queue)
-
-
-class Worker(CeleryWorker):
-    """A real ``celery -A tests.gridapp worker`` subprocess of a grid."""
-
-    def __init__(self, grid: Grid, name: str, pool: str, concurrency: int, extra: tuple[str, ...]) -> None:
-        flags = [
-            "-P", pool, "-c", str(concurrency), "-Q", grid.queue, "-l", "info",
-            "--without-heartbeat", "--without-mingle", "--without-gossip", *extra,
-        ]  # fmt: skip
-        hostname = f"{name}-{grid.prefix}@localhost"
-        super().__init__("tests.gridapp", hostname, flags, grid.env, grid.logdir / f"{name}.log", ROOT)
-        self.grid = grid
-
-    def start(self, timeout: float = 60) -> Worker:
-        super().start(self.grid.redis_server.client(), f"{self.grid.prefix}:test:ready", timeout)
-        return self
+        super().__init__(
+            "tests.gridapp", redis_server.url(0), env=env, queue=queue, key_prefix=prefix, broker_url=broker_url,
+            flags=["-l", "info", *QUIET_FLAGS], cwd=ROOT,
+        )  # fmt: skip
+        self.redis_server = redis_server
+        self.broker_kind = broker

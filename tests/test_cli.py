@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import configure_gridapp
 from tests.core_support import redis_now_ms, wait_redis_past
 from tests.harness import Grid
 
@@ -21,9 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def grid(redis_server):
     g = Grid(redis_server, "redis")
-    g.app_module = configure_gridapp(g)
+    g.load_app()
     yield g
-    g.app_module.app.close()
+    g.close()
 
 
 def celery(

@@ -391,7 +391,7 @@ def test_identical_requests_from_many_processes_run_once(live):
     n, t = 8, tag()
     m = live.app_module
     key = m.slow.key(0.3, t)
-    sync = f"{live.prefix}:test:sync:{t}"
+    sync = f"{live.key_prefix}:test:sync:{t}"
     client = live.redis_server.client()
     env = {**os.environ, **live.env, "PYTHONPATH": str(ROOT)}
     procs = [

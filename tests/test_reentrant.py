@@ -88,7 +88,7 @@ def state(grid, sig) -> dict:
 def runs(grid) -> dict[tuple[str, str], int]:
     """Every execution counted on this grid: ``{(task name, key): runs}``."""
     client = grid.redis_server.client()
-    prefix = f"{grid.prefix}:test:runs:"
+    prefix = f"{grid.key_prefix}:test:runs:"
     out = {}
     for rkey in client.scan_iter(match=prefix + "*", count=1000):
         name, key = rkey[len(prefix) :].rsplit(":", 1)

@@ -13,7 +13,6 @@ import uuid
 import pytest
 
 from girder_celery.testing import delete_amqp_queue
-from tests.conftest import configure_gridapp
 from tests.harness import Grid
 
 
@@ -24,13 +23,12 @@ def tiers(redis_server, broker):
     a, b, r = (f"{g.queue}-{name}" for name in "abr")
     g.pools = {"a": a, "b": b, "r": r}
     g.env["GIRDER_TEST_POOLS"] = json.dumps({a: r, b: r, r: None})
-    g.app_module = configure_gridapp(g)
+    g.load_app()
     yield g
-    g.stop()
+    g.close()
     for queue in (a, b, r):
         if broker == "amqp":
             delete_amqp_queue(queue)
-    g.app_module.app.close()
 
 
 def runs(grid, task, *args) -> int:
@@ -94,7 +92,7 @@ def test_a_busy_node_holds_no_offer_an_idle_node_could_run(redis_server, broker,
     grid = Grid(redis_server, broker)
     if broker == "amqp" and pool == "prefork":
         grid.env["GIRDER_TEST_ACKS_LATE"] = "1"
-    grid.app_module = configure_gridapp(grid)
+    grid.load_app()
     try:
         w1, w2 = grid.worker("w1", pool, 1), grid.worker("w2", pool, 1)
         m = grid.app_module
@@ -112,8 +110,7 @@ def test_a_busy_node_holds_no_offer_an_idle_node_could_run(redis_server, broker,
         assert nodes == [idle_node] * 5, "a request waited behind the busy node"
         assert busy.get(timeout=10)["tag"] == first
     finally:
-        grid.stop()
-        grid.app_module.app.close()
+        grid.close()
 
 
 @pytest.mark.invariant1
