@@ -7,6 +7,7 @@ the conversions are made here, once (``ms`` and the ``*_ms`` properties).
 from __future__ import annotations
 
 from dataclasses import MISSING, Field, dataclass, field, fields
+from functools import cached_property
 from typing import Any
 
 __all__ = ["Settings", "ms"]
@@ -86,21 +87,22 @@ class Settings:
         if not isinstance(self.volunteer, bool):
             raise ValueError(f"girder_volunteer must be True or False, not {self.volunteer!r}")
 
-    @property
+    # Cached: read on every request (the dataclass is frozen, so they never go stale).
+    @cached_property
     def lease_ms(self) -> int:
         return ms(self.lease_seconds)
 
-    @property
+    @cached_property
     def edge_ttl_ms(self) -> int:
         """How long a waits-for edge outlives its last refresh: renewals and re-submissions
         refresh it, so it goes only when its requester has died."""
         return ms(2 * self.lease_seconds + self.check_interval)
 
-    @property
+    @cached_property
     def reoffer_after_ms(self) -> int:
         return ms(self.reoffer_after)
 
-    @property
+    @cached_property
     def hoist_after_ms(self) -> int:
         return ms(self.hoist_after)
 

@@ -36,9 +36,7 @@ A record answers each call with a ``Verdict`` (see there) and data; ``Outcome`` 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.resources
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -147,6 +145,7 @@ class StateStore:
         self._scripts = {name: client.register_script(_load(name)) for name in self.SCRIPTS}
         self.link = Link(client, list(self._scripts.values()), busy_poll)
         self._blmpop = True  # until the server says it has no BLMPOP (Redis < 7)
+        self._reachable = _Reachable(self.url)
 
     def record_key(self, key: str) -> str:
         return f"{self.prefix}:req:{key}"
@@ -163,14 +162,10 @@ class StateStore:
     def mailbox_key(self, mailbox_id: str) -> str:
         return f"{self.prefix}:mailbox:{mailbox_id}"
 
-    @contextlib.contextmanager
-    def reachable(self) -> Iterator[None]:
-        """Around calls made for a caller: a Redis connection failure becomes a
-        ``GirderConnectionError`` naming the store."""
-        try:
-            yield
-        except STORE_UNREACHABLE as exc:
-            raise unreachable(self.url, exc) from exc
+    def reachable(self) -> _Reachable:
+        """Around calls made for a caller (``with store.reachable():``): a Redis connection
+        failure becomes a ``GirderConnectionError`` naming the store."""
+        return self._reachable
 
     def connection_error(self, exc: BaseException) -> GirderConnectionError:
         return unreachable(self.url, exc)
@@ -345,6 +340,21 @@ class StateStore:
             pipe.srem(self.waiters_key(key), mailbox)
         pipe.delete(mailbox)
         pipe.execute()
+
+
+class _Reachable:
+    """``StateStore.reachable``: a plain class, as it is on every caller's path (a generator
+    context manager costs a microsecond)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is not None and issubclass(exc_type, STORE_UNREACHABLE):
+            raise unreachable(self.url, exc) from exc
 
 
 def _notified(entry: str) -> Outcome:
