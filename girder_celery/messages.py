@@ -14,7 +14,12 @@ A malformed message says nothing about its request: the state store's payload is
 its id is a girder key whose request is queued, its offer is withdrawn, so the request's waiters
 offer it again, well formed from their own payload, at their next check (``girder_check_interval``)
 instead of after ``girder_reoffer_after``. It is not failed: any copy can be forged or corrupted,
-and a bad copy must not fail a good request. Messages of plain Celery tasks keep Celery's strategy.
+and a bad copy must not fail a good request.
+
+Stock Celery has the same flaw for every task, and a plain task's malformed message would stop a
+girder node as well: ``worker.MessageCheck`` puts plain tasks' strategies behind the same check
+(:func:`checked`), without girder's own rules (embed keys, withdrawing offers). Well-formed
+messages of plain tasks are handled exactly as before.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from celery.worker.strategy import default
 
 from .keys import is_key
 
-__all__ = ["message_problem", "strategy"]
+__all__ = ["checked", "message_problem", "strategy"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,23 +44,30 @@ EMBED_TYPES: dict[str, type] = {"callbacks": list, "errbacks": list, "chain": li
 
 
 def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
-    """Celery's default strategy for ``task``, behind a check of each message's shape."""
-    handler = default(task, app, consumer, **kwargs)
+    """Celery's default strategy for girder task ``task``, behind a check of each message."""
+    return checked(task, default(task, app, consumer, **kwargs), girder=True)
+
+
+def checked(task: Any, handler: Callable[..., Any], girder: bool = False) -> Callable[..., Any]:
+    """``handler`` (a strategy's message handler) behind :func:`message_problem`. For a girder
+    task the embed may hold only Celery's own keys, and a refused key's offer is withdrawn."""
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **options: Any) -> Any:
-        why = message_problem(message, body)
+        why = message_problem(message, body, girder)
         if why is not None:
             task_id = _task_id(message, body)
-            _withdraw(task, task_id, message)
+            if girder:
+                _withdraw(task, task_id, message)
             raise InvalidTaskError(f"girder: refused message {task_id!r} of {task.name}: {why}")
         return handler(message, body, ack, reject, callbacks, **options)
 
+    on_message.girder_checked = True  # type: ignore[attr-defined]
     return on_message
 
 
-def message_problem(message: Any, body: Any) -> str | None:
+def message_problem(message: Any, body: Any, girder: bool = True) -> str | None:
     """What is wrong with a task message (protocol 2, or 1 when ``body`` is its decoded
-    payload), or None if Celery can take it."""
+    payload), or None if Celery can take it; ``girder``: refuse embed keys Celery never sends."""
     if body is None:  # protocol 2: the id is a header, the body is [args, kwargs, embed]
         headers = message.headers
         why = _id_problem(headers.get("id")) or _timelimit_problem(headers.get("timelimit"))
@@ -69,7 +81,7 @@ def message_problem(message: Any, body: Any) -> str | None:
             return _proto1_problem(payload)
         if not isinstance(payload, (list, tuple)) or len(payload) != 3:
             return f"its body is not [args, kwargs, embed] but {_shape(payload)}"
-        return _call_problem(*payload)
+        return _call_problem(*payload, girder)
     if not isinstance(body, dict):
         return f"its body is not a task message but {_shape(body)}"
     return _id_problem(body.get("id")) or _timelimit_problem(body.get("timelimit")) or _proto1_problem(body)
@@ -77,10 +89,10 @@ def message_problem(message: Any, body: Any) -> str | None:
 
 def _proto1_problem(body: dict) -> str | None:
     embed = {name: body.get(name) for name in ("callbacks", "errbacks", "chord")}
-    return _call_problem(body.get("args", ()), body.get("kwargs", {}), embed)
+    return _call_problem(body.get("args", ()), body.get("kwargs", {}), embed, True)
 
 
-def _call_problem(args: Any, kwargs: Any, embed: Any) -> str | None:
+def _call_problem(args: Any, kwargs: Any, embed: Any, girder: bool) -> str | None:
     if not isinstance(args, (list, tuple)):
         return f"its args are not a list but {_shape(args)}"
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
@@ -90,6 +102,8 @@ def _call_problem(args: Any, kwargs: Any, embed: Any) -> str | None:
     for name, value in embed.items():
         expected = EMBED_TYPES.get(name)
         if expected is None:
+            if not girder:
+                continue
             return f"its embed has a key {name!r} that is none of {sorted(EMBED_TYPES)}"
         if value is not None and not isinstance(value, expected):
             return f"its embed's {name} is not a {expected.__name__} or null but {_shape(value)}"

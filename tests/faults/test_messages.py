@@ -49,22 +49,27 @@ def well_formed(args, kwargs=None) -> list:
     return [list(args), kwargs or {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
 
 
+def node_log(grid) -> str:
+    """The node's log so far; fails at once if the node died."""
+    assert grid.node.proc.poll() is None, f"the node died:\n{grid.node.output()[-5000:]}"
+    return grid.node.output()
+
+
 def refused(grid, task_id: str) -> str:
     """The worker's log line refusing the malformed message ``task_id``, once it is written."""
     marker = f"girder: refused message {task_id!r}"
-    line = wait_until(
-        lambda: next((ln for ln in grid.node.output().splitlines() if marker in ln), None),
+    return wait_until(
+        lambda: next((ln for ln in node_log(grid).splitlines() if marker in ln), None),
         10,
         f"the worker to refuse message {task_id}",
     )
-    return line
 
 
 def handled(grid, task_id: str, name: str = "grid.add") -> str:
     """Wait until the worker has handled message ``task_id`` (run, ignored or failed); its log."""
     done = re.compile(rf"Task {re.escape(name)}\[{re.escape(task_id)}\] (succeeded|ignored|raised)")
     return wait_until(
-        lambda: done.search(out := grid.node.output()) and out,
+        lambda: done.search(out := node_log(grid)) and out,
         10,
         f"the worker to handle message {task_id}",
     )
@@ -258,3 +263,20 @@ def test_a_malformed_copy_of_a_queued_request_is_offered_again_at_the_next_check
     assert record(g, request.key)["offers"] == "2"
     assert runs(g, "grid.add", request.key) == 1
     assert_serving(g)
+
+
+@pytest.mark.invariant1
+def test_a_malformed_message_of_a_plain_task_never_stops_a_girder_node(live):
+    """A girder node refuses a wrong-shaped message of a plain Celery task too (stock Celery
+    would stop), and its well-formed messages run as before."""
+    m = live.app_module
+    for body in ([1], "a string", {"a": 1}):
+        task_id = str(uuid.uuid4())
+        publish(live, body, task_id, task="grid.plain_add")
+        assert "its body is not [args, kwargs, embed]" in refused(live, task_id)
+        assert_serving(live)
+    task_id = str(uuid.uuid4())
+    publish(live, well_formed([2, 3]), task_id, task="grid.plain_add")
+    assert m.app.AsyncResult(task_id).get(timeout=10) == 5
+    publish(live, [[2, 3], {}, {"stamped": "yes"}], task_id + "-extra", task="grid.plain_add")
+    assert m.app.AsyncResult(task_id + "-extra").get(timeout=10) == 5  # girder's embed rule is not applied
