@@ -101,16 +101,23 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private ``redis-server`` process on a free port, without persistence."""
+    """A private ``redis-server`` process on a free port, without persistence.
 
-    def __init__(self) -> None:
+    ``password`` protects its default user (``requirepass``; ``url`` and ``client`` carry it);
+    ``args`` are more command-line options (TLS, say).
+    """
+
+    def __init__(self, password: str | None = None, args: Sequence[str] = ()) -> None:
         self.binary = redis_server_binary()
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="girder-redis-")
         self.proc: subprocess.Popen | None = None
+        self.password = password
+        self.args = list(args)
 
     def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def client(self, db: int = 0) -> redis.Redis:
         return redis.Redis.from_url(self.url(db), decode_responses=True)
@@ -122,10 +129,11 @@ class RedisServer:
         """Start it and wait, at most ``timeout`` seconds, until it answers PING."""
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--databases", "16"],
+             "--dir", self.dir, "--databases", "16", *(["--requirepass", self.password] if self.password else []),
+             *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1)
         deadline = time.monotonic() + timeout
         while True:
             try:
