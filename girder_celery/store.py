@@ -47,10 +47,12 @@ from .errors import STORE_UNREACHABLE, GirderConnectionError, GirderError, unrea
 from .keys import decode_value
 from .link import Link
 
-__all__ = ["Claimant", "Outcome", "StateStore", "Verdict"]
+__all__ = ["RECONNECT_WINDOW", "Claimant", "Outcome", "StateStore", "Verdict"]
 
 #: How long a notification waits in a mailbox nobody reads (a waiter that died).
 MAILBOX_TTL_MS = 24 * 3600 * 1000
+#: How long a waiter, or a node holding an offer, rides out an unreachable store (seconds).
+RECONNECT_WINDOW = 30.0
 
 
 class Verdict(str, Enum):
