@@ -4,7 +4,7 @@ A failed request is stored as a JSON-family dict (never a pickled exception, inv
 rebuilt as a ``GirderError`` in every waiter. ``causes`` holds the failed sub-requests' errors,
 so the chain from the outermost request to the innermost failure survives any number of hops.
 ``unreachable`` is the one place a Redis client's connection failure becomes a
-``GirderConnectionError`` naming the state store.
+``GirderConnectionError`` naming the state store (``refused``: a command its ACL refuses).
 """
 
 from __future__ import annotations
@@ -151,6 +151,15 @@ def unreachable(url: str, exc: BaseException) -> GirderConnectionError:
     if url.startswith("rediss://") and any(isinstance(e, ssl.SSLError) for e in _exception_chain(exc)):
         hint = " (TLS: check ssl_ca_certs, the server's CA, and ssl_certfile/ssl_keyfile, this client's certificate)"
     return GirderConnectionError(f"cannot reach girder's state store at {masked}: {exc}{hint}", url=masked)
+
+
+def refused(url: str, exc: BaseException) -> GirderError:
+    """The error for a command the state store at ``url`` refused this client's user (its ACL
+    lacks it): not a connection error, as trying again cannot help."""
+    return GirderError(
+        f"girder's state store at {safe_url(url)} refused a command: {exc} (the README's "
+        "'Who may talk to the state store' lists the ACL girder needs)"
+    )
 
 
 def safe_url(url: str) -> str:

@@ -47,11 +47,12 @@ def script_commands() -> set[str]:
 GIRDER_ACL = tuple(sorted({*CLIENT_COMMANDS, *script_commands()}))
 
 
-def acl_rules(prefix: str, password: str, redis_version: str = "7") -> list[str]:
-    """The ``ACL SETUSER <user>`` rules of a girder user on keys ``<prefix>:*``: nothing else.
-    Before Redis 7 there is no BLMPOP, and girder pops with BLPOP."""
+def acl_rules(prefix: str, password: str, redis_version: str = "7", without: tuple[str, ...] = ()) -> list[str]:
+    """The ``ACL SETUSER <user>`` rules of a girder user on keys ``<prefix>:*``: nothing else
+    (and not the commands ``without``). Before Redis 7 there is no BLMPOP: girder uses BLPOP."""
     commands = GIRDER_ACL if int(redis_version.split(".")[0]) >= 7 else _before_7()
-    return ["reset", "on", f">{password}", f"~{prefix}:*", "resetchannels", *(f"+{c}" for c in commands)]
+    granted = (f"+{c}" for c in commands if c not in without)
+    return ["reset", "on", f">{password}", f"~{prefix}:*", "resetchannels", *granted]
 
 
 def _before_7() -> tuple[str, ...]:
@@ -161,9 +162,10 @@ class AccessServer:
     def admin(self) -> redis.Redis:
         return self.server.client()
 
-    def grant(self, user: str, prefix: str, password: str) -> None:
-        """(Re)create ``user`` with exactly girder's ACL on keys ``<prefix>:*``."""
-        self.admin.execute_command("ACL", "SETUSER", user, *acl_rules(prefix, password, self.server.version()))
+    def grant(self, user: str, prefix: str, password: str, without: tuple[str, ...] = ()) -> None:
+        """(Re)create ``user`` with exactly girder's ACL on keys ``<prefix>:*`` (but ``without``)."""
+        rules = acl_rules(prefix, password, self.server.version(), without)
+        self.admin.execute_command("ACL", "SETUSER", user, *rules)
 
     def url(self, user: str = "", password: str = "", db: int = 0) -> str:
         """A plain URL of the server for ``user`` (none: the default user), with ``password``."""

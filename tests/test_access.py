@@ -163,18 +163,24 @@ def assert_names_the_store(message: str, url: str) -> None:
     assert masked in message, message
 
 
+def client(url: str):
+    """A Girder on ``url`` with one task, on an app whose broker is in memory: only the store is real."""
+    app = Celery(f"access-{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    girder = Girder(app, url=url)
+
+    @girder.task(name="access.add")
+    def add(x, y=0):
+        return x + y
+
+    return girder, add
+
+
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_a_refused_client_gets_a_prompt_clear_error_naming_the_store(access, case):
     """Girder.request from a client the store refuses raises GirderConnectionError naming the
     store, password masked, within REFUSED_WITHIN seconds."""
     url = refused_url(access, case)
-    app = Celery(f"refused-{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    girder = Girder(app, url=url)
-
-    @girder.task(name="refused.add")
-    def add(x, y=0):
-        return x + y
-
+    girder, add = client(url)
     started = time.monotonic()
     with pytest.raises(GirderConnectionError) as info:
         girder.request(add.s(1, 2), timeout=30)
@@ -197,3 +203,23 @@ def test_a_worker_the_store_refuses_fails_at_start_naming_the_store(redis_server
         assert_names_the_store(log, url)
     finally:
         g.close()
+
+
+@pytest.mark.parametrize("missing", ["evalsha", "hgetall", "zcard"])
+def test_a_user_lacking_a_command_gets_an_error_naming_the_store_and_the_command(access, missing):
+    """A user whose ACL lacks a command girder needs gets at once a GirderError naming the store
+    (password masked) and the command, not a bare NoPermissionError nor a connection error that
+    a wait would retry."""
+    user = f"narrow-{missing}"
+    access.grant(user, "girder", PASSWORD, without=(missing,))
+    url = access.url(user, PASSWORD)
+    girder, add = client(url)
+    calls = {"evalsha": lambda: girder.request(add.s(1), timeout=30), "hgetall": lambda: girder.state(add.s(1)),
+             "zcard": lambda: girder.offers("celery")}  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(GirderError) as info:
+        calls[missing]()
+    assert time.monotonic() - started < REFUSED_WITHIN
+    assert not isinstance(info.value, GirderConnectionError)
+    assert f"'{missing}'" in str(info.value) and "refused a command" in str(info.value)
+    assert_names_the_store(str(info.value), url)
