@@ -223,3 +223,15 @@ def test_a_user_lacking_a_command_gets_an_error_naming_the_store_and_the_command
     assert not isinstance(info.value, GirderConnectionError)
     assert f"'{missing}'" in str(info.value) and "refused a command" in str(info.value)
     assert_names_the_store(str(info.value), url)
+
+
+def test_a_store_in_another_database_needs_select_too(access):
+    """A URL naming database 3 needs +select beside girder's ACL (redis-py selects it on connect):
+    without it a clear GirderError names the store and 'select', with it girder is served."""
+    access.grant("girder-db3", "girder", PASSWORD)
+    url = access.url("girder-db3", PASSWORD, db=3)
+    girder, add = client(url)
+    with pytest.raises(GirderError, match="'select'"):
+        girder.state(add.s(1))
+    access.admin.execute_command("ACL", "SETUSER", "girder-db3", "+select")
+    assert girder.state(add.s(1))["state"] == "absent"
