@@ -125,6 +125,46 @@ def kill_node(grid: Grid, worker: CeleryWorker, keys: Iterable[str]) -> tuple[se
     return interrupted, time.monotonic()
 
 
+class Dag:
+    """A DAG spread over two nodes: ``grid.sleepy_parent(n, seconds)`` requested by a caller, its
+    ``n`` children run inline on the parent's node and on the other node (copies hoisted to the
+    pool); started once children run on every one of ``nodes`` at once."""
+
+    def __init__(self, grid: Grid, nodes: dict[str, CeleryWorker], callers: Callers, n: int, seconds: float) -> None:
+        m = grid.app_module
+        self.grid, self.t, self.n = grid, tag(), n
+        parent = m.reentrant_tasks.sleepy_parent
+        self.key = parent.key(n, seconds, self.t)
+        self.children = [m.slow.key(seconds, tag=f"{self.t}.{i}") for i in range(n)]
+        self.hosts = [w.hostname for w in nodes.values()]
+        self.future = callers.call(m.girder.request, parent.s(n, seconds, self.t), 60)
+        self.parent_host = wait_until(lambda: record(grid, self.key).get("node"), 20, "the parent to start")
+        wait_until(lambda: self.spread(), 20, "children running on both nodes")
+        self.spread_at = time.monotonic()
+
+    def spread(self) -> bool:
+        return all(running_on(self.grid, self.children, h) for h in self.hosts)
+
+    def answered(self, timeout: float) -> float:
+        """The caller got the right value; when."""
+        value, finished = answer(self.future, timeout)
+        assert [c["tag"] for c in value] == [f"{self.t}.{i}" for i in range(self.n)]
+        assert {c["node"] for c in value} <= set(self.hosts), value
+        return finished
+
+    def runs(self) -> dict[tuple[str, str], int]:
+        """How many times each request of the DAG has started so far."""
+        return {k: runs(self.grid, *k) for k in self.named()}
+
+    def named(self) -> list[tuple[str, str]]:
+        return [("grid.sleepy_parent", self.key), *(("grid.slow", k) for k in self.children)]
+
+    def expected_runs(self, twice: Iterable[str] = ()) -> dict[tuple[str, str], tuple[int, int]]:
+        """What a dead node explains: once each, twice for the keys it was running."""
+        twice = set(twice)
+        return {(name, k): (1, 2 if k in twice else 1) for name, k in self.named()}
+
+
 # -- the checks every fault test ends with -----------------------------------------------------
 
 

@@ -15,19 +15,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.faults.support import (
-    answer,
-    assert_runs,
-    assert_serving,
-    kill_node,
-    record,
-    running_on,
-    tag,
-)
+from tests.faults.support import Dag, assert_runs, assert_serving, kill_node, record, tag
 from tests.harness import ROOT, wait_until
 
 pytestmark = pytest.mark.faults
@@ -38,38 +29,6 @@ N, SECONDS = 6, 0.4
 KILL_ROUNDS = [("redis", "solo", 6), ("amqp", "solo", 4), ("redis", "prefork", 2)]
 
 
-class Dag:
-    """The DAG started by a caller, once its children run on both ``nodes`` at once."""
-
-    def __init__(self, grid, nodes, callers) -> None:
-        m = grid.app_module
-        self.grid, self.t = grid, tag()
-        parent = m.reentrant_tasks.sleepy_parent
-        self.key = parent.key(N, SECONDS, self.t)
-        self.children = [m.slow.key(SECONDS, tag=f"{self.t}.{i}") for i in range(N)]
-        self.hosts = [w.hostname for w in nodes.values()]
-        self.future = callers.call(m.girder.request, parent.s(N, SECONDS, self.t), 60)
-        self.parent_host = wait_until(lambda: record(grid, self.key).get("node"), 20, "the parent to start")
-        wait_until(lambda: self.spread(), 20, "children running on both nodes")
-        self.spread_at = time.monotonic()
-
-    def spread(self) -> bool:
-        return all(running_on(self.grid, self.children, h) for h in self.hosts)
-
-    def answered(self, timeout: float) -> float:
-        """The caller got the right value; when."""
-        value, finished = answer(self.future, timeout)
-        assert [c["tag"] for c in value] == [f"{self.t}.{i}" for i in range(N)]
-        assert {c["node"] for c in value} <= set(self.hosts), value
-        return finished
-
-    def expected_runs(self, twice: set[str] = frozenset()) -> dict:
-        """What the fault explains: once each, twice for what the dead node was running."""
-        expected = {("grid.slow", k): (1, 2 if k in twice else 1) for k in self.children}
-        expected[("grid.sleepy_parent", self.key)] = (1, 2 if self.key in twice else 1)
-        return expected
-
-
 @pytest.mark.invariant1
 @pytest.mark.parametrize("broker,pool,rounds", KILL_ROUNDS, ids=[f"{b}-{p}" for b, p, _ in KILL_ROUNDS])
 def test_a_node_killed_mid_dag_is_recovered_round_after_round(broker, pool, rounds, make_fault_grid, callers, figures):
@@ -78,10 +37,10 @@ def test_a_node_killed_mid_dag_is_recovered_round_after_round(broker, pool, roun
     grid = make_fault_grid(broker, lease=LEASE, check=CHECK)
     nodes = dict(zip(["n1", "n2"], grid.start_workers(["n1", "n2"], pool, 1)))
     where = f"[{broker}/{pool}]"
-    undisturbed = Dag(grid, nodes, callers)
+    undisturbed = Dag(grid, nodes, callers, N, SECONDS)
     figures.add(f"undisturbed DAG, spread to answer {where}", undisturbed.answered(30) - undisturbed.spread_at)
     for i in range(rounds):
-        dag = Dag(grid, nodes, callers)
+        dag = Dag(grid, nodes, callers, N, SECONDS)
         kill_parent = i % 2 == 0
         name = next(n for n, w in nodes.items() if (w.hostname == dag.parent_host) == kill_parent)
         interrupted, died = kill_node(grid, nodes[name], [dag.key, *dag.children])
@@ -105,7 +64,7 @@ def test_a_warm_shutdown_mid_dag_finishes_the_request_first(pool, concurrency, m
     then exits; nothing runs twice and the restarted node serves."""
     grid = make_fault_grid("redis", lease=LEASE, check=CHECK)
     nodes = dict(zip(["n1", "n2"], grid.start_workers(["n1", "n2"], pool, concurrency)))
-    dag = Dag(grid, nodes, callers)
+    dag = Dag(grid, nodes, callers, N, SECONDS)
     name = next(n for n, w in nodes.items() if w.hostname == dag.parent_host)
     os.kill(nodes[name].proc.pid, signal.SIGTERM)  # the main process only, as `kill -TERM <pid>`
 

@@ -19,6 +19,7 @@ import uuid
 import pytest
 
 from tests.faults.support import (
+    Dag,
     answer,
     assert_runs,
     assert_serving,
@@ -130,3 +131,28 @@ def test_the_store_killed_and_restarted_with_its_data_mid_request(make_fault_gri
     assert record(grid, s.b_key).get("created_at") == s.b_created  # B's record survived the restart
     figures.add("store restarted with data -> answer", s.after_return(time.monotonic()))
     assert_serving(grid, [node])
+
+
+@pytest.mark.invariant1
+def test_the_store_killed_and_restarted_empty_mid_dag(make_fault_grid, private_redis, callers, figures):
+    """The store killed while a DAG runs on two nodes, restarted empty: the parent's inline wait
+    and its caller ride out the outage and submit again what the store lost; the DAG completes,
+    and no request runs more than once after the store's return."""
+    n, seconds = 6, 0.4
+    store = private_redis()
+    grid = make_fault_grid("redis", lease=LEASE, check=CHECK, store=store)
+    nodes = dict(zip(["n1", "n2"], grid.start_workers(["n1", "n2"], "solo", 1)))
+    assert_serving(grid, nodes.values())
+    dag = Dag(grid, nodes, callers, n, seconds)
+    store.stop()
+    time.sleep(OUTAGE)  # the outage itself; the children running finish their sleep meanwhile
+    started = dag.runs()  # no claim succeeds while the store is away: these began before it went
+    store.start()
+    back = time.monotonic()
+
+    finished = dag.answered(30)
+
+    assert finished - back < BOUND + n * seconds  # a check or two, plus the work the outage lost
+    figures.add("store restarted empty mid-DAG -> answer", finished - back)
+    assert_runs(grid, {k: (1, before + 1) for k, before in started.items()})
+    assert_serving(grid, nodes.values())
