@@ -175,11 +175,24 @@ def assert_runs(grid: Grid, expected: dict[tuple[str, str], tuple[int, int]]) ->
     assert not wrong, f"runs outside what the fault explains, {{(task, key): (runs, (lo, hi))}}: {wrong}"
 
 
+def running_anything_on(grid: Grid, node: str) -> bool:
+    """Whether the store has any request of the grid running on ``node``."""
+    store = grid.app_module.girder.store
+    for rkey in store.client.scan_iter(store.record_key("*"), count=1000):
+        state, on = store.client.hmget(rkey, "state", "node")
+        if state == "running" and on == node:
+            return True
+    return False
+
+
 def assert_serving(grid: Grid, workers: Iterable[CeleryWorker], timeout: float = 20) -> None:
-    """Every node is alive and serves a fresh request offered to its own queue."""
+    """Every node is alive and, once done with what the fault left it (a duplicate the fault
+    explains may still run after the answer), serves a fresh request offered to its own queue."""
     m = grid.app_module
     for w in workers:
         assert w.proc.poll() is None, f"node {w.hostname} died ({w.proc.returncode}):\n{w.output(80)}"
+        # Else the request would wait on the busy node's queue and be hoisted to another node.
+        wait_until(lambda w=w: not running_anything_on(grid, w.hostname), timeout, f"{w.hostname} to be idle")
         x = int(uuid.uuid4().int % 10**9)
         got = m.girder.request(m.add.s(x, 1), timeout=timeout, pool=m.girder.node_queue(w.hostname))
         assert got == x + 1

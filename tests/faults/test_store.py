@@ -121,7 +121,6 @@ def test_the_store_killed_and_restarted_with_its_data_mid_request(make_fault_gri
     """The store killed mid-request and restarted from its append-only file: the records it kept
     (A running under a lapsed lease, B queued with an offer the node took during the outage) are
     recovered within a check or two of its return."""
-    # needs the hole-1 fix (branch faults-outage)
     store = private_redis(persistent=True)
     grid, node = grid_on_private_store(make_fault_grid, store)
     s = Scenario(grid, node, callers, OUTAGE)
