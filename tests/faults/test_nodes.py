@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from tests.faults.support import Dag, assert_runs, assert_serving, kill_node, record, tag
+from tests.faults.support import NODE_DEATH, Dag, assert_runs, assert_serving, kill_node, record, tag
 from tests.harness import ROOT, wait_until
 
 pytestmark = pytest.mark.faults
@@ -51,7 +51,7 @@ def test_a_node_killed_mid_dag_is_recovered_round_after_round(broker, pool, roun
         # Within a lease and a check or two of the death, plus the work left (at most the whole DAG).
         assert finished - died < LEASE + 2 * CHECK + N * SECONDS + 3.0
         victim = "the parent's node" if kill_parent else "the other node"
-        figures.add(f"kill -9 of {victim} -> answer {where}", finished - died)
+        figures.add(f"kill -9 of {victim} -> answer {where}", finished - died, NODE_DEATH)
         assert_runs(grid, dag.expected_runs(interrupted))
         nodes[name] = grid.worker(name, pool, 1)
     assert_serving(grid, nodes.values())

@@ -19,6 +19,7 @@ import uuid
 import pytest
 
 from tests.faults.support import (
+    STORE_RETURN,
     Dag,
     answer,
     assert_runs,
@@ -96,7 +97,7 @@ def test_the_store_killed_and_restarted_empty_mid_request(make_fault_grid, priva
         store.stop()
         s.during_outage(time.monotonic(), OUTAGE)
         store.start()
-        figures.add("store restarted empty -> answer", s.after_return(time.monotonic()))
+        figures.add("store restarted empty -> answer", s.after_return(time.monotonic()), STORE_RETURN)
     assert_serving(grid, [node])
 
 
@@ -112,7 +113,7 @@ def test_the_store_frozen_mid_request(make_fault_grid, private_redis, callers, f
         s.during_outage(time.monotonic(), FROZEN)
     finally:
         thaw(store.proc.pid)
-    figures.add("store frozen 4 s -> answer", s.after_return(time.monotonic()))
+    figures.add("store frozen 4 s, thawed -> answer", s.after_return(time.monotonic()))
     assert_serving(grid, [node])
 
 
@@ -128,7 +129,7 @@ def test_the_store_killed_and_restarted_with_its_data_mid_request(make_fault_gri
     s.during_outage(time.monotonic(), OUTAGE)
     store.start()
     assert record(grid, s.b_key).get("created_at") == s.b_created  # B's record survived the restart
-    figures.add("store restarted with data -> answer", s.after_return(time.monotonic()))
+    figures.add("store restarted with data -> answer", s.after_return(time.monotonic()), STORE_RETURN)
     assert_serving(grid, [node])
 
 
@@ -152,6 +153,6 @@ def test_the_store_killed_and_restarted_empty_mid_dag(make_fault_grid, private_r
     finished = dag.answered(30)
 
     assert finished - back < BOUND + n * seconds  # a check or two, plus the work the outage lost
-    figures.add("store restarted empty mid-DAG -> answer", finished - back)
+    figures.add("store restarted empty mid-DAG -> answer", finished - back, STORE_RETURN)
     assert_runs(grid, {k: (1, before + 1) for k, before in started.items()})
     assert_serving(grid, nodes.values())
