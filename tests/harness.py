@@ -59,6 +59,7 @@ class Grid(LocalGrid):
             "GIRDER_TEST_VOLUNTEER": "1",
             "GIRDER_TEST_HOIST_AFTER": "0.1",
             "GIRDER_TEST_ACKS_LATE": "0",
+            "GIRDER_TEST_REOFFER": "300",
         }
         super().__init__(
             "tests.gridapp", redis_server.url(0), env=env, queue=queue, key_prefix=prefix, broker_url=broker_url,
