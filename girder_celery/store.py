@@ -43,14 +43,16 @@ from typing import Any
 
 import redis
 
-from .errors import STORE_UNREACHABLE, GirderConnectionError, GirderError, unreachable
+from .errors import STORE_UNREACHABLE, GirderConnectionError, GirderError, refused, unreachable
 from .keys import decode_value
 from .link import Link
 
-__all__ = ["Claimant", "Outcome", "StateStore", "Verdict"]
+__all__ = ["RECONNECT_WINDOW", "Claimant", "Outcome", "StateStore", "Verdict"]
 
 #: How long a notification waits in a mailbox nobody reads (a waiter that died).
 MAILBOX_TTL_MS = 24 * 3600 * 1000
+#: How long a waiter, or a node holding an offer, rides out an unreachable store (seconds).
+RECONNECT_WINDOW = 30.0
 
 
 class Verdict(str, Enum):
@@ -164,7 +166,8 @@ class StateStore:
 
     def reachable(self) -> _Reachable:
         """Around calls made for a caller (``with store.reachable():``): a Redis connection
-        failure becomes a ``GirderConnectionError`` naming the store."""
+        failure becomes a ``GirderConnectionError`` naming the store, a command the user's ACL
+        refuses a ``GirderError`` naming the store and the command."""
         return self._reachable
 
     def connection_error(self, exc: BaseException) -> GirderConnectionError:
@@ -353,8 +356,12 @@ class _Reachable:
         return None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        if exc_type is not None and issubclass(exc_type, STORE_UNREACHABLE):
+        if exc_type is None:
+            return
+        if issubclass(exc_type, STORE_UNREACHABLE):
             raise unreachable(self.url, exc) from exc
+        if issubclass(exc_type, redis.exceptions.NoPermissionError):  # the user's ACL lacks a command
+            raise refused(self.url, exc) from exc
 
 
 def _notified(entry: str) -> Outcome:
