@@ -280,3 +280,21 @@ def test_a_malformed_message_of_a_plain_task_never_stops_a_girder_node(live):
     assert m.app.AsyncResult(task_id).get(timeout=10) == 5
     publish(live, [[2, 3], {}, {"stamped": "yes"}], task_id + "-extra", task="grid.plain_add")
     assert m.app.AsyncResult(task_id + "-extra").get(timeout=10) == 5  # girder's embed rule is not applied
+
+
+@pytest.mark.invariant1
+def test_malformed_protocol_1_and_hybrid_bodies_are_refused_too(live):
+    """A protocol 1 body (no task header) or Celery's hybrid form (a protocol 1 body under protocol 2
+    headers) with args that are not a list is refused; the node goes on serving."""
+    m = live.app_module
+    proto1_id, hybrid_id = m.add.key(num(), 1), str(uuid.uuid4())
+    body = json.dumps({"task": "grid.add", "id": proto1_id, "args": "abc", "kwargs": {}}).encode()
+    with Connection(broker_url(live), connect_timeout=5) as conn:
+        conn.Producer().publish(
+            body, exchange="", routing_key=live.queue, headers={}, content_type=JSON, content_encoding="utf-8"
+        )
+    assert "its args are not a list but a str" in refused(live, proto1_id)
+    assert_serving(live)
+    publish(live, {"args": [1], "kwargs": [2]}, hybrid_id)
+    assert "its kwargs are not a dict" in refused(live, hybrid_id)
+    assert_serving(live)
