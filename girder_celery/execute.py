@@ -95,7 +95,9 @@ class Runner:
             except STORE_UNREACHABLE as exc:
                 if time.monotonic() >= deadline:
                     logger.warning("girder: offering %s[%s] again: the state store is unreachable", task.name, key)
-                    with self.offers.offering(task.prepare(args, kwargs), via or None) as queue:
+                    # The message as it came, unbound: it is an offer of ``key``, not the truth.
+                    copy = keys.Request(task, key, "", tuple(args), dict(kwargs))
+                    with self.offers.offering(copy, via or None) as queue:
                         self.offers.publish(task.name, key, args, kwargs, queue)
                     return None
                 logger.info("girder: cannot claim %s[%s] yet (%s); retrying", task.name, key, exc)

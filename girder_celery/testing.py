@@ -215,10 +215,11 @@ class CeleryWorker:
         return text if lines is None else "\n".join(text.splitlines()[-lines:])
 
     def terminate(self) -> None:
-        """Ask for a warm shutdown (one SIGTERM) without waiting; ``stop`` waits."""
+        """Ask for a warm shutdown (one SIGTERM to the main process, as ``kill -TERM`` does: pool
+        children reset SIGTERM to its default and would die mid-task) without waiting; ``stop`` waits."""
         if self.proc and self.proc.poll() is None and not self.terminated:
             self.terminated = True
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.kill(self.proc.pid, signal.SIGTERM)
 
     def kill(self) -> None:
         """SIGKILL the whole worker (main process and pool children): a dead node."""
