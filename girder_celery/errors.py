@@ -4,7 +4,8 @@ A failed request is stored as a JSON-family dict (never a pickled exception, inv
 rebuilt as a ``GirderError`` in every waiter. ``causes`` holds the failed sub-requests' errors,
 so the chain from the outermost request to the innermost failure survives any number of hops.
 ``unreachable`` is the one place a Redis client's connection failure becomes a
-``GirderConnectionError`` naming the state store.
+``GirderConnectionError`` naming the state store; ``corrupt`` makes the error for a record
+the state store holds in a form girder never writes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-__all__ = ["GirderConnectionError", "GirderError", "GirderTimeout"]
+__all__ = ["CORRUPT", "GirderConnectionError", "GirderError", "GirderTimeout", "corrupt"]
+
+#: The ``exc_type`` of the ``GirderError`` for a corrupt record.
+CORRUPT = "girder_celery.CorruptRecord"
 
 
 class GirderError(Exception):
@@ -142,6 +146,14 @@ def unreachable(url: str, exc: BaseException) -> GirderConnectionError:
     """The error for a state store at ``url`` that could not be reached (``exc`` says why)."""
     masked = safe_url(url)
     return GirderConnectionError(f"cannot reach girder's state store at {masked}: {exc}", url=masked)
+
+
+def corrupt(key: str, what: str, request: str | None = None) -> GirderError:
+    """The error for the record of ``key`` (``request``: readable) that is corrupt: ``what``."""
+    named = f"{request} [{key}]" if request else key
+    return GirderError(
+        f"the state store's record of {named} is corrupt: {what}; girder.forget clears it", key=key, exc_type=CORRUPT
+    )
 
 
 def safe_url(url: str) -> str:

@@ -74,7 +74,10 @@ class Runner:
         if verdict is Verdict.ABSENT:
             key, verdict, data = self._adopt(task, key, args, kwargs, owner, node)
         if verdict is not Verdict.CLAIMED:
-            logger.info("girder: skipping offer of %s[%s]: %s", task.name, key, verdict)
+            if verdict is Verdict.CORRUPT:  # its waiters hear of it from their next submit
+                logger.warning("girder: skipping offer of %s[%s]: its record is corrupt: %s", task.name, key, data)
+            else:
+                logger.info("girder: skipping offer of %s[%s]: %s", task.name, key, verdict)
             return None
         call_args, call_kwargs = keys.decode_payload(data)
         return (self.run_claimed(task, key, owner, call_args, call_kwargs, context),)

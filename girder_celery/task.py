@@ -118,9 +118,11 @@ class GirderTask(celery.Task):
             with runtime.offers.offering(request):
                 return super().apply_async(args, kwargs, request.key, producer, link, link_error, shadow, **options)
         if outcome.verdict is Verdict.DONE:
-            self.backend.mark_as_done(request.key, outcome.value())
+            self.backend.mark_as_done(request.key, outcome.value(request))
         elif outcome.verdict is Verdict.FAILED:
-            self.backend.mark_as_failure(request.key, outcome.error())
+            self.backend.mark_as_failure(request.key, outcome.error(request))
+        elif outcome.verdict is Verdict.CORRUPT:
+            raise outcome.error(request)
         return self.AsyncResult(request.key)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

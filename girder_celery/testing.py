@@ -101,9 +101,11 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private ``redis-server`` process on a free port, without persistence."""
+    """A private ``redis-server`` process on a free port, without persistence; ``args`` are
+    more of its flags (``["--maxmemory-policy", "allkeys-lru"]``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, args: Sequence[str] = ()) -> None:
+        self.args = list(args)
         self.binary = redis_server_binary()
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="girder-redis-")
@@ -122,7 +124,7 @@ class RedisServer:
         """Start it and wait, at most ``timeout`` seconds, until it answers PING."""
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--databases", "16"],
+             "--dir", self.dir, "--databases", "16", *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
