@@ -18,6 +18,7 @@ from girder_celery import GirderError
 from girder_celery.errors import CORRUPT
 from tests.core_support import open_gate, runs, tag
 from tests.harness import Grid, wait_until
+from tests.test_cli import celery
 
 pytestmark = pytest.mark.faults
 
@@ -137,6 +138,20 @@ def test_a_corrupt_sub_request_fails_its_requester_with_the_corrupt_error_as_cau
         m.girder.request(m.outer_divide.s(x), timeout=20)
     assert info.value.chain()[-1].exc_type == "ZeroDivisionError"
     assert runs(grid, "grid.divide", sub) == 1
+
+
+def test_the_cli_reports_a_corrupt_record_and_forgets_it(grid):
+    """celery girder state of a corrupt record exits with its error, not a traceback; celery girder
+    forget clears it, and the next request computes the value."""
+    m, x = grid.app_module, next(_numbers)
+    key, record_key = planted(grid, "lease not a number", x, 1)
+    out = celery(grid.env, "state", key)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert key in out.stderr and "its lease_until is not a number: soon" in out.stderr
+    out = celery(grid.env, "forget", key)
+    assert (out.returncode, out.stdout.strip()) == (0, f"forgot {key}"), out.stderr
+    assert not grid.redis_server.client().exists(record_key)
+    assert m.girder.request(m.add.s(x, 1), timeout=20) == x + 1
 
 
 def test_forget_leaves_a_sound_request_in_flight_alone(grid):
