@@ -17,7 +17,7 @@ from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 
 from . import keys
-from .errors import GirderError
+from .errors import GirderError, corrupt
 from .frame import Frame, enter, leave
 from .lease import LeaseKeeper
 from .mirror import Mirror
@@ -79,8 +79,19 @@ class Runner:
             else:
                 logger.info("girder: skipping offer of %s[%s]: %s", task.name, key, verdict)
             return None
-        call_args, call_kwargs = keys.decode_payload(data)
+        try:
+            call_args, call_kwargs = keys.decode_payload(data)
+        except Exception as exc:  # girder never wrote it: else each claim would fail alike, and waiters hang
+            self._refuse_payload(task, key, owner, exc)
+            return None
         return (self.run_claimed(task, key, owner, call_args, call_kwargs, context),)
+
+    def _refuse_payload(self, task: Task, key: str, owner: str, exc: Exception) -> None:
+        # Failed, not memoized: its waiters hear why, and the next submit rewrites the payload.
+        error = corrupt(key, f"its payload is not the arguments girder writes ({exc!r:.200})")
+        logger.warning("girder: not running %s[%s]: %s", task.name, key, error.message)
+        encoded = keys.encode_value(error.to_dict())
+        self.store.fail(key, owner, encoded, False, self.settings.error_ttl_ms(None, False))
 
     def _adopt(self, task, key, args, kwargs, owner, node) -> tuple[str, Verdict, str]:
         # The store has no record (lost, expired, or sent by plain send_task): the message's

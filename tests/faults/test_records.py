@@ -16,7 +16,7 @@ import pytest
 
 from girder_celery import GirderError
 from girder_celery.errors import CORRUPT
-from tests.core_support import open_gate, runs, tag
+from tests.core_support import dead_queue, drain_ids, forget_queue, open_gate, runs, tag
 from tests.harness import Grid, wait_until
 from tests.test_cli import celery
 
@@ -109,6 +109,42 @@ def test_a_corrupt_record_is_a_girder_error_forget_clears_it_and_the_next_reques
     assert not grid.redis_server.client().exists(record_key)
     assert m.girder.request(m.add.s(x, 1), timeout=20) == x + 1
     assert runs(grid, "grid.add", key) == 1
+
+
+def test_a_corrupt_payload_fails_its_waiters_naming_the_key_and_the_next_request_rewrites_it(grid):
+    """A queued record whose payload is not JSON: the worker that claims it does not run it but
+    fails it with a GirderError naming the key, and the next request computes the value, once."""
+    m, x = grid.app_module, next(_numbers)
+    key = m.add.key(x, 1)
+    fields = {"state": "queued", "offered_at": "0", "payload": "{oops", "name": "grid.add", "pool": ""}
+    grid.redis_server.client().hset(m.girder.store.record_key(key), mapping=fields)
+    with pytest.raises(GirderError) as info:
+        m.girder.request(m.add.s(x, 1), timeout=20)
+    assert_names(info.value, key, "its payload is not the arguments girder writes")
+    assert runs(grid, "grid.add", key) == 0
+    assert m.girder.request(m.add.s(x, 1), timeout=20) == x + 1
+    assert runs(grid, "grid.add", key) == 1
+
+
+def test_the_hoister_skips_a_corrupt_payload_and_copies_the_other_offers(grid):
+    """A hoisting pass meeting an offer whose record's payload does not decode copies the other
+    offers up a tier all the same."""
+    m, x = grid.app_module, next(_numbers)
+    offers, store, client = m.girder.runtime.offers, m.girder.store, grid.redis_server.client()
+    source, destination = dead_queue(grid), dead_queue(grid)
+    try:
+        good = m.add.prepare((x, 1), {}, source)
+        offers.submit([good], "", offer=False)
+        bad = m.add.key(x, 2)
+        fields = {"state": "queued", "offered_at": "0", "payload": "{", "name": "grid.add"}
+        client.hset(store.record_key(bad), mapping=fields)
+        client.zadd(store.offers_key(source), {bad: 0, good.key: 1})  # the corrupt one first, both due
+        offers.hoist([source, destination])
+        sentinel = m.echo.apply_async(("sentinel", tag()), queue=destination)
+        assert drain_ids(grid, destination, sentinel.id) == [good.key]
+    finally:
+        forget_queue(grid, source)
+        forget_queue(grid, destination)
 
 
 def test_requests_with_return_exceptions_put_the_corrupt_records_error_in_its_place(grid):
