@@ -3,19 +3,23 @@
 An evicted running record makes its request run twice (invariant 1), so a worker reads the
 store's ``maxmemory-policy`` at start and warns, naming the policy, what it puts at risk and what
 to set instead; a store that refuses to say (an ACL, a managed Redis) is logged, never fatal.
-The policies are tried on a private ``redis-server``, and end to end with real workers.
+The policies are tried on a private ``redis-server``, and end to end with real workers; and a
+store that does evict (maxmemory, allkeys-random, filled until a running record goes) still
+answers its caller.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import redis
 
 from girder_celery.testing import RedisServer
 from girder_celery.worker import check_eviction
-from tests.harness import Grid
+from tests.core_support import tag
+from tests.harness import Grid, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -111,3 +115,52 @@ def test_a_worker_on_a_noeviction_store_does_not_warn(redis_server):
         assert eviction_warnings(worker) == []
     finally:
         grid.close()
+
+
+def test_a_store_that_evicts_a_running_record_still_answers_the_right_value(redis_server):
+    """A state store under maxmemory with allkeys-random evicts girder's keys while a request runs
+    (its record among them): the caller still gets the request's value, and the node serves on.
+    (The test app counts runs in that store too, where they may be evicted: runs are not counted.)"""
+    evicting = RedisServer(["--maxmemory", "8mb", "--maxmemory-policy", "allkeys-random"]).start()
+    grid = Grid(redis_server, "redis", check=0.5)  # broker and result backend stay on a store that keeps them
+    grid.env["GIRDER_TEST_STORE"] = evicting.url(0)
+    answers: list = []
+    try:
+        m = grid.load_app()
+        worker = grid.worker("evicted", "solo", 1)
+        t, store = tag(), m.girder.store
+        record_key = store.record_key(m.gated.key(t))
+        caller = threading.Thread(target=lambda: answers.append(_outcome(m.girder.request, m.gated.s(t), timeout=60)))
+        caller.start()
+        wait_until(lambda: store.client.hget(record_key, "state") == "running", 10, "the request to run")
+        evicted = _fill_until_gone(evicting, store.client, record_key)
+        assert evicted, "the running record was never evicted"
+        evicting.client(3).flushdb()  # room again, for girder's own writes
+        evicting.client().rpush(m.gate_key(t), "open")  # gridapp's gates live in its state store
+        caller.join(30)
+        assert answers == [t], str(answers[0])
+        assert worker.proc.poll() is None
+        assert m.girder.request(m.add.s(7, 1), timeout=20) == 8
+    finally:
+        grid.kill()
+        grid.close()
+        evicting.close()
+
+
+def _fill_until_gone(server: RedisServer, client: redis.Redis, record_key: str, most_mb: int = 400) -> bool:
+    """Write 64 KiB values to database 3 (the evictions go round the databases, so girder's keys
+    in database 0 go at half their rate) until the running record is gone or re-queued, at most
+    ``most_mb``: whether it went."""
+    filler, blob = server.client(3), "x" * 65536
+    for i in range(most_mb * 16):
+        filler.set(f"fill:{i}", blob)
+        if client.hget(record_key, "state") != "running":
+            return True
+    return False
+
+
+def _outcome(call, *args, **kwargs):
+    try:
+        return call(*args, **kwargs)
+    except Exception as exc:  # handed to the test's thread
+        return exc
