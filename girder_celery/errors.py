@@ -4,12 +4,14 @@ A failed request is stored as a JSON-family dict (never a pickled exception, inv
 rebuilt as a ``GirderError`` in every waiter. ``causes`` holds the failed sub-requests' errors,
 so the chain from the outermost request to the innermost failure survives any number of hops.
 ``unreachable`` is the one place a Redis client's connection failure becomes a
-``GirderConnectionError`` naming the state store; ``corrupt`` makes the error for a record
-the state store holds in a form girder never writes.
+``GirderConnectionError`` naming the state store (``refused``: a command its ACL refuses);
+``corrupt`` makes the error for a record the state store holds in a form girder never writes.
 """
 
 from __future__ import annotations
 
+import re
+import ssl
 import traceback
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -143,9 +145,25 @@ STORE_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions
 
 
 def unreachable(url: str, exc: BaseException) -> GirderConnectionError:
-    """The error for a state store at ``url`` that could not be reached (``exc`` says why)."""
+    """The error for a state store at ``url`` that could not be reached, or refused to let this
+    client in (``exc`` says why)."""
     masked = safe_url(url)
-    return GirderConnectionError(f"cannot reach girder's state store at {masked}: {exc}", url=masked)
+    if isinstance(exc, redis.AuthenticationError):
+        given = "" if urlsplit(url).password else " (the URL gives no password)"
+        return GirderConnectionError(f"cannot log in to girder's state store at {masked}{given}: {exc}", url=masked)
+    hint = ""
+    if url.startswith("rediss://") and any(isinstance(e, ssl.SSLError) for e in _exception_chain(exc)):
+        hint = " (TLS: check ssl_ca_certs, the server's CA, and ssl_certfile/ssl_keyfile, this client's certificate)"
+    return GirderConnectionError(f"cannot reach girder's state store at {masked}: {exc}{hint}", url=masked)
+
+
+def refused(url: str, exc: BaseException) -> GirderError:
+    """The error for a command the state store at ``url`` refused this client's user (its ACL
+    lacks it): not a connection error, as trying again cannot help."""
+    return GirderError(
+        f"girder's state store at {safe_url(url)} refused a command: {exc} (the README's "
+        "'Who may talk to the state store' lists the ACL girder needs)"
+    )
 
 
 def corrupt(key: str, what: str, request: str | None = None) -> GirderError:
@@ -157,9 +175,11 @@ def corrupt(key: str, what: str, request: str | None = None) -> GirderError:
 
 
 def safe_url(url: str) -> str:
-    """``url`` with any password masked, fit for an error message or a log line."""
+    """``url`` with any password masked (a key's ``ssl_password`` too), fit for an error
+    message or a log line."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    if "ssl_password=" in parts.query:
+        parts = parts._replace(query=re.sub(r"(^|&)ssl_password=[^&]*", r"\1ssl_password=***", parts.query))
+    return urlunsplit(parts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,13 +18,13 @@ from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 
 from . import keys
-from .errors import GirderError, corrupt
+from .errors import STORE_UNREACHABLE, GirderError, corrupt
 from .frame import Frame, enter, leave
 from .lease import LeaseKeeper
 from .mirror import Mirror
 from .offers import Offers
 from .settings import Settings
-from .store import Outcome, StateStore, Verdict
+from .store import RECONNECT_WINDOW, Outcome, StateStore, Verdict
 
 __all__ = ["InlineRun", "Runner"]
 
@@ -70,7 +71,10 @@ class Runner:
         key, node = context.id, context.hostname or "unknown"
         owner = self.new_owner(node)
         via = (context.delivery_info or {}).get("routing_key") or ""
-        verdict, data, _ = self.store.claim(key, owner, node, self.leases.lease_ms, via)
+        claimed = self._claim_offer(task, key, owner, node, via, args, kwargs)
+        if claimed is None:
+            return None
+        verdict, data, _ = claimed
         if verdict is Verdict.ABSENT:
             key, verdict, data = self._adopt(task, key, args, kwargs, owner, node)
         if verdict is not Verdict.CLAIMED:
@@ -85,6 +89,24 @@ class Runner:
             self._refuse_payload(task, key, owner, exc)
             return None
         return (self.run_claimed(task, key, owner, call_args, call_kwargs, context),)
+
+    def _claim_offer(self, task, key, owner, node, via, args, kwargs) -> tuple[Verdict, str, int] | None:
+        """Claim an offer's key, riding out an unreachable store for ``RECONNECT_WINDOW``: the
+        broker has let go of the message (early acks), so dropping it here would leave the
+        request queued with a fresh offer that nobody holds. Past the window the offer is sent
+        again to the queue it came from (None: skipped here)."""
+        deadline = time.monotonic() + RECONNECT_WINDOW
+        while True:
+            try:
+                return self.store.claim(key, owner, node, self.leases.lease_ms, via)
+            except STORE_UNREACHABLE as exc:
+                if time.monotonic() >= deadline:
+                    logger.warning("girder: offering %s[%s] again: the state store is unreachable", task.name, key)
+                    with self.offers.offering(task.prepare(args, kwargs), via or None) as queue:
+                        self.offers.publish(task.name, key, args, kwargs, queue)
+                    return None
+                logger.info("girder: cannot claim %s[%s] yet (%s); retrying", task.name, key, exc)
+                time.sleep(min(1.0, self.settings.check_interval))
 
     def _refuse_payload(self, task: Task, key: str, owner: str, exc: Exception) -> None:
         # Failed, not memoized: its waiters hear why, and the next submit rewrites the payload.

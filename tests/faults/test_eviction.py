@@ -18,7 +18,7 @@ import redis
 
 from girder_celery.testing import RedisServer
 from girder_celery.worker import check_eviction
-from tests.core_support import tag
+from tests.core_support import open_gate, runs, tag
 from tests.harness import Grid, wait_until
 
 pytestmark = pytest.mark.faults
@@ -93,7 +93,7 @@ def eviction_warnings(worker) -> list[str]:
 
 def test_a_worker_on_an_allkeys_lru_store_warns_in_its_log():
     """A real worker whose state store runs with --maxmemory-policy allkeys-lru logs the warning."""
-    evicting = RedisServer(["--maxmemory-policy", "allkeys-lru"]).start()
+    evicting = RedisServer(args=["--maxmemory-policy", "allkeys-lru"]).start()
     grid = Grid(evicting, "redis")
     try:
         grid.load_app()
@@ -120,10 +120,10 @@ def test_a_worker_on_a_noeviction_store_does_not_warn(redis_server):
 def test_a_store_that_evicts_a_running_record_still_answers_the_right_value(redis_server):
     """A state store under maxmemory with allkeys-random evicts girder's keys while a request runs
     (its record among them): the caller still gets the request's value, and the node serves on.
-    (The test app counts runs in that store too, where they may be evicted: runs are not counted.)"""
-    evicting = RedisServer(["--maxmemory", "8mb", "--maxmemory-policy", "allkeys-random"]).start()
-    grid = Grid(redis_server, "redis", check=0.5)  # broker and result backend stay on a store that keeps them
-    grid.env["GIRDER_TEST_STORE"] = evicting.url(0)
+    An evicted running record explains one more run of the request, no more."""
+    evicting = RedisServer(args=["--maxmemory", "8mb", "--maxmemory-policy", "allkeys-random"]).start()
+    # Broker, result backend, run counters and gates stay on a server that keeps them.
+    grid = Grid(redis_server, "redis", check=0.5, store_url=evicting.url(0))
     answers: list = []
     try:
         m = grid.load_app()
@@ -136,9 +136,10 @@ def test_a_store_that_evicts_a_running_record_still_answers_the_right_value(redi
         evicted = _fill_until_gone(evicting, store.client, record_key)
         assert evicted, "the running record was never evicted"
         evicting.client(3).flushdb()  # room again, for girder's own writes
-        evicting.client().rpush(m.gate_key(t), "open")  # gridapp's gates live in its state store
+        open_gate(grid, t)
         caller.join(30)
         assert answers == [t], str(answers[0])
+        assert 1 <= runs(grid, "grid.gated", m.gated.key(t)) <= 2
         assert worker.proc.poll() is None
         assert m.girder.request(m.add.s(7, 1), timeout=20) == 8
     finally:

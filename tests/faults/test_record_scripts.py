@@ -98,15 +98,6 @@ def test_forget_still_leaves_sound_requests_in_flight(store):
     assert store.record(queued)["state"] == "queued" and store.record(running)["state"] == "running"
 
 
-def test_record_of_a_key_that_is_not_a_hash_raises_naming_it(store):
-    """StateStore.record of a key that is not a hash raises a GirderError naming the key and type."""
-    key, _, _ = plant(store, "a string")
-    with pytest.raises(GirderError) as info:
-        store.record(key)
-    assert (info.value.key, info.value.exc_type) == (key, CORRUPT)
-    assert "its key holds a string, not a hash" in str(info.value)
-
-
 def test_complete_replaces_a_record_that_is_not_a_hash_with_the_value(store):
     """complete writes the key's own value over a key that is not a hash, and wakes nobody wrongly."""
     key, _, _ = plant(store, "a string")
