@@ -1,8 +1,8 @@
 -- forget: drop a settled request's memoized value or error, or a corrupt record.
 -- A request in flight is left alone: its waiters are still owed an answer. A record girder
 -- never writes (not a hash, an unknown state, a running one whose lease_until or a queued one
--- whose offered_at is not a number) is dropped too: nobody can be owed anything by it, and the
--- next request of the key computes it afresh.
+-- whose offered_at is not a number) is dropped too: no script can move it on, and the next
+-- submit of the key (a waiter's next check among them) offers it afresh.
 --
 -- KEYS[1]  request record   <prefix>:req:<key>  hash
 --
