@@ -116,11 +116,24 @@ class Runner:
         self.store.fail(key, owner, encoded, False, self.settings.error_ttl_ms(None, False))
 
     def _adopt(self, task, key, args, kwargs, owner, node) -> tuple[str, Verdict, str]:
-        # The store has no record (lost, expired, or sent by plain send_task): the message's
-        # own arguments are the request. It runs under its canonical key.
-        request = task.prepare(args, kwargs)
-        if request.key != key:
-            logger.warning("girder: message id %s of %s is not its request key %s", key, task.name, request.key)
+        # The store has no record of the message's id (lost, expired, or an id of the sender's own,
+        # as a plain send_task gives): the message's own arguments are the request, run under
+        # their canonical key. Celery then stores the value under the message's id as well, so a
+        # message whose id is a key other than its arguments' is refused (ABSENT, nothing runs):
+        # a key must answer only its own value (invariant 1).
+        try:
+            request = task.prepare(args, kwargs)
+        except TypeError as exc:
+            if not keys.is_key(key):
+                raise  # the sender's own id: its answer is this failure
+            logger.warning("girder: refusing message %s of %s: its arguments are refused: %s", key, task.name, exc)
+            return key, Verdict.ABSENT, ""
+        if request.key != key and keys.is_key(key):
+            logger.warning(
+                "girder: refusing message %s of %s: its id is not the key of its arguments %s (%s)",
+                key, task.name, request.readable, request.key,
+            )  # fmt: skip
+            return key, Verdict.ABSENT, ""
         self.offers.submit([request], mailbox="", offer=False)
         verdict, data, _ = self.store.claim(request.key, owner, node, self.leases.lease_ms)
         return request.key, verdict, data

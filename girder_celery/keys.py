@@ -12,7 +12,8 @@ JSON (invariant 7); ``unique_id`` makes the ids of owners and mailboxes.
 Supported argument types: ``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``, ``list``,
 ``tuple``, ``dict`` (keys of type ``str``, ``int``, ``float``, ``bool`` or ``None``),
 ``datetime.datetime``, ``datetime.date``, ``datetime.time``, ``decimal.Decimal`` and ``uuid.UUID``.
-Anything else raises ``TypeError`` naming the argument's path, e.g. ``args[0]['a'][2]``.
+Anything else raises ``TypeError`` naming the argument's path, e.g. ``args[0]['a'][2]``, and so does
+an argument nesting more than ``MAX_DEPTH`` (100) lists, tuples and dicts.
 """
 
 from __future__ import annotations
@@ -36,12 +37,17 @@ from celery import Task
 from kombu.utils import json as kombu_json
 
 __all__ = [
-    "Request", "bind_arguments", "binder", "check_key", "decode_payload", "decode_value", "encode_payload",
+    "MAX_DEPTH", "Request", "bind_arguments", "binder", "check_key", "decode_payload", "decode_value", "encode_payload",
     "encode_value", "is_key", "readable", "readable_args", "request_key", "unique_id",
 ]  # fmt: skip
 
 #: Marker of a tagged value; a user dict holding this key is itself encoded tagged.
 TAG = "__girder__"
+
+#: Most lists, tuples and dicts an argument may nest (it counts as one level itself): deeper
+#: is refused with a ``TypeError`` naming the path, where Python's recursion limit would raise
+#: a bare ``RecursionError`` somewhere between here and the worker.
+MAX_DEPTH = 100
 
 _SCALARS = (str, int, float, type(None))
 _KEY_TYPES = (str, int, float, bool, type(None))
@@ -53,29 +59,25 @@ def _tagged(tag: str, value: Any) -> dict:
     return {TAG: tag, "v": value}
 
 
-def _encode_dict(value: dict, path: str) -> Any:
-    if all(type(k) is str for k in value) and TAG not in value:
-        return {k: _encode(v, f"{path}[{k!r}]") for k, v in value.items()}
-    items = []
-    for k, v in value.items():
-        if type(k) not in _KEY_TYPES:
-            raise TypeError(
-                f"{path} has a dict key of unsupported type {type(k).__name__} ({k!r}); "
-                "girder dict keys must be str, int, float, bool or None"
-            )
-        items.append([_encode(k, path), _encode(v, f"{path}[{k!r}]")])
-    items.sort(key=lambda kv: _dumps(kv[0]))
-    return _tagged("dict", items)
+class _Refused(Exception):
+    """Raised by the encoder at an argument it cannot encode; ``_refusal`` says where and why."""
 
 
-def _encode(value: Any, path: str) -> Any:
+def _encode(value: Any, depth: int) -> Any:
+    # ``depth``: how many lists, tuples and dicts enclose ``value`` within its argument. The
+    # encoder builds no paths (every cache hit encodes its arguments); a refusal walks them again.
     t = type(value)
     if t is bool or t in _SCALARS:
         return value
     if t is list or t is tuple:
-        return [_encode(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if depth >= MAX_DEPTH:
+            raise _Refused
+        depth += 1
+        return [_encode(v, depth) for v in value]
     if t is dict:
-        return _encode_dict(value, path)
+        if depth >= MAX_DEPTH:
+            raise _Refused
+        return _encode_dict(value, depth + 1)
     if t is bytes:
         return _tagged("bytes", base64.b64encode(value).decode("ascii"))
     if t is dt.datetime:
@@ -88,7 +90,57 @@ def _encode(value: Any, path: str) -> Any:
         return _tagged("decimal", str(value))
     if t is uuid.UUID:
         return _tagged("uuid", str(value))
-    raise TypeError(
+    raise _Refused
+
+
+def _encode_dict(value: dict, depth: int) -> Any:
+    if all(type(k) is str for k in value) and TAG not in value:
+        return {k: _encode(v, depth) for k, v in value.items()}
+    items = []
+    for k, v in value.items():
+        if type(k) not in _KEY_TYPES:
+            raise _Refused
+        items.append([k, _encode(v, depth)])
+    items.sort(key=lambda kv: _dumps(kv[0]))
+    return _tagged("dict", items)
+
+
+_TAGGED_TYPES = (bytes, dt.datetime, dt.date, dt.time, decimal.Decimal, uuid.UUID)
+
+
+def _refusal(args: tuple | list, kwargs: dict) -> TypeError:
+    """The first argument the encoder refused, in its order, as a ``TypeError`` naming its path."""
+    named = [(f"args[{i}]", v) for i, v in enumerate(args)] + [(f"kwargs[{k!r}]", v) for k, v in kwargs.items()]
+    for path, value in named:
+        error = _problem(value, path, 0)
+        if error is not None:
+            return error
+    return TypeError("girder could not encode these arguments")  # the encoder and _problem disagree
+
+
+def _problem(value: Any, path: str, depth: int) -> TypeError | None:
+    t = type(value)
+    if t is bool or t in _SCALARS or t in _TAGGED_TYPES:
+        return None
+    if t is list or t is tuple or t is dict:
+        if depth >= MAX_DEPTH:
+            shown = path if len(path) <= 80 else f"{path[:60]}...{path[-16:]}"
+            return TypeError(
+                f"{shown} is nested deeper than {MAX_DEPTH} levels of lists, tuples and dicts, "
+                "girder's limit for arguments (girder_celery.keys.MAX_DEPTH)"
+            )
+        items = value.items() if t is dict else enumerate(value)
+        for k, v in items:
+            if t is dict and type(k) not in _KEY_TYPES:
+                return TypeError(
+                    f"{path} has a dict key of unsupported type {type(k).__name__} ({k!r}); "
+                    "girder dict keys must be str, int, float, bool or None"
+                )
+            error = _problem(v, f"{path}[{k!r}]" if t is dict else f"{path}[{k}]", depth + 1)
+            if error is not None:
+                return error
+        return None
+    return TypeError(
         f"{path} has unsupported type {t.__module__}.{t.__qualname__} ({reprlib.repr(value)}); "
         "girder arguments must be JSON-family values (see girder_celery.keys)"
     )
@@ -153,8 +205,11 @@ def binder(signature: inspect.Signature | None) -> Callable[[tuple | list, dict]
 
 def encode_payload(args: tuple | list, kwargs: dict) -> str:
     """The canonical text of bound arguments; ``TypeError`` names any unsupported argument."""
-    encoded_args = [_encode(v, f"args[{i}]") for i, v in enumerate(args)]
-    encoded_kwargs = {k: _encode(v, f"kwargs[{k!r}]") for k, v in kwargs.items()}
+    try:
+        encoded_args = [_encode(v, 0) for v in args]
+        encoded_kwargs = {k: _encode(v, 0) for k, v in kwargs.items()}
+    except _Refused:
+        raise _refusal(args, kwargs) from None
     return _dumps([encoded_args, encoded_kwargs])
 
 

@@ -50,6 +50,9 @@ class GirderTask(celery.Task):
     cache_errors: bool = False
     #: Girder messages are JSON whatever the app's task_serializer (invariant 7).
     serializer = "json"
+    #: Each message's shape is checked before Celery's default strategy unpacks it: a malformed
+    #: one is refused and logged, never fatal to the node (messages.py).
+    Strategy = "girder_celery.messages:strategy"
 
     @cached_property
     def _bind(self) -> Callable[[tuple | list, dict], tuple[tuple, dict]]:

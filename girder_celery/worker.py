@@ -9,6 +9,8 @@ run twice, against invariant 1), and installs the event-loop wakers of ``hub.py`
 runs a thread that copies offers that waited longer than ``girder_hoist_after`` up a tier (the
 seed's distributor). The handler fails a girder request whose message names a task this
 worker does not know, so its waiters hear of it (invariant 1).
+
+``MessageCheck`` refuses malformed messages of plain tasks as girder's strategy does its own.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from celery import Celery, bootsteps, signals
 from .errors import safe_url
 from .hub import wake_hub_for_queued_callbacks, wake_hub_when_requests_end
 from .keys import is_key
+from .messages import checked
 from .offers import Offers
 from .runtime import Runtime
 
-__all__ = ["GirderStep", "Hoister", "install"]
+__all__ = ["GirderStep", "Hoister", "MessageCheck", "install"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +128,23 @@ def check_eviction(client: redis.Redis, url: str) -> None:
     )  # fmt: skip
 
 
+class MessageCheck(bootsteps.StartStopStep):
+    """Puts the strategies of plain Celery tasks behind girder's message check (messages.py), so
+    that a malformed message of any task is refused and logged, never fatal to the node.
+
+    A consumer step after Celery's ``Tasks``, which builds the strategies at each (re)start.
+    Girder tasks' own strategy checks already (``GirderTask.Strategy``).
+    """
+
+    label = "Girder message check"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        for name, handler in list(c.strategies.items()):
+            if not getattr(handler, "girder_checked", False):
+                c.strategies[name] = checked(c.app.tasks[name], handler)
+
+
 class Hoister(bootsteps.StartStopStep):
     """Every half ``girder_hoist_after``, copies this node's stale offers up the pool tree.
 
@@ -164,6 +184,7 @@ def install(runtime: Runtime) -> None:
     app.girder_runtime = runtime
     app.steps["worker"].add(GirderStep)
     app.steps["worker"].add(Hoister)
+    app.steps["consumer"].add(MessageCheck)
     app.user_options["worker"].add(
         click.Option(
             ["--girder-pool"],

@@ -23,7 +23,7 @@ import pytest
 from celery import Celery
 
 from girder_celery import Girder, request_key
-from girder_celery.keys import bind_arguments, binder, decode_payload, encode_payload
+from girder_celery.keys import MAX_DEPTH, bind_arguments, binder, decode_payload, encode_payload
 from tests.harness import ROOT
 
 pytestmark = pytest.mark.invariant6
@@ -365,3 +365,41 @@ def test_str_with_a_lone_surrogate_gets_a_key_and_round_trips():
     assert key != request_key("f", ("report-.csv",))
     args, _ = decode_payload(encode_payload((name,), {}))
     assert args == [name]
+
+
+def nested(depth: int, kind: str = "list") -> object:
+    """``depth`` lists (or dicts, or alternating) nested in one another around a 1."""
+    value: object = 1
+    for level in range(depth):
+        use_dict = kind == "dict" or (kind == "mix" and level % 2)
+        value = {"k": value} if use_dict else [value]
+    return value
+
+
+@pytest.mark.parametrize("kind", ["list", "dict", "mix"])
+def test_arguments_nested_to_the_depth_limit_get_a_key_and_round_trip(kind):
+    """An argument nesting exactly MAX_DEPTH lists, tuples and dicts is supported and round-trips."""
+    value = nested(MAX_DEPTH, kind)
+    args, _ = decode_payload(encode_payload((value,), {}))
+    assert args == [value]
+    assert request_key("f", (value,)) != request_key("f", (nested(MAX_DEPTH - 1, kind),))
+
+
+@pytest.mark.parametrize("kind", ["list", "dict", "mix"])
+def test_arguments_nested_past_the_depth_limit_raise_type_error_naming_limit_and_path(kind):
+    """One level past MAX_DEPTH is refused with a TypeError naming the limit and the argument's path."""
+    with pytest.raises(TypeError) as info:
+        request_key("f", (0, nested(MAX_DEPTH + 1, kind)))
+    message = str(info.value)
+    assert f"deeper than {MAX_DEPTH} levels" in message and "MAX_DEPTH" in message
+    assert message.startswith("args[1][") and "..." in message  # the path, shortened in the middle
+
+
+def test_a_deeply_nested_argument_is_a_type_error_not_a_recursion_error(tasks):
+    """Nesting far past Python's recursion limit is still a TypeError at the call site, naming the path."""
+    deep = nested(50 * sys.getrecursionlimit())
+    with pytest.raises(TypeError, match=re.escape(f"deeper than {MAX_DEPTH} levels")) as info:
+        tasks["star"].key(1, z=deep)
+    assert str(info.value).startswith("kwargs['z'][0][0]")
+    with pytest.raises(TypeError, match=re.escape("args[0]")):
+        tasks["add"].key((deep,))  # a tuple is a level too

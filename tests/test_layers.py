@@ -22,7 +22,7 @@ LAYERS = {
     3: ("wait",),
     4: ("execute", "inline"),
     5: ("runtime",),
-    6: ("task", "worker", "hub"),
+    6: ("task", "worker", "hub", "messages"),
     7: ("girder", "__init__", "cli"),
 }
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
