@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .errors import GirderConnectionError
+from .errors import GirderError
 
 if TYPE_CHECKING:
     from .girder import Girder
@@ -47,7 +47,7 @@ def _key(found: Girder, key: str) -> str:
 def _reachable(call: Any, *args: Any) -> Any:
     try:
         return call(*args)
-    except GirderConnectionError as exc:
+    except GirderError as exc:  # the store is unreachable, or the record is corrupt
         raise click.ClickException(str(exc)) from None
 
 

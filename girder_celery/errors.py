@@ -4,7 +4,8 @@ A failed request is stored as a JSON-family dict (never a pickled exception, inv
 rebuilt as a ``GirderError`` in every waiter. ``causes`` holds the failed sub-requests' errors,
 so the chain from the outermost request to the innermost failure survives any number of hops.
 ``unreachable`` is the one place a Redis client's connection failure becomes a
-``GirderConnectionError`` naming the state store (``refused``: a command its ACL refuses).
+``GirderConnectionError`` naming the state store (``refused``: a command its ACL refuses);
+``corrupt`` makes the error for a record the state store holds in a form girder never writes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-__all__ = ["GirderConnectionError", "GirderError", "GirderTimeout"]
+__all__ = ["CORRUPT", "GirderConnectionError", "GirderError", "GirderTimeout", "corrupt"]
+
+#: The ``exc_type`` of the ``GirderError`` for a corrupt record.
+CORRUPT = "girder_celery.CorruptRecord"
 
 
 class GirderError(Exception):
@@ -159,6 +163,14 @@ def refused(url: str, exc: BaseException) -> GirderError:
     return GirderError(
         f"girder's state store at {safe_url(url)} refused a command: {exc} (the README's "
         "'Who may talk to the state store' lists the ACL girder needs)"
+    )
+
+
+def corrupt(key: str, what: str, request: str | None = None) -> GirderError:
+    """The error for the record of ``key`` (``request``: readable) that is corrupt: ``what``."""
+    named = f"{request} [{key}]" if request else key
+    return GirderError(
+        f"the state store's record of {named} is corrupt: {what}; girder.forget clears it", key=key, exc_type=CORRUPT
     )
 
 

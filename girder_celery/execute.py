@@ -18,7 +18,7 @@ from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 
 from . import keys
-from .errors import STORE_UNREACHABLE, GirderError
+from .errors import STORE_UNREACHABLE, GirderError, corrupt
 from .frame import Frame, enter, leave
 from .lease import LeaseKeeper
 from .mirror import Mirror
@@ -78,9 +78,16 @@ class Runner:
         if verdict is Verdict.ABSENT:
             key, verdict, data = self._adopt(task, key, args, kwargs, owner, node)
         if verdict is not Verdict.CLAIMED:
-            logger.info("girder: skipping offer of %s[%s]: %s", task.name, key, verdict)
+            if verdict is Verdict.CORRUPT:  # its waiters hear of it from their next submit
+                logger.warning("girder: skipping offer of %s[%s]: its record is corrupt: %s", task.name, key, data)
+            else:
+                logger.info("girder: skipping offer of %s[%s]: %s", task.name, key, verdict)
             return None
-        call_args, call_kwargs = keys.decode_payload(data)
+        try:
+            call_args, call_kwargs = keys.decode_payload(data)
+        except Exception as exc:  # girder never wrote it: else each claim would fail alike, and waiters hang
+            self._refuse_payload(task, key, owner, exc)
+            return None
         return (self.run_claimed(task, key, owner, call_args, call_kwargs, context),)
 
     def _claim_offer(self, task, key, owner, node, via, args, kwargs) -> tuple[Verdict, str, int] | None:
@@ -102,6 +109,13 @@ class Runner:
                     return None
                 logger.info("girder: cannot claim %s[%s] yet (%s); retrying", task.name, key, exc)
                 time.sleep(min(1.0, self.settings.check_interval))
+
+    def _refuse_payload(self, task: Task, key: str, owner: str, exc: Exception) -> None:
+        # Failed, not memoized: its waiters hear why, and the next submit rewrites the payload.
+        error = corrupt(key, f"its payload is not the arguments girder writes ({exc!r:.200})")
+        logger.warning("girder: not running %s[%s]: %s", task.name, key, error.message)
+        encoded = keys.encode_value(error.to_dict())
+        self.store.fail(key, owner, encoded, False, self.settings.error_ttl_ms(None, False))
 
     def _adopt(self, task, key, args, kwargs, owner, node) -> tuple[str, Verdict, str]:
         # The store has no record of the message's id (lost, expired, or an id of the sender's own,

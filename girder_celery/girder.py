@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import redis
 from celery import Celery, Signature
 
-from .errors import GirderError
+from .errors import GirderError, corrupt
 from .keys import Request, check_key
 from .runtime import Runtime
 from .settings import Settings
@@ -146,10 +147,17 @@ class Girder:
         ``request``, the ``created_at``/``offered_at``/``started_at``/``finished_at``
         timestamps (seconds since the epoch), and where it ran: ``placement`` (``inline`` in
         a waiter, ``local`` from the queue it was offered on, ``hoisted`` from a copy sent up
-        a tier), ``claimed_via`` (that queue) and ``hoists`` (copies made)."""
+        a tier), ``claimed_via`` (that queue) and ``hoists`` (copies made). A corrupt record
+        raises a ``GirderError`` naming the key and what is wrong."""
         key = self.key_of(sig_or_key)
         with self.store.reachable():
-            record = self.store.record(key)
+            try:
+                record = self.store.record(key)
+            except redis.ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise
+                kind = self.store.client.type(self.store.record_key(key))
+                raise corrupt(key, f"its key holds a {kind}, not a hash") from None
         return _describe(key, record)
 
     def offers(self, queue: str, limit: int = 20) -> tuple[int, int, list[tuple[str, int, str | None]]]:
@@ -166,22 +174,38 @@ class Girder:
         return total, now_ms, [(key, at, request) for (key, at), request in zip(oldest, requests)]
 
     def forget(self, sig_or_key: Signature | str) -> bool:
-        """Drop a settled request's memoized value or error; True if there was one.
+        """Drop a settled request's memoized value or error, or a corrupt record (see
+        ``state``); True if there was one, and the next request computes it afresh.
 
         A request still queued or running is left alone (its waiters are owed an answer).
         """
         key = self.key_of(sig_or_key)
         with self.store.reachable():
-            return self.store.forget(key) in (Verdict.DONE, Verdict.FAILED)
+            return self.store.forget(key) in _FORGOTTEN
+
+
+_FORGOTTEN = (Verdict.DONE, Verdict.FAILED, Verdict.CORRUPT)
+_STATES = ("absent", "queued", "running", "done", "failed")
 
 
 def _describe(key: str, record: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {"key": key, "state": record.get("state", "absent")}
+    if out["state"] not in _STATES:
+        raise corrupt(key, f"its state is unknown: {out['state']:.64}", record.get("request"))
     for field in ("request", "name", "owner", "node", "ran_by", "placement", "claimed_via"):
         out[field] = record.get(field) or None
     out["pool"] = record.get("pool") or None
     for field in ("attempts", "offers", "hoists"):
-        out[field] = int(record.get(field, 0))
+        out[field] = _number(key, record, field) or 0
     for field in ("created_at", "offered_at", "started_at", "finished_at", "lease_until"):
-        out[field] = int(record[field]) / 1000 if record.get(field) else None
+        ms = _number(key, record, field)
+        out[field] = ms / 1000 if ms else None
     return out
+
+
+def _number(key: str, record: dict[str, str], field: str) -> int | None:
+    text = record.get(field)
+    try:
+        return int(text) if text else None
+    except ValueError:
+        raise corrupt(key, f"its {field} is not a number: {text:.64}", record.get("request")) from None

@@ -155,7 +155,11 @@ class Offers:
         try:
             for source, destination in zip(tiers, [*tiers[1:], None]):
                 for key, name, payload in self.store.hoist(source, destination, after_ms):
-                    args, kwargs = decode_payload(payload)
+                    try:
+                        args, kwargs = decode_payload(payload)
+                    except Exception:  # a corrupt record must not cost the rest of the pass their copies
+                        logger.warning("girder: not hoisting %s[%s]: its payload does not decode", name, key)
+                        continue
                     self.publish(name, key, args, kwargs, destination)
         except Exception:
             logger.warning("girder: hoisting failed; will retry", exc_info=True)

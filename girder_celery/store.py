@@ -29,25 +29,32 @@ A record answers each call with a ``Verdict`` (see there) and data; ``Outcome`` 
 | ``release`` | release.lua | running(owner) -> queued (Celery retries it) |
 | ``unoffer`` | unoffer.lua | queued, offered -> queued, never offered |
 | ``hoist`` | hoist.lua | queued on a queue -> queued there and on the next tier |
-| ``forget`` | forget.lua | done, failed -> absent |
+| ``forget`` | forget.lua | done, failed, corrupt -> absent |
 
 "Lapsed" is running with an expired lease: its owner died, and anyone may take it over.
+
+A *corrupt* record (not a hash, an unknown state, a ``lease_until`` or ``offered_at`` not a number:
+the scripts answer ``corrupt``; a value or error not JSON: ``Outcome``) is a ``GirderError`` naming
+the key and what is wrong; ``forget`` drops it. Mailbox entries girder never writes are skipped.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import logging
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import redis
 
-from .errors import STORE_UNREACHABLE, GirderConnectionError, GirderError, refused, unreachable
-from .keys import decode_value
+from .errors import STORE_UNREACHABLE, GirderConnectionError, GirderError, corrupt, refused, unreachable
+from .keys import Request, decode_value
 from .link import Link
 
 __all__ = ["RECONNECT_WINDOW", "Claimant", "Outcome", "StateStore", "Verdict"]
+
+logger = logging.getLogger(__name__)
 
 #: How long a notification waits in a mailbox nobody reads (a waiter that died).
 MAILBOX_TTL_MS = 24 * 3600 * 1000
@@ -74,6 +81,8 @@ class Verdict(str, Enum):
     CYCLE = "cycle"
     #: claim, forget: the store has no record of it (forgotten, expired or lost).
     ABSENT = "absent"
+    #: submit, claim, forget: a record girder never writes (data: what is wrong); forget drops it.
+    CORRUPT = "corrupt"
 
     def __str__(self) -> str:
         return self.value
@@ -102,13 +111,22 @@ class Outcome:
     def settled(self) -> bool:
         return self.verdict in _SETTLED
 
-    def value(self) -> Any:
-        """The value of a ``done`` outcome."""
-        return decode_value(self.data)
+    def value(self, request: Request | None = None) -> Any:
+        """The value of a ``done`` outcome; raises a ``GirderError`` naming the key if it does not decode."""
+        try:
+            return decode_value(self.data)
+        except Exception as exc:  # not JSON, or kombu's type tags broken: girder never wrote it
+            raise corrupt(self.key, f"its value is not JSON ({exc!r:.200})", request and request.readable) from None
 
-    def error(self) -> GirderError:
-        """The error of a ``failed`` outcome."""
-        return GirderError.from_dict(decode_value(self.data))
+    def error(self, request: Request | None = None) -> GirderError:
+        """The error of a ``failed`` or ``corrupt`` outcome (naming the key if it does not decode)."""
+        readable = request and request.readable
+        if self.verdict is Verdict.CORRUPT:
+            return corrupt(self.key, self.data, readable)
+        try:
+            return GirderError.from_dict(decode_value(self.data))
+        except Exception as exc:
+            return corrupt(self.key, f"its error is not a girder error in JSON ({exc!r:.200})", readable)
 
 
 @dataclass(frozen=True)
@@ -279,7 +297,7 @@ class StateStore:
         return bool(self._scripts["unoffer"]((self.record_key(key), self.offers_key(pool)), (key,)))
 
     def forget(self, key: str) -> Verdict:
-        """Drop a settled request; returns the state it had (``absent`` if none)."""
+        """Drop a settled request or a corrupt record: the state it had, ``absent`` or ``corrupt``."""
         return _verdict(self._scripts["forget"]((self.record_key(key),), ()))
 
     def hoist(self, source: str, destination: str | None, after_ms: int, limit: int = 16) -> list[tuple[str, ...]]:
@@ -299,7 +317,7 @@ class StateStore:
     # -- reads and housekeeping -------------------------------------------------------------
 
     def record(self, key: str) -> dict[str, Any]:
-        """The request record as stored (empty when absent)."""
+        """The request record as stored (empty when absent; Redis's WRONGTYPE if not a hash)."""
         return self.client.hgetall(self.record_key(key))
 
     def offers(self, queue: str, limit: int) -> tuple[int, int, list[tuple[str, int]]]:
@@ -323,7 +341,8 @@ class StateStore:
         """The outcomes notified to ``mailbox``, up to ``most``, waiting up to ``block`` seconds
         for the first: one round trip however many are there (``BLMPOP``; before Redis 7,
         ``BLPOP`` and one each). A waiter that ran sub-requests inline finds the others' piled up."""
-        return [_notified(entry) for entry in self._pop(mailbox, block, most)]
+        notified = [_notified(mailbox, entry) for entry in self._pop(mailbox, block, most)]
+        return [outcome for outcome in notified if outcome is not None]
 
     def _pop(self, mailbox: str, block: float, most: int) -> list[str]:
         if self._blmpop:
@@ -364,10 +383,13 @@ class _Reachable:
             raise refused(self.url, exc) from exc
 
 
-def _notified(entry: str) -> Outcome:
-    # complete.lua and fail.lua push "<verdict>:<key>:<data>"; data may hold colons.
-    verdict, key, data = entry.split(":", 2)
-    return Outcome(key, _verdict(verdict), data)
+def _notified(mailbox: str, entry: str) -> Outcome | None:
+    # complete.lua and fail.lua push "<verdict>:<key>:<data>" (data may hold colons); else None.
+    parts = entry.split(":", 2)
+    if len(parts) == 3 and parts[0] in ("done", "failed"):
+        return Outcome(parts[1], _VERDICTS[parts[0]], parts[2])
+    logger.warning("girder: skipped an entry of mailbox %s that girder never writes: %.80r", mailbox, entry)
+    return None
 
 
 def _url_of(client: redis.Redis) -> str:

@@ -18,6 +18,7 @@ import celery
 from celery.exceptions import Ignore
 
 from . import keys
+from .errors import CORRUPT
 from .frame import current_frame
 from .keys import Request
 from .runtime import Runtime
@@ -121,9 +122,12 @@ class GirderTask(celery.Task):
             with runtime.offers.offering(request):
                 return super().apply_async(args, kwargs, request.key, producer, link, link_error, shadow, **options)
         if outcome.verdict is Verdict.DONE:
-            self.backend.mark_as_done(request.key, outcome.value())
-        elif outcome.verdict is Verdict.FAILED:
-            self.backend.mark_as_failure(request.key, outcome.error())
+            self.backend.mark_as_done(request.key, outcome.value(request))
+        elif outcome.verdict is Verdict.FAILED or outcome.verdict is Verdict.CORRUPT:
+            error = outcome.error(request)
+            if error.exc_type == CORRUPT:  # the store's fault, not the request's: the caller hears of it
+                raise error
+            self.backend.mark_as_failure(request.key, error)
         return self.AsyncResult(request.key)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -10,7 +10,8 @@ re-registers it after a Redis restart. A Redis error mid-wait is retried for a b
 never hangs, and the first re-submit after it offers again whatever is still queued: a node that
 took an offer while the store was unreachable may have had to drop it. A sub-request that waits,
 transitively, for its requester is refused by the submit script as a cycle (invariant 5), and
-the waiter raises an error naming it.
+the waiter raises an error naming it. A corrupt record answers its ``GirderError`` (see
+``store.py``) like a failure.
 
 ``Wait`` is a caller outside any girder request; ``inline.InlineWait``, a running request
 waiting for its sub-requests, runs them itself through the hooks ``Wait`` leaves open.
@@ -60,7 +61,7 @@ class Wait:
         finally:
             if self.pending:
                 self._withdraw()
-        return [self._result(self.settled[r.key]) for r in self.requests]
+        return [self._result(self.settled[r.key], r) for r in self.requests]
 
     # -- hooks an inline waiter overrides ----------------------------------------------------
 
@@ -115,7 +116,7 @@ class Wait:
 
     def _absorb(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
-            if outcome.settled:
+            if outcome.settled or outcome.verdict is Verdict.CORRUPT:  # a corrupt record answers its error
                 self._settle(outcome)
             elif outcome.verdict is Verdict.CYCLE:
                 raise self._cycle(outcome)
@@ -125,14 +126,14 @@ class Wait:
     def _settle(self, outcome: Outcome) -> None:
         self.pending.pop(outcome.key, None)
         self.settled[outcome.key] = outcome
-        if self.fail_fast and outcome.verdict is Verdict.FAILED:
-            raise outcome.error()
+        if self.fail_fast and outcome.verdict is not Verdict.DONE:
+            raise outcome.error(self.unique.get(outcome.key))
 
     # -- results and errors ------------------------------------------------------------------
 
     @staticmethod
-    def _result(outcome: Outcome) -> Any:
-        return outcome.value() if outcome.verdict is Verdict.DONE else outcome.error()
+    def _result(outcome: Outcome, request: Request) -> Any:
+        return outcome.value(request) if outcome.verdict is Verdict.DONE else outcome.error(request)
 
     def _cycle(self, outcome: Outcome) -> GirderError:
         keys = outcome.data.split()

@@ -4,10 +4,11 @@
 ``GirderStep`` makes the worker a node of its pool (``--girder-pool``, else ``girder_pool``, else
 Celery's default queue): it consumes its own node queue, its pool and the pool's ancestors, and
 checks the state store at start, so a wrong URL is a clear error there rather than per task,
-and installs the event-loop wakers of ``hub.py``. ``Hoister`` runs a thread that copies offers
-that waited longer than ``girder_hoist_after`` up a tier (the seed's distributor). The handler
-fails a girder request whose message names a task this worker does not know, so its waiters
-hear of it (invariant 1).
+and warns if the store may evict girder's keys (an evicted running record makes its request
+run twice, against invariant 1), and installs the event-loop wakers of ``hub.py``. ``Hoister``
+runs a thread that copies offers that waited longer than ``girder_hoist_after`` up a tier (the
+seed's distributor). The handler fails a girder request whose message names a task this
+worker does not know, so its waiters hear of it (invariant 1).
 
 ``MessageCheck`` refuses malformed messages of plain tasks as girder's strategy does its own.
 """
@@ -80,6 +81,7 @@ class GirderStep(bootsteps.StartStopStep):
         except redis.RedisError as exc:
             raise store.connection_error(exc) from exc
         logger.info("girder: state store %s, key prefix %r", safe_url(store.url), store.prefix)
+        check_eviction(store.client, safe_url(store.url))
         hub = getattr(worker, "hub", None)
         if hub is None:
             return
@@ -87,6 +89,43 @@ class GirderStep(bootsteps.StartStopStep):
             logger.warning("girder: this kombu's event loop has no waker; acks queued by a task may wait up to 10 s")
         if worker.app.conf.worker_disable_prefetch and getattr(worker, "pool", None) is not None:
             wake_hub_when_requests_end(worker.pool, hub)
+
+
+#: What each kind of ``maxmemory-policy`` may evict of girder's keys, and what that costs.
+_EVICTS = {
+    "allkeys": (
+        "any of girder's keys, a running request's record too: that request then runs twice, and its "
+        "waiters wait a check interval"
+    ),
+    "volatile": (
+        "girder's keys that have a TTL: done values kept with a result TTL (recomputed when next requested), "
+        "failed records, waiters' mailboxes (a waiter then hears at its next check, girder_check_interval) and "
+        "waits-for edges (a request cycle may then hang instead of failing); queued and running records have "
+        "no TTL and are never evicted"
+    ),
+}
+
+
+def check_eviction(client: redis.Redis, url: str) -> None:
+    """Warn if the state store's ``maxmemory-policy`` may evict girder's keys; a store that
+    will not say (an ACL or a managed Redis refusing CONFIG) is logged, never fatal."""
+    try:
+        config = client.config_get("maxmemory*")
+    except redis.RedisError as exc:
+        logger.info("girder: could not read the state store's maxmemory-policy (%s); it should be noeviction", exc)
+        return
+    policy = config.get("maxmemory-policy", "noeviction")
+    kind = policy.split("-", 1)[0]
+    if kind not in _EVICTS:
+        return
+    limit = config.get("maxmemory", "0")
+    full = f"when it reaches maxmemory ({limit} bytes)" if limit not in ("", "0") else "once a maxmemory is set"
+    logger.warning(
+        "girder: the state store %s has maxmemory-policy %s: %s Redis may evict %s. Set maxmemory-policy "
+        "noeviction, or give girder a Redis server of its own with noeviction (a database of the same server "
+        "shares its policy and memory).",
+        url, policy, full, _EVICTS[kind],
+    )  # fmt: skip
 
 
 class MessageCheck(bootsteps.StartStopStep):

@@ -20,22 +20,36 @@
 --   {"done", "", "", n}                already done: skip
 --   {"failed", "", "", n}              failed; only a new submit restarts it: skip
 --   {"absent", "", "", n}              unknown to the store (forgotten, expired or lost)
+--   {"corrupt", what, "", n}           not a record girder writes (not a hash, an unknown state,
+--                                      a lease_until that is not a number): skip, nothing changed
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 local function claim(i)
   local rec = KEYS[i]
-  local f = redis.call('HMGET', rec, 'state', 'payload', 'owner', 'lease_until', 'pool', 'offered_on')
+  local f = redis.pcall('HMGET', rec, 'state', 'payload', 'owner', 'lease_until', 'pool', 'offered_on')
+  if f.err then
+    return {'corrupt', 'its key holds a ' .. redis.call('TYPE', rec).ok .. ', not a hash', ''}
+  end
   local state = f[1]
   if not state then
     return {'absent', '', ''}
   end
-  if state == 'running' and tonumber(f[4]) > now then
-    return {'running', f[3], ''}
-  end
-  if state ~= 'queued' and state ~= 'running' then
-    return {state, '', ''}
+  if state == 'running' then
+    local lease_until = tonumber(f[4])
+    if not lease_until then
+      local shown = string.sub(f[4] or 'none', 1, 64)
+      return {'corrupt', 'it is running, and its lease_until is not a number: ' .. shown, ''}
+    end
+    if lease_until > now then
+      return {'running', f[3], ''}
+    end
+  elseif state ~= 'queued' then
+    if state == 'done' or state == 'failed' then
+      return {state, '', ''}
+    end
+    return {'corrupt', 'its state is unknown: ' .. string.sub(state, 1, 64), ''}
   end
   local placement = 'inline'
   if ARGV[4] ~= '' then

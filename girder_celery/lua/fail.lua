@@ -15,11 +15,20 @@
 -- ARGV[8]  "1" to fail it only if nobody has claimed it (still queued), else ""
 --
 -- Transition: anything but done or memoized failed  ->  failed(error); its waits-for edges go.
+-- A key that is not a hash (a corrupt record) is replaced, unless ARGV[8] is "1".
 -- Each waiter's mailbox receives "failed:<key>:<error>".
 -- Returns 1 stored, 0 already settled (nothing written).
 
 local rec = KEYS[1]
-local f = redis.call('HMGET', rec, 'state', 'memo')
+local f = redis.pcall('HMGET', rec, 'state', 'memo')
+if f.err then
+  -- Not a hash: a corrupt record, replaced by this outcome (which is the key's own).
+  if ARGV[8] == '1' then
+    return 0
+  end
+  redis.call('DEL', rec)
+  f = {}
+end
 if f[1] == 'done' or (f[1] == 'failed' and f[2] == '1') or (ARGV[8] == '1' and f[1] ~= 'queued') then
   return 0
 end

@@ -1,16 +1,33 @@
--- forget: drop a settled request's memoized value or error.
--- A request in flight is left alone: its waiters are still owed an answer.
+-- forget: drop a settled request's memoized value or error, or a corrupt record.
+-- A request in flight is left alone: its waiters are still owed an answer. A record girder
+-- never writes (not a hash, an unknown state, a running one whose lease_until or a queued one
+-- whose offered_at is not a number) is dropped too: no script can move it on, and the next
+-- submit of the key (a waiter's next check among them) offers it afresh.
 --
 -- KEYS[1]  request record   <prefix>:req:<key>  hash
 --
--- Transition: done | failed  ->  absent
--- Returns the state before the call ("done", "failed", "queued", "running"), or "absent".
+-- Transition: done | failed | corrupt  ->  absent
+-- Returns the state before the call ("done", "failed", "queued", "running"), "corrupt", or
+-- "absent".
 
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then
+local f = redis.pcall('HMGET', KEYS[1], 'state', 'lease_until', 'offered_at')
+local state = f[1]
+if f.err then
+  state = 'corrupt'
+elseif not state then
   return 'absent'
+elseif state == 'running' then
+  if tonumber(f[2]) then
+    return state
+  end
+  state = 'corrupt'
+elseif state == 'queued' then
+  if tonumber(f[3]) then
+    return state
+  end
+  state = 'corrupt'
+elseif state ~= 'done' and state ~= 'failed' then
+  state = 'corrupt'
 end
-if state == 'done' or state == 'failed' then
-  redis.call('DEL', KEYS[1])
-end
+redis.call('DEL', KEYS[1])
 return state

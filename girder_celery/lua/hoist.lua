@@ -1,7 +1,8 @@
 -- hoist: copy offers that waited too long in one queue up to the next tier (the seed's
 -- distributor). An offer still queued after ARGV[1] ms in its queue moves to the destination's
 -- offers and the caller publishes a copy there; the original message stays where it is, and
--- whichever copy is claimed first runs (invariant 1). Entries no longer queued are dropped.
+-- whichever copy is claimed first runs (invariant 1). Entries no longer queued are dropped,
+-- and so are those whose record is not a hash (corrupt: a claim of it would only skip it).
 -- Backpressure: nothing moves while the destination has ARGV[4] offers of its own waiting longer
 -- than ARGV[1] ms: that tier is not keeping up either, and a copy would only wait there, to be
 -- skipped later by whoever reads it. (A few stale offers there are normal: a busy node's
@@ -26,8 +27,8 @@ local busy = ARGV[3] ~= '' and redis.call('ZCOUNT', KEYS[2], '-inf', cutoff) >= 
 local out = {}
 for _, key in ipairs(due) do
   local rec = ARGV[2] .. key
-  local f = redis.call('HMGET', rec, 'state', 'name', 'payload')
-  if f[1] ~= 'queued' then
+  local f = redis.pcall('HMGET', rec, 'state', 'name', 'payload')
+  if f.err or f[1] ~= 'queued' then
     redis.call('ZREM', KEYS[1], key)
   elseif ARGV[3] ~= '' and not busy then
     redis.call('ZREM', KEYS[1], key)

@@ -6,10 +6,11 @@
 -- ARGV[1]  owner token of the claim being released
 --
 -- Transition: running(owner) -> queued (offered now)
--- Returns 1 released, 0 not ours any more (its lease lapsed and another executor took it).
+-- Returns 1 released, 0 not ours any more (its lease lapsed and another executor took it, or
+-- the record is corrupt: not a hash).
 
-local f = redis.call('HMGET', KEYS[1], 'state', 'owner')
-if f[1] ~= 'running' or f[2] ~= ARGV[1] then
+local f = redis.pcall('HMGET', KEYS[1], 'state', 'owner')
+if f.err or f[1] ~= 'running' or f[2] ~= ARGV[1] then
   return 0
 end
 local t = redis.call('TIME')

@@ -19,8 +19,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease_until = now + tonumber(ARGV[1])
 local out = {}
 for i = 1, n do
-  local f = redis.call('HMGET', KEYS[i], 'state', 'owner')
-  if f[1] == 'running' and f[2] == ARGV[i + 1] then
+  -- pcall: a key that is not a hash (a corrupt record) is lost, and must not stop the others.
+  local f = redis.pcall('HMGET', KEYS[i], 'state', 'owner')
+  if not f.err and f[1] == 'running' and f[2] == ARGV[i + 1] then
     redis.call('HSET', KEYS[i], 'lease_until', lease_until)
     redis.call('PEXPIRE', KEYS[n + i], ARGV[n + 2])
     out[i] = 1

@@ -39,16 +39,34 @@
 --   {"failed", error}     the memoized error (JSON); nothing registered
 --   {"cycle", keys}       it (transitively) waits for the requester: space-separated keys of
 --                         the cycle, requester first and last; nothing changed
+--   {"corrupt", what}     the record is not one girder writes (not a hash, an unknown state,
+--                         a lease_until or offered_at that is not a number): what is wrong;
+--                         nothing changed (forget.lua clears it)
 
 local rec = KEYS[1]
-local f = redis.call('HMGET', rec, 'state', 'value', 'error', 'memo', 'lease_until', 'offered_at', 'owner', 'payload',
+local f = redis.pcall('HMGET', rec, 'state', 'value', 'error', 'memo', 'lease_until', 'offered_at', 'owner', 'payload',
   'offered_on')
+if f.err then
+  return {'corrupt', 'its key holds a ' .. redis.call('TYPE', rec).ok .. ', not a hash'}
+end
 local state = f[1]
 if state == 'done' then
   return {'done', f[2]}
 end
 if state == 'failed' and f[4] == '1' then
   return {'failed', f[3]}
+end
+-- A record girder never writes is answered "corrupt" before anything changes (the hot path,
+-- a done record, has returned already).
+local lease_until, offered_at = tonumber(f[5]), tonumber(f[6])
+if state == 'running' and not lease_until then
+  return {'corrupt', 'it is running, and its lease_until is not a number: ' .. string.sub(f[5] or 'none', 1, 64)}
+end
+if state == 'queued' and not offered_at then
+  return {'corrupt', 'it is queued, and its offered_at is not a number: ' .. string.sub(f[6] or 'none', 1, 64)}
+end
+if state and state ~= 'queued' and state ~= 'running' and state ~= 'failed' then
+  return {'corrupt', 'its state is unknown: ' .. string.sub(state, 1, 64)}
 end
 
 local requester = ARGV[8]
@@ -85,7 +103,7 @@ end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local live = state == 'running' and tonumber(f[5]) > now
+local live = state == 'running' and lease_until > now
 local claimer = ARGV[11]
 if ARGV[5] ~= '' and (claimer == '' or live) then
   redis.call('SADD', KEYS[2], ARGV[5])
@@ -93,7 +111,7 @@ end
 if live then
   return {'running', f[7]}
 end
-if claimer == '' and state == 'queued' and now - tonumber(f[6]) < tonumber(ARGV[6]) then
+if claimer == '' and state == 'queued' and now - offered_at < tonumber(ARGV[6]) then
   return {'queued', ''}
 end
 

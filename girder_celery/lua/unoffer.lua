@@ -7,9 +7,11 @@
 -- ARGV[1]  the request's key
 --
 -- Transition: queued (offered) -> queued (never offered)
--- Returns 1 if withdrawn, 0 if it had moved on (claimed or settled meanwhile).
+-- Returns 1 if withdrawn, 0 if it had moved on (claimed or settled meanwhile, or it is not a
+-- hash: corrupt).
 
-if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then
+-- pcall: a key that is not a hash answers an error table, which is not 'queued' either.
+if redis.pcall('HGET', KEYS[1], 'state') ~= 'queued' then
   return 0
 end
 redis.call('HSET', KEYS[1], 'offered_at', 0)
