@@ -187,6 +187,27 @@ def test_arguments_nested_too_deep_in_a_message_never_stop_the_node(live):
     assert_serving(live)
 
 
+#: An argument far larger than any message girder's tests send otherwise (8 MiB of text).
+OVERSIZED = 8 * 1024 * 1024
+
+
+@pytest.mark.invariant1
+def test_oversized_arguments_are_answered_and_never_stop_the_node(live):
+    """An 8 MiB argument, requested as usual and published straight to the broker under a key it
+    does not match: the request is answered exactly, once; the hostile copy runs and stores nothing."""
+    m = live.app_module
+    big = f"{uuid.uuid4().hex}:" + "x" * OVERSIZED
+    key = m.echo.key(big)
+    assert m.girder.request(m.echo.s(big), timeout=60) == [[big], {}]
+    assert runs(live, "grid.echo", key) == 1
+    forged = m.add.key(num(), 1)
+    publish(live, well_formed([big, 1]), forged)
+    assert f"refusing message {forged} of grid.add" in handled(live, forged)
+    assert m.app.AsyncResult(forged).state == "PENDING"
+    assert record(live, forged) == {}
+    assert_serving(live)
+
+
 @pytest.mark.invariant1
 def test_a_message_whose_args_disagree_with_its_key_never_poisons_that_key(live):
     """A message with id add.key(x, 1) but args (x + 1000, 1) runs nothing and stores nothing under
