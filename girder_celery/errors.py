@@ -158,8 +158,14 @@ def unreachable(url: str, exc: BaseException) -> GirderConnectionError:
 
 
 def refused(url: str, exc: BaseException) -> GirderError:
-    """The error for a command the state store at ``url`` refused this client's user (its ACL
-    lacks it): not a connection error, as trying again cannot help."""
+    """The error for a command the state store at ``url`` refused: its ACL lacks it for this
+    client's user, or it is out of memory and evicts nothing. Not a connection error: trying
+    again at once cannot help."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return GirderError(
+            f"girder's state store at {safe_url(url)} is full: {exc} (raise its maxmemory or give girder a "
+            "server of its own; keep maxmemory-policy noeviction, see the README)"
+        )
     return GirderError(
         f"girder's state store at {safe_url(url)} refused a command: {exc} (the README's "
         "'Who may talk to the state store' lists the ACL girder needs)"

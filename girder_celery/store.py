@@ -184,8 +184,8 @@ class StateStore:
 
     def reachable(self) -> _Reachable:
         """Around calls made for a caller (``with store.reachable():``): a Redis connection
-        failure becomes a ``GirderConnectionError`` naming the store, a command the user's ACL
-        refuses a ``GirderError`` naming the store and the command."""
+        failure becomes a ``GirderConnectionError`` naming the store, a command refused (by the
+        user's ACL, or by a full store that evicts nothing) a ``GirderError`` saying which."""
         return self._reachable
 
     def connection_error(self, exc: BaseException) -> GirderConnectionError:
@@ -379,7 +379,7 @@ class _Reachable:
             return
         if issubclass(exc_type, STORE_UNREACHABLE):
             raise unreachable(self.url, exc) from exc
-        if issubclass(exc_type, redis.exceptions.NoPermissionError):  # the user's ACL lacks a command
+        if issubclass(exc_type, (redis.exceptions.NoPermissionError, redis.exceptions.OutOfMemoryError)):
             raise refused(self.url, exc) from exc
 
 

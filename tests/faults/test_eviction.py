@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 import redis
+from celery import Celery
 
+from girder_celery import Girder, GirderConnectionError, GirderError
 from girder_celery.testing import RedisServer
 from girder_celery.worker import check_eviction
 from tests.core_support import open_gate, runs, tag
@@ -165,3 +168,33 @@ def _outcome(call, *args, **kwargs):
         return call(*args, **kwargs)
     except Exception as exc:  # handed to the test's thread
         return exc
+
+
+def test_a_full_store_that_evicts_nothing_is_a_clear_error_at_once():
+    """A store at maxmemory under noeviction refuses girder's writes: the caller gets a GirderError
+    saying the store is full and naming it, at once, instead of Redis's raw OOM error or a hang."""
+    server = RedisServer().start()
+    try:
+        client = server.client()
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", str(int(client.info("memory")["used_memory"]) + 2 * 1024 * 1024))
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            for i in range(1000):  # at most ~100 MB: the limit is a couple of MB away
+                client.set(f"filler:{i}", "x" * 100_000)
+        app = Celery("full-store", broker="memory://", set_as_current=False)
+        girder = Girder(app, url=server.url(0))
+
+        @girder.task(name="full_store.add")
+        def add(x, y):
+            return x + y
+
+        started = time.monotonic()
+        with pytest.raises(
+            GirderError,
+            match=r"state store at redis://127\.0\.0\.1:\d+/0 is full: command not allowed when used memory",
+        ) as caught:
+            girder.request(add.s(1, 2), timeout=30)
+        assert time.monotonic() - started < 5
+        assert not isinstance(caught.value, GirderConnectionError)  # trying again at once cannot help
+    finally:
+        server.close()
