@@ -2,7 +2,8 @@
 
 It holds the settings, the state store client, offers, the result-backend mirror and this
 process's runner, each handed only the collaborators it uses, and decides how a caller waits:
-outside any girder request a plain wait, inside one an inline wait (invariant 2). The Celery
+outside any girder request a plain wait, inside one an inline wait (invariant 2), and with
+Celery's ``task_always_eager`` an eager run in this process (``eager.py``). The Celery
 integration (task class, bootsteps) and the public ``Girder`` sit above it.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from .eager import Eager
 from .execute import Runner
 from .frame import current_frame
 from .inline import InlineWait
@@ -61,6 +63,11 @@ class Runtime:
     def runner(self) -> Runner:
         return Runner(self.store, self.offers, self.mirror, self.settings)
 
+    @cached_property
+    def eager(self) -> Eager:
+        """The in-process memo and runner of eager mode (``task_always_eager``)."""
+        return Eager(lambda: self.settings)
+
     def wait(self, requests: list[Request], timeout: float | None = None, return_exceptions: bool = False) -> list[Any]:
         """Submit prepared requests and wait for their values, in order (``task.call`` and
         ``girder.requests``); inside a girder request, run its queued ones inline."""
@@ -68,6 +75,8 @@ class Runtime:
             raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
         if not requests:
             return []
+        if self.app.conf.task_always_eager:  # checked per call: tests toggle it
+            return self.eager.wait(requests, return_exceptions)
         frame = current_frame()
         if frame is None:
             return Wait(self.offers, requests, timeout).run(return_exceptions)
