@@ -489,3 +489,26 @@ def test_canvas_chains_and_groups_run_eagerly_through_the_memo():
     assert chain(add.s(x, 1), add.s(2)).delay().get() == x + 3
     assert group(add.s(x, 1), add.s(x + 1, 2)).delay().get() == [x + 1, x + 3]
     assert runs("add", x, 1) == 1 and runs("add", x + 1, 2) == 1
+
+
+@pytest.mark.parametrize("style", ["conf", "object", "namespace"])
+def test_the_eager_switch_is_read_as_celery_reads_it_at_every_call(style):
+    """Runtime.eager_mode() gives Celery's task_always_eager however it is set, and sees it change."""
+
+    class Source:
+        CELERY_GIRDER_URL = girder_url = f"redis://127.0.0.1:{LISTENER.port}/2"
+
+    probe_app = Celery(f"eagerprobe{style}", broker=app.conf.broker_url, set_as_current=False)
+    if style == "object":
+        probe_app.config_from_object(Source)
+    elif style == "namespace":
+        probe_app.config_from_object(Source, namespace="CELERY")
+    runtime = Girder(probe_app, url=Source.girder_url).runtime
+    seen = []
+    for value in (False, True, False):
+        if style == "conf":
+            probe_app.conf.task_always_eager = value
+        else:  # a live source, as a Django settings object is
+            Source.CELERY_TASK_ALWAYS_EAGER = Source.task_always_eager = value
+        seen.append((runtime.eager_mode(), probe_app.conf.task_always_eager))
+    assert seen == [(False, False), (True, True), (False, False)]
