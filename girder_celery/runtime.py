@@ -74,7 +74,8 @@ class Runtime:
         sources, spellings = conf.maps, self._eager_spellings
         # Loading the configuration (config_from_object, a namespace) rebuilds it in place.
         if spellings is None or spellings[0] is not sources or spellings[1] != conf.prefix:
-            spellings = self._eager_spellings = (sources, conf.prefix, conf._to_keys("task_always_eager"))
+            names = tuple(dict.fromkeys(conf._to_keys("task_always_eager")))  # once each, in Celery's order
+            spellings = self._eager_spellings = (sources, conf.prefix, names)
         for source in sources:
             for name in spellings[2]:
                 if name in source:
