@@ -26,7 +26,7 @@ from .offers import Offers
 from .settings import Settings
 from .store import RECONNECT_WINDOW, Outcome, StateStore, Verdict
 
-__all__ = ["InlineRun", "Runner"]
+__all__ = ["InlineRun", "Runner", "encode_result", "error_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,28 @@ class InlineRun:
     owner: str
     mailbox: str
     outcome: Outcome | None = field(default=None)
+
+
+def encode_result(task: Task, key: str, args: list | tuple, kwargs: dict, value: Any) -> str:
+    """A request's value as it is stored (kombu's JSON, invariant 7); a value it cannot encode
+    fails the request with a ``GirderError`` (a ``TypeError`` remotely)."""
+    try:
+        return keys.encode_value(value)
+    except TypeError as exc:
+        raise GirderError(
+            f"its result is not JSON-serializable: {exc}",
+            key=key,
+            request=keys.readable(task.name, args, kwargs),
+            exc_type="TypeError",
+        ) from exc
+
+
+def error_of(task: Task, key: str, args: list | tuple, kwargs: dict, exc: BaseException) -> GirderError:
+    """The ``GirderError`` of request ``key`` whose function raised ``exc``: ``exc`` itself when
+    it is already that request's error, else one whose causes chain the failed sub-requests."""
+    if isinstance(exc, GirderError) and exc.key == key:
+        return exc
+    return GirderError.from_exception(exc, key=key, request=keys.readable(task.name, args, kwargs))
 
 
 class Runner:
@@ -195,23 +217,10 @@ class Runner:
             if run is not None:
                 run.outcome = outcome
 
-    @staticmethod
-    def _encode(task, key, args, kwargs, value: Any) -> str:
-        try:
-            return keys.encode_value(value)
-        except TypeError as exc:
-            raise GirderError(
-                f"its result is not JSON-serializable: {exc}",
-                key=key,
-                request=keys.readable(task.name, args, kwargs),
-                exc_type="TypeError",
-            ) from exc
+    _encode = staticmethod(encode_result)
 
     def _fail(self, task, key, owner, args, kwargs, exc: BaseException, skip_mailbox: str) -> Outcome:
-        if isinstance(exc, GirderError) and exc.key == key:
-            error = exc
-        else:
-            error = GirderError.from_exception(exc, key=key, request=keys.readable(task.name, args, kwargs))
+        error = error_of(task, key, args, kwargs, exc)
         encoded = keys.encode_value(error.to_dict())
         ttl_ms = self.settings.error_ttl_ms(task.cache_ttl, task.cache_errors)
         self.store.fail(key, owner, encoded, task.cache_errors, ttl_ms, skip_mailbox)

@@ -148,8 +148,11 @@ class Girder:
         timestamps (seconds since the epoch), and where it ran: ``placement`` (``inline`` in
         a waiter, ``local`` from the queue it was offered on, ``hoisted`` from a copy sent up
         a tier), ``claimed_via`` (that queue) and ``hoists`` (copies made). A corrupt record
-        raises a ``GirderError`` naming the key and what is wrong."""
+        raises a ``GirderError`` naming the key and what is wrong. In eager mode
+        (``task_always_eager``) it reports the in-process memo instead (placement ``eager``)."""
         key = self.key_of(sig_or_key)
+        if self.app.conf.task_always_eager:
+            return self.runtime.eager.state(key)
         with self.store.reachable():
             try:
                 record = self.store.record(key)
@@ -177,11 +180,20 @@ class Girder:
         """Drop a settled request's memoized value or error, or a corrupt record (see
         ``state``); True if there was one, and the next request computes it afresh.
 
-        A request still queued or running is left alone (its waiters are owed an answer).
+        A request still queued or running is left alone (its waiters are owed an answer). In
+        eager mode (``task_always_eager``) it drops the request from the in-process memo.
         """
         key = self.key_of(sig_or_key)
+        if self.app.conf.task_always_eager:
+            return self.runtime.eager.forget(key)
         with self.store.reachable():
             return self.store.forget(key) in _FORGOTTEN
+
+    def clear_eager(self) -> int:
+        """Empty eager mode's in-process memo (``task_always_eager``; e.g. between tests): every
+        request runs afresh. Returns how many settled requests it held. The state store is not
+        touched."""
+        return self.runtime.eager.clear()
 
 
 _FORGOTTEN = (Verdict.DONE, Verdict.FAILED, Verdict.CORRUPT)

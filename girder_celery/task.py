@@ -4,7 +4,9 @@ A girder task is a Celery task whose task id is its request key (invariant 6). C
 girder (``call``, ``delay``, ``apply_async``) goes through the state store first, so a memoized
 request sends no message and an identical one in flight is joined rather than repeated
 (invariant 1). When a worker receives its message, ``__call__`` hands it to the runner, which
-claims the key before running. ``validate_options`` checks ``@girder.task``'s options.
+claims the key before running. With Celery's ``task_always_eager``, ``call``, ``apply_async`` and
+``apply`` run the request in this process instead (``eager.py``). ``validate_options`` checks
+``@girder.task``'s options.
 """
 
 from __future__ import annotations
@@ -103,8 +105,8 @@ class GirderTask(celery.Task):
         request already in flight publishes nothing; only a new one sends a message.
         """
         app = self._get_app()
-        if app.conf.task_always_eager:
-            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
+        if app.conf.task_always_eager:  # run here, memoized in process (eager.py); no broker
+            return self.runtime.eager.apply(self, args, kwargs, task_id, link=link, link_error=link_error, **options)
         request = self.prepare(args or (), kwargs, options.get("queue"))
         runtime = self.runtime
         frame = current_frame()
@@ -130,8 +132,17 @@ class GirderTask(celery.Task):
             self.backend.mark_as_failure(request.key, error)
         return self.AsyncResult(request.key)
 
+    def apply(self, args=None, kwargs=None, link=None, link_error=None, task_id=None, **options):
+        """Celery's local run; with ``task_always_eager``, a girder request run here and memoized
+        in process (eager.py), as canvas primitives and ``apply_async`` run it in eager mode."""
+        if not self._get_app().conf.task_always_eager:
+            return super().apply(args, kwargs, link, link_error, task_id, **options)
+        return self.runtime.eager.apply(self, args, kwargs, task_id, link=link, link_error=link_error, **options)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         context = self.request
+        if context.is_eager and (run := self.runtime.eager.running(context.id)) is not None:
+            return self.runtime.eager.body(run, self, args, kwargs)
         if context.called_directly or context.is_eager:
             return super().__call__(*args, **kwargs)
         result = self.runtime.runner.take_offer(self, context, args, kwargs)

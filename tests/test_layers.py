@@ -21,7 +21,7 @@ LAYERS = {
     2: ("offers",),
     3: ("wait",),
     4: ("execute", "inline"),
-    5: ("runtime",),
+    5: ("runtime", "eager"),
     6: ("task", "worker", "hub", "messages"),
     7: ("girder", "__init__", "cli"),
 }
