@@ -71,7 +71,9 @@ class Runtime:
         spellings are built once per configuration and each source is asked with ``in``, in
         Celery's order, so the answer is Celery's, live sources (a Django settings object) too."""
         conf = self.app.conf
-        sources, spellings = conf.maps, self._eager_spellings
+        sources, spellings = getattr(conf, "maps", None), self._eager_spellings
+        if sources is None or not hasattr(conf, "_to_keys"):  # a Celery without these internals
+            return conf.task_always_eager
         # Loading the configuration (config_from_object, a namespace) rebuilds it in place.
         if spellings is None or spellings[0] is not sources or spellings[1] != conf.prefix:
             names = tuple(dict.fromkeys(conf._to_keys("task_always_eager")))  # once each, in Celery's order
