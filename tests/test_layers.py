@@ -23,7 +23,7 @@ LAYERS = {
     4: ("execute", "inline"),
     5: ("runtime", "eager"),
     6: ("task", "worker", "hub", "messages"),
-    7: ("girder", "__init__", "cli"),
+    7: ("girder", "__init__", "cli", "pytest_plugin"),
 }
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
 

@@ -1,7 +1,8 @@
 """Real servers and grids for tests, benchmarks and demos, no fakes: a private ``redis-server``,
 ``celery worker`` subprocesses, the machine's RabbitMQ (``servers``), and ``LocalGrid``, the
 workers of one app module started side by side and awaited until each is ready, which the app
-says by calling ``announce_ready(app)`` where it is defined (``grid``).
+says by calling ``announce_ready(app)`` where it is defined (``grid``). ``worker_app`` is the app
+module of the pytest plugin's workers: a user's app, configured from the environment.
 
 It sits at the bottom of the package's layers: it imports none of girder_celery's other modules.
 """
