@@ -214,7 +214,9 @@ def _point(app: Celery, conf: dict[str, Any]) -> None:
         app._pool = None
     if "amqp" in vars(app):
         app.amqp._producer_pool = None
-    app._backend = None
+    # Celery keeps a thread-safe backend on the app, any other per thread (this one's is dropped).
+    app._backend_cache = None
+    vars(app._local).pop("backend", None)
     runtime = app.girder.runtime
     for name, attr in vars(type(runtime)).items():
         if isinstance(attr, cached_property):

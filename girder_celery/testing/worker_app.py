@@ -3,7 +3,8 @@
 It imports a user's Celery app the way their tests do (the test process's ``sys.path``, the app
 named as for ``celery -A``), gives it the settings the plugin gave the app in the test process, and
 makes it announce that it is ready (``announce_ready``), so the user's app module needs no test
-code of its own. Everything comes from the environment the plugin sets (the ``*_ENV`` names).
+code of its own. Everything comes from the environment the plugin sets (the ``*_ENV`` names); the
+app is loaded when ``celery -A`` first asks for ``app``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from celery.app.utils import find_app
 
 from .grid import announce_ready
 
-__all__ = ["APP_ENV", "CONF_ENV", "PATH_ENV", "app", "load"]
+__all__ = ["APP_ENV", "CONF_ENV", "PATH_ENV", "load"]
 
 #: The user's app, as for ``celery -A`` (``proj.celery_app`` or ``proj.celery_app:app``).
 APP_ENV = "GIRDER_PYTEST_APP"
@@ -42,4 +43,10 @@ def load() -> Celery:
     return found
 
 
-app = load()
+def __getattr__(name: str) -> Celery:
+    # ``celery -A`` asks for ``app``: load it then, so that importing this module for its names
+    # (the plugin does) loads nothing.
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()["app"] = found = load()
+    return found
