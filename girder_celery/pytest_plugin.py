@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,8 @@ __all__ = ["GirderSession"]
 
 #: Databases of the private Redis.
 STORE_DB, BROKER_DB, BACKEND_DB, READY_DB = 0, 1, 2, 3
+#: The longest a clean waits for earlier tests' work to settle (``girder_timeout`` if shorter).
+SETTLE_SECONDS = 10.0
 #: Celery reads these before ``app.conf`` (``celery.app.utils.Settings``); while set they would win.
 _ENV_OVERRIDES = {
     "CELERY_BROKER_URL": "broker_url",
@@ -78,6 +80,8 @@ class GirderSession:
     redis: RedisServer
     rootdir: Path
     timeout: float
+    #: The workers of live ``girder_worker`` fixtures.
+    workers: list[CeleryWorker] = field(default_factory=list)
 
     def worker_env(self) -> dict[str, str]:
         """The environment through which ``girder_celery.testing.worker_app`` configures a worker alike."""
@@ -90,11 +94,22 @@ class GirderSession:
 
     def clean(self) -> None:
         """Delete every key under the app's ``girder_key_prefix`` in its state store, and empty the
-        plugin's result backend if the app uses it (so no ``AsyncResult`` answers from an earlier test)."""
+        plugin's result backend if the app uses it (so no ``AsyncResult`` answers from an earlier test).
+
+        An offer an earlier test left on the broker would find its record gone and run it afresh,
+        writing it back into the store the test was promised clean. So while a ``girder_worker``
+        runs, what earlier tests left settles first (``settle``); while none does, the offers on the
+        plugin's broker go (nothing would take them before the records are gone)."""
+        if any(worker.proc is not None and worker.proc.poll() is None for worker in self.workers):
+            self.settle(min(SETTLE_SECONDS, self.timeout))
+        elif self.conf.get("broker_url") == self.redis.url(BROKER_DB):
+            with self.redis.client(BROKER_DB) as broker:
+                for name in [*broker.scan_iter(count=1000)]:
+                    if broker.type(name) == "list" or name.startswith("unacked"):
+                        broker.delete(name)  # kombu's queues and delivered messages; its bindings stay
         store = self.app.girder.store
-        pattern = _glob_escape(store.prefix) + ":*"
         batch: list[str] = []
-        for key in store.client.scan_iter(match=pattern, count=1000):
+        for key in store.client.scan_iter(match=_glob_escape(store.prefix) + ":*", count=1000):
             batch.append(key)
             if len(batch) == 1000:
                 store.client.unlink(*batch)
@@ -104,6 +119,44 @@ class GirderSession:
         if self.conf.get("result_backend") == self.redis.url(BACKEND_DB):
             with self.redis.client(BACKEND_DB) as backend:
                 backend.flushdb()
+
+    def settle(self, seconds: float) -> None:
+        """Wait, at most ``seconds``, until nothing is ``pending``; past that, warn and go on. A poll:
+        no event says that a worker has taken its last offer."""
+        import time
+        import warnings
+
+        deadline = time.monotonic() + seconds
+        while (pending := self.pending()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if pending:
+            warnings.warn(
+                pytest.PytestWarning(f"girder: cleaning the state store with work of earlier tests still pending "
+                                     f"after {seconds:g}s: {', '.join(pending[:5])}"),
+                stacklevel=2,
+            )  # fmt: skip
+
+    def pending(self) -> list[str]:
+        """What may still write to the state store: its queued and running requests, and offers on
+        the plugin's broker (in a queue, or delivered and not yet acknowledged)."""
+        from .errors import GirderError
+
+        girder, found = self.app.girder, []
+        marker = f"{girder.store.prefix}:req:"
+        for name in girder.store.client.scan_iter(match=_glob_escape(marker) + "*", count=1000):
+            try:
+                state = girder.state(name[len(marker) :])["state"]
+            except (GirderError, TypeError, ValueError):  # corrupt, or not a key: nothing will run it
+                continue
+            if state in ("queued", "running"):
+                found.append(f"{name} {state}")
+        if self.conf.get("broker_url") == self.redis.url(BROKER_DB):
+            with self.redis.client(BROKER_DB) as broker:
+                for name in broker.scan_iter(count=1000):
+                    kind = broker.type(name)
+                    if (kind == "list" and broker.llen(name)) or (name == "unacked" and broker.hlen(name)):
+                        found.append(f"offers in {name}")
+        return found
 
 
 def _glob_escape(text: str) -> str:
@@ -256,7 +309,9 @@ def girder_worker(
     except (RuntimeError, TimeoutError) as exc:
         grid.stop(session.timeout)
         pytest.fail(f"girder_worker did not start: {exc}", pytrace=False)
+    session.workers.append(worker)
     yield worker
+    session.workers.remove(worker)
     grid.stop(session.timeout)
 
 

@@ -82,8 +82,8 @@ def test_tests_asking_for_no_girder_fixture_start_and_import_nothing(tmp_path):
 @pytest.mark.timeout(300)
 def test_a_users_app_runs_on_a_real_worker_and_each_test_gets_a_clean_store(tmp_path):
     """The ini's app is pointed at the private Redis in the tests and in a prefork worker it runs on
-    (nested requests too); girder_store_clean deletes the app's keys and only those; and
-    celery.contrib.pytest's fixtures work in the same session."""
+    (nested requests too); girder_store_clean deletes the app's keys and only those, once earlier
+    offers are taken (a live worker) or gone (none); celery.contrib.pytest's fixtures work in the same session."""
     out = run_pytest(tmp_path, {
         "userapp.py": USER_APP,
         "pytest.ini": "[pytest]\ngirder_app = userapp\ngirder_worker_pool = prefork\ngirder_timeout = 45\n",
@@ -94,6 +94,7 @@ def test_a_users_app_runs_on_a_real_worker_and_each_test_gets_a_clean_store(tmp_
             def test_on_the_worker(girder_worker, girder_store_clean, girder_redis):
                 assert girder_store_clean is girder
                 assert total.call(4) == 12
+                assert total.call(40) == 1560  # its children's offers outlive it: cleaning waits for them
                 assert {girder.state(s)["node"] for s in [total.s(4), add.s(3, 3)]} == {girder_worker.hostname}
                 assert "-P prefork" in " ".join(girder_worker.command)
                 assert girder.settings.request_timeout == 45  # bounded waits
@@ -104,8 +105,9 @@ def test_a_users_app_runs_on_a_real_worker_and_each_test_gets_a_clean_store(tmp_
                 assert store.exists("user*app:req:" + add.key(1, 2))
 
             def test_a_clean_store(girder_store_clean, girder_redis):
-                store = girder_redis.client(0)
+                store, broker = girder_redis.client(0), girder_redis.client(1)
                 assert store.keys("user[*]app:*") == []
+                assert [k for k in broker.keys() if broker.type(k) == "list" and broker.llen(k)] == []
                 assert girder.state(add.s(1, 2))["state"] == "absent"
                 assert store.get("other:key") == store.get("userXXapp:key") == "kept"
 
@@ -118,8 +120,20 @@ def test_a_users_app_runs_on_a_real_worker_and_each_test_gets_a_clean_store(tmp_
                 assert mul.delay(4, 4).get(timeout=10) == 16
                 assert add.call(20, 22) == 42
             """,
+        "test_without_worker.py": """
+            from userapp import add, girder
+
+            def test_leaves_an_offer(girder_store_clean):
+                add.delay(5, 5)
+                assert girder.state(add.s(5, 5))["state"] == "queued"
+
+            def test_with_no_worker_the_offer_goes_with_its_record(girder_store_clean, girder_redis):
+                broker = girder_redis.client(1)
+                assert [k for k in broker.keys() if broker.type(k) == "list" and broker.llen(k)] == []
+                assert girder.state(add.s(5, 5))["state"] == "absent"
+            """,
     }, "-p", "celery.contrib.pytest")  # fmt: skip
-    assert summary(out) == "3 passed", out
+    assert summary(out) == "5 passed", out
 
 
 @pytest.fixture
