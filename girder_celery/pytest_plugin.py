@@ -8,8 +8,8 @@ started by the first fixture that needs it. Every name is ``girder_*``, so it si
 - ``girder_redis`` (session): a private ``redis-server`` on a free port (``RedisServer``).
 - ``girder_app`` (session): your app (ini ``girder_app``, or override ``girder_app_module``),
   pointed at that Redis in this process: ``girder_url`` db 0, ``broker_url`` db 1,
-  ``result_backend`` db 2, ``girder_request_timeout`` ``girder_timeout`` where it was None,
-  then ``girder_config`` on top.
+  ``result_backend`` db 2, ``task_always_eager`` off, ``girder_request_timeout``
+  ``girder_timeout`` where it was None, then ``girder_config`` on top.
 - ``girder_worker`` (module): a real ``celery worker`` subprocess of the same app with the same
   settings (``LocalGrid``, ``girder_celery.testing.worker_app``), pool ``girder_worker_pool``.
 - ``girder_store_clean`` (function) and ``girder_store_clean_module`` (module): the state store
@@ -239,6 +239,7 @@ def _settings_for(app: Celery, redis: RedisServer, extra: dict[str, Any], timeou
         "girder_url": redis.url(STORE_DB),
         "broker_url": redis.url(BROKER_DB),
         "result_backend": redis.url(BACKEND_DB),
+        "task_always_eager": False,  # the requests of these tests go to the worker
     }
     if app.conf.get("girder_request_timeout") is None:
         conf["girder_request_timeout"] = timeout  # no test waits forever on a dead worker

@@ -26,6 +26,7 @@ from girder_celery import Girder
 app = Celery("userapp", broker="redis://127.0.0.1:1/0", backend="redis://127.0.0.1:1/0")
 app.conf.girder_url = "redis://127.0.0.1:1/0"
 app.conf.girder_key_prefix = "user*app"  # a glob character: cleaning must match it literally
+app.conf.task_always_eager = True  # for unit tests elsewhere: the plugin's still go to the worker
 girder = Girder(app)
 
 
@@ -145,12 +146,13 @@ def redis():
 
 
 def test_the_plugin_gives_the_app_its_private_servers_and_a_bounded_wait(redis):
-    """girder_url, broker_url and result_backend name the private Redis; a None request timeout
-    becomes girder_timeout; girder_config goes on top; a broker_read_url the app sets follows the broker."""
+    """girder_url, broker_url and result_backend name the private Redis; eager mode is off; a None
+    request timeout becomes girder_timeout; girder_config goes on top; a broker_read_url the app sets
+    follows the broker."""
     app = Celery("plain", set_as_current=False)
     conf = pytest_plugin._settings_for(app, redis, {}, 30.0)
     assert conf == {"girder_url": redis.url(0), "broker_url": redis.url(1), "result_backend": redis.url(2),
-                    "girder_request_timeout": 30.0}  # fmt: skip
+                    "task_always_eager": False, "girder_request_timeout": 30.0}  # fmt: skip
     app.conf.update(girder_request_timeout=5, broker_read_url="redis://elsewhere/0")
     conf = pytest_plugin._settings_for(app, redis, {"broker_url": "amqp://guest:guest@127.0.0.1:5672//"}, 30.0)
     assert "girder_request_timeout" not in conf
