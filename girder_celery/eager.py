@@ -19,8 +19,6 @@ backend's copy, ``girder.offers``.
 from __future__ import annotations
 
 import contextvars
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from celery.utils.functional import maybe_list
 
 from .errors import GirderError
 from .execute import encode_result, error_of
+from .frame import on_a_shallow_stack
 from .keys import Request, decode_payload, encode_value
 from .settings import Settings
 from .store import Outcome, Verdict
@@ -158,7 +157,7 @@ class Eager:
         if entry is not None and entry.memo:
             return entry.outcome, False
         started = time.time()
-        outcome = _run_on_a_shallow_stack(self._run, request, link, link_error)
+        outcome = on_a_shallow_stack(self._run, request, link, link_error)
         task = request.task
         settings = self._settings()
         if outcome.verdict is Verdict.DONE:
@@ -236,35 +235,3 @@ class Eager:
     @staticmethod
     def _result(outcome: Outcome, request: Request) -> Any:
         return outcome.value(request) if outcome.verdict is Verdict.DONE else outcome.error(request)
-
-
-def _stack_is_deep() -> bool:
-    try:
-        sys._getframe(sys.getrecursionlimit() // 4)
-    except ValueError:
-        return False
-    return True
-
-
-def _run_on_a_shallow_stack(run: Callable[..., Outcome], *args: Any) -> Outcome:
-    """``run(*args)``, on a fresh thread when this one's stack is deep: each eager level costs
-    a few dozen frames, and a deep chain of requests would reach Python's recursion limit (the
-    grid's inline runs hop the same way). The thread carries this context, so the stack of
-    running requests goes with it."""
-    if not _stack_is_deep():
-        return run(*args)
-    result: list[Any] = []
-    context = contextvars.copy_context()
-
-    def hop() -> None:
-        try:
-            result.append(context.run(run, *args))
-        except BaseException as exc:  # handed to the waiting thread
-            result.append(exc)
-
-    thread = threading.Thread(target=hop, name="girder-eager", daemon=True)
-    thread.start()
-    thread.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]

@@ -20,10 +20,7 @@ limit is never raised, and each thread's C stack carries only a bounded slice of
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
-import sys
-import threading
 import time
 from typing import Any
 
@@ -32,7 +29,7 @@ from celery.app.trace import build_tracer
 from celery.utils.saferepr import saferepr
 
 from .execute import InlineRun, Runner
-from .frame import Frame
+from .frame import Frame, on_a_shallow_stack
 from .keys import Request, decode_payload
 from .store import Claimant, Outcome, Verdict
 from .wait import Wait
@@ -94,36 +91,10 @@ class InlineWait(Wait):
         return True
 
 
-def _stack_is_deep() -> bool:
-    try:
-        sys._getframe(sys.getrecursionlimit() // 4)
-    except ValueError:
-        return False
-    return True
-
-
 def run_inline(runner: Runner, request: Request, owner: str, mailbox: str, waiter: Frame) -> Outcome:
-    """Run a request this executor has claimed, as a Celery task, inline; its outcome."""
-    if not _stack_is_deep():
-        return _trace(runner, request, owner, mailbox, waiter)
-    runner.release_thread()  # this thread waits for the hop
-    result: list[Any] = []
-    context = contextvars.copy_context()
-
-    def hop() -> None:
-        try:
-            result.append(context.run(_trace, runner, request, owner, mailbox, waiter))
-        except BaseException as exc:  # handed to the waiting thread
-            result.append(exc)
-        finally:
-            runner.release_thread()  # this thread ends
-
-    thread = threading.Thread(target=hop, name=f"girder-inline-{request.key[:8]}", daemon=True)
-    thread.start()
-    thread.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
+    """Run a request this executor has claimed, as a Celery task, inline; its outcome. A deep
+    stack hops to a fresh thread, and each thread gives its connections back around the hop."""
+    return on_a_shallow_stack(_trace, runner, request, owner, mailbox, waiter, release=runner.release_thread)
 
 
 _tracers: dict[tuple[str, str], Any] = {}
