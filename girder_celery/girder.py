@@ -178,10 +178,15 @@ class Girder:
         ``state``); True if there was one, and the next request computes it afresh.
 
         A request still queued or running is left alone (its waiters are owed an answer).
+        Otherwise the result backend's copy goes too, so ``AsyncResult(key)`` does not tell
+        the forgotten outcome (Celery's backends never write over a stored SUCCESS).
         """
         key = self.key_of(sig_or_key)
         with self.store.reachable():
-            return self.store.forget(key) in _FORGOTTEN
+            verdict = self.store.forget(key)
+        if verdict in _FORGOTTEN or verdict is Verdict.ABSENT:
+            self.runtime.mirror.forget(self.app.backend, key)
+        return verdict in _FORGOTTEN
 
 
 _FORGOTTEN = (Verdict.DONE, Verdict.FAILED, Verdict.CORRUPT)
