@@ -172,6 +172,8 @@ class Runner:
         skip_mailbox = run.mailbox if run is not None else ""
         # Inline runs and girder's own offers leave the result backend to girder (mirror.py).
         mirror = not task.ignore_result and (run is not None or getattr(context, "girder_mirror", False))
+        if mirror:
+            self.mirror.before_run(task, key)
         self.leases.hold(key, owner)
         try:
             outcome, value = self._run(task, key, owner, args, kwargs, run, skip_mailbox)

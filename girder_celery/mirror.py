@@ -19,7 +19,9 @@ The copy tells the store's current outcome (invariant 1): a run completes only w
 had no outcome, so whatever copy the backend holds is older (a value forgotten, expired, or an
 uncached failure). Celery never writes over a stored SUCCESS (``store_result`` reads first and
 keeps it), so every copy but the Redis fast path's plain ``SET`` first ``forget``s the old one;
-``forget`` also drops Celery's per-process cache of a SUCCESS. ``rpc://`` answers only the
+``forget`` also drops Celery's per-process cache of a SUCCESS. With a backend other than Redis
+the older copy is forgotten as the run starts (``before_run``), since the new copy is written
+after waiters wake; with Redis it stays readable until the fast path writes over it. ``rpc://`` answers only the
 sender: a run's copy has none and is not written; ``answer`` sends it to this process.
 """
 
@@ -52,6 +54,8 @@ class Mirror:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        #: id(backend) -> whether a run first forgets its older copy (not Redis: see ``before_run``).
+        self._forget_first: dict[int, bool] = {}
 
     def _buffer(self) -> list:
         buffer = getattr(self._local, "buffer", None)
@@ -66,6 +70,19 @@ class Mirror:
         buffer.append((task, key, value, value_json, request))
         if len(buffer) >= BATCH or time.monotonic() - self._local.since > MAX_AGE:
             self.flush()
+
+    def before_run(self, task: Any, key: str) -> None:
+        """A run of ``key`` is about to start: with a backend other than Redis, forget any older
+        copy now, so that until this run's copy is written ``AsyncResult(key)`` waits rather
+        than reading the older one. (Redis's fast path writes over it; the hot path stays as is.)"""
+        backend = task.backend
+        first = self._forget_first.get(id(backend))
+        if first is None:
+            from celery.backends.redis import RedisBackend
+
+            first = self._forget_first[id(backend)] = _keeps_copies(backend) and not isinstance(backend, RedisBackend)
+        if first:
+            self.forget(backend, key)
 
     def put_failure(self, task: Any, key: str, exc: BaseException, request: Any) -> None:
         """Write the failure of ``key`` now; a failure to write is logged, never raised."""
@@ -136,7 +153,7 @@ class Mirror:
         if _is_rpc(backend):
             with task.app.producer_or_acquire() as producer:
                 backend.on_task_call(producer, key)  # declares this process's reply queue
-        backend.forget(key)
+        self.forget(backend, key)
         if error is None:
             backend.store_result(key, value, states.SUCCESS, request=request)
         else:
@@ -150,6 +167,12 @@ class Mirror:
             return
         try:
             backend.forget(key)
+            # A publication of an older copy that reached this process after its get() was
+            # answered waits in Celery's buffer and would answer the next AsyncResult(key):
+            # rpc's forget drops it, Redis's does not.
+            buffered = getattr(backend, "_pending_messages", None)
+            if buffered is not None:
+                buffered.take(key, None)
         except Exception:
             logger.warning("girder: could not forget %s in the result backend", key, exc_info=True)
 

@@ -26,3 +26,9 @@ def fails_once(self, tag):
 def counted_parent(self, tag):
     """Requests ``grid.counted(tag)`` (run inline by this executor) and returns its value in a list."""
     return [girder.request(counted.s(tag), timeout=15)]
+
+
+@girder.task(bind=True, name="grid.counted_briefly", cache_ttl=1)
+def counted_briefly(self, tag):
+    """``grid.counted`` whose value the store keeps one second: it runs again, with a new value."""
+    return _runs(tag)
