@@ -26,7 +26,7 @@ from .offers import Offers
 from .settings import Settings
 from .store import RECONNECT_WINDOW, Outcome, StateStore, Verdict
 
-__all__ = ["InlineRun", "Runner", "encode_result", "error_of"]
+__all__ = ["Answer", "InlineRun", "Runner", "encode_result", "error_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,15 @@ def error_of(task: Task, key: str, args: list | tuple, kwargs: dict, exc: BaseEx
     return GirderError.from_exception(exc, key=key, request=keys.readable(task.name, args, kwargs))
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What ``take_offer`` gives for a sender's own message (``send_task`` by name, its id a
+    uuid) whose request is already done or running: the sender waits on the message's id, so
+    the request's outcome is waited for and returned, to be stored there (not run again)."""
+
+    request: keys.Request
+
+
 class Runner:
     """Claims, runs and settles girder requests for this process's executors."""
 
@@ -85,8 +94,9 @@ class Runner:
         """An owner token no other claim shares: node, process, a per-process nonce and a counter."""
         return f"{node}/{os.getpid()}/{keys.unique_id()}"
 
-    def take_offer(self, task: Task, context: Any, args: tuple, kwargs: dict) -> tuple[Any] | None:
-        """Run what a Celery request carries: ``(value,)``, or None if the offer was skipped."""
+    def take_offer(self, task: Task, context: Any, args: tuple, kwargs: dict) -> tuple[Any] | Answer | None:
+        """Run what a Celery request carries: ``(value,)``, None if the offer was skipped, or an
+        ``Answer`` to wait for if the message is a sender's own for a request done or running."""
         run = getattr(context, "girder_inline", None)
         if run is not None:
             return (self.run_claimed(task, context.id, run.owner, args, kwargs, context, run),)
@@ -99,6 +109,8 @@ class Runner:
         verdict, data, _ = claimed
         if verdict is Verdict.ABSENT:
             key, verdict, data = self._adopt(task, key, args, kwargs, owner, node)
+            if key != context.id and verdict is not Verdict.CLAIMED:
+                return Answer(task.prepare(args, kwargs))  # adopted: the arguments bind
         if verdict is not Verdict.CLAIMED:
             if verdict is Verdict.CORRUPT:  # its waiters hear of it from their next submit
                 logger.warning("girder: skipping offer of %s[%s]: its record is corrupt: %s", task.name, key, data)
@@ -144,7 +156,8 @@ class Runner:
         # as a plain send_task gives): the message's own arguments are the request, run under
         # their canonical key. Celery then stores the value under the message's id as well, so a
         # message whose id is a key other than its arguments' is refused (ABSENT, nothing runs):
-        # a key must answer only its own value (invariant 1).
+        # a key must answer only its own value (invariant 1). A sender's own id is answered even
+        # when the request is done or running elsewhere (``Answer``): it waits there, not here.
         try:
             request = task.prepare(args, kwargs)
         except TypeError as exc:
@@ -181,6 +194,8 @@ class Runner:
         skip_mailbox = run.mailbox if run is not None else ""
         # Inline runs and girder's own offers leave the result backend to girder (mirror.py).
         mirror = not task.ignore_result and (run is not None or getattr(context, "girder_mirror", False))
+        if mirror:
+            self.mirror.before_run(task, key)
         self.leases.hold(key, owner)
         try:
             outcome, value = self._run(task, key, owner, args, kwargs, run, skip_mailbox)

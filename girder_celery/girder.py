@@ -180,14 +180,19 @@ class Girder:
         """Drop a settled request's memoized value or error, or a corrupt record (see
         ``state``); True if there was one, and the next request computes it afresh.
 
-        A request still queued or running is left alone (its waiters are owed an answer). In
-        eager mode (``task_always_eager``) it drops the request from the in-process memo.
+        A request still queued or running is left alone (its waiters are owed an answer).
+        Otherwise the result backend's copy goes too, so ``AsyncResult(key)`` does not tell
+        the forgotten outcome (Celery's backends never write over a stored SUCCESS). In eager
+        mode (``task_always_eager``) it drops the request from the in-process memo.
         """
         key = self.key_of(sig_or_key)
         if self.app.conf.task_always_eager:
             return self.runtime.eager.forget(key)
         with self.store.reachable():
-            return self.store.forget(key) in _FORGOTTEN
+            verdict = self.store.forget(key)
+        if verdict in _FORGOTTEN or verdict is Verdict.ABSENT:
+            self.runtime.mirror.forget(self.app.backend, key)
+        return verdict in _FORGOTTEN
 
     def clear_eager(self) -> int:
         """Empty eager mode's in-process memo (``task_always_eager``; e.g. between tests): every

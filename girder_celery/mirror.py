@@ -10,9 +10,19 @@ backend between requests. A background writer would be simpler but, holding the 
 encodes, delays the executor's every socket read.
 
 A Redis result backend storing plain JSON gets Celery's document built around the value's JSON,
-which girder already has; any other backend gets ``mark_as_done`` per result. A copy lost in a
-crash is written again by the next ``apply_async`` of the request, which re-stores a done value.
-A failure is rare and carries its traceback: it is written at once, with ``mark_as_failure``.
+which girder already has; any other backend gets ``store_result`` per result (not ``mark_as_done``,
+which skips a request that ignores its result, as every request girder runs does). A copy lost in
+a crash is written again by the next ``apply_async`` of the request, which re-stores a done value
+(``answer``). A failure is rare and carries its traceback: it is written at once.
+
+The copy tells the store's current outcome (invariant 1): a run completes only when the store
+had no outcome, so whatever copy the backend holds is older (a value forgotten, expired, or an
+uncached failure). Celery never writes over a stored SUCCESS (``store_result`` reads first and
+keeps it), so every copy but the Redis fast path's plain ``SET`` first ``forget``s the old one;
+``forget`` also drops Celery's per-process cache of a SUCCESS. With a backend other than Redis
+the older copy is forgotten as the run starts (``before_run``), since the new copy is written
+after waiters wake; with Redis it stays readable until the fast path writes over it. ``rpc://`` answers only the
+sender: a run's copy has none and is not written; ``answer`` sends it to this process.
 """
 
 from __future__ import annotations
@@ -20,10 +30,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from datetime import datetime
 from typing import Any
 
 from celery import states
+from celery.app.task import Context
 
 from .link import Link
 
@@ -42,6 +54,8 @@ class Mirror:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        #: id(backend) -> whether a run first forgets its older copy (not Redis: see ``before_run``).
+        self._forget_first: dict[int, bool] = {}
 
     def _buffer(self) -> list:
         buffer = getattr(self._local, "buffer", None)
@@ -57,10 +71,29 @@ class Mirror:
         if len(buffer) >= BATCH or time.monotonic() - self._local.since > MAX_AGE:
             self.flush()
 
+    def before_run(self, task: Any, key: str) -> None:
+        """A run of ``key`` is about to start: with a backend other than Redis, forget any older
+        copy now, so that until this run's copy is written ``AsyncResult(key)`` waits rather
+        than reading the older one. (Redis's fast path writes over it; the hot path stays as is.)"""
+        backend = task.backend
+        first = self._forget_first.get(id(backend))
+        if first is None:
+            from celery.backends.redis import RedisBackend
+
+            first = self._forget_first[id(backend)] = _keeps_copies(backend) and not isinstance(backend, RedisBackend)
+        if first:
+            self.forget(backend, key)
+
     def put_failure(self, task: Any, key: str, exc: BaseException, request: Any) -> None:
         """Write the failure of ``key`` now; a failure to write is logged, never raised."""
+        backend = task.backend
+        if not _keeps_copies(backend):
+            return
         try:
-            task.backend.mark_as_failure(key, exc, exc.__traceback__, request=request)
+            backend.forget(key)  # else a stale SUCCESS stays: Celery never writes over one
+            # Celery stores the traceback as text (its tracer passes ExceptionInfo.traceback).
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            backend.mark_as_failure(key, exc, text, request=request)
         except Exception:
             logger.warning("girder: could not mirror the failure of %s to the result backend", key, exc_info=True)
 
@@ -102,9 +135,64 @@ class Mirror:
                 targets = self._targets()
                 target = targets.get(id(backend)) or targets.setdefault(id(backend), _Target(backend))
                 target.send(items)
-            else:
+            elif _keeps_copies(backend):
                 for _, key, value, _, request in items:
-                    backend.mark_as_done(key, value, request=request)
+                    backend.forget(key)
+                    backend.store_result(key, value, states.SUCCESS, request=request)
+
+    def answer(self, task: Any, key: str, value: Any = None, error: BaseException | None = None) -> None:
+        """Store the store's current outcome of ``key`` now (its ``value``, or ``error``) for
+        this process's ``AsyncResult``: ``apply_async`` of a settled request. Over any older
+        copy; to this process's reply queue with ``rpc://``; nothing without a backend."""
+        backend = task.backend
+        if _is_disabled(backend):
+            return
+        # The request this process sends, as Celery's own send_task would: rpc replies to it,
+        # and not to the request a worker is running here (Celery's fallback, current_task).
+        request = Context(id=key, task=task.name, reply_to=task.app.thread_oid, correlation_id=key)
+        if _is_rpc(backend):
+            with task.app.producer_or_acquire() as producer:
+                backend.on_task_call(producer, key)  # declares this process's reply queue
+        self.forget(backend, key)
+        if error is None:
+            backend.store_result(key, value, states.SUCCESS, request=request)
+        else:
+            backend.store_result(key, error, states.FAILURE, request=request)
+
+    def forget(self, backend: Any, key: str) -> None:
+        """Drop the backend's copy of ``key`` (``girder.forget``, a new offer), and this
+        process's rpc replies for it; logs, never raises: the next run's copy is written over it
+        anyway, and the store, not the copy, is the truth."""
+        if _is_disabled(backend):
+            return
+        try:
+            backend.forget(key)
+            # A publication of an older copy that reached this process after its get() was
+            # answered waits in Celery's buffer and would answer the next AsyncResult(key):
+            # rpc's forget drops it, Redis's does not.
+            buffered = getattr(backend, "_pending_messages", None)
+            if buffered is not None:
+                buffered.take(key, None)
+        except Exception:
+            logger.warning("girder: could not forget %s in the result backend", key, exc_info=True)
+
+
+def _is_disabled(backend: Any) -> bool:
+    from celery.backends.base import DisabledBackend
+
+    return isinstance(backend, DisabledBackend)
+
+
+def _is_rpc(backend: Any) -> bool:
+    from celery.backends.rpc import RPCBackend
+
+    return isinstance(backend, RPCBackend)
+
+
+def _keeps_copies(backend: Any) -> bool:
+    """Whether a copy written by a worker can be read back: not without a backend, and not
+    with ``rpc://``, whose results are messages to their sender (a worker's run has none)."""
+    return not _is_disabled(backend) and not _is_rpc(backend)
 
 
 class _Target:

@@ -21,6 +21,7 @@ from celery.exceptions import Ignore
 
 from . import keys
 from .errors import CORRUPT
+from .execute import Answer
 from .frame import current_frame
 from .keys import Request
 from .runtime import Runtime
@@ -102,7 +103,8 @@ class GirderTask(celery.Task):
         """Celery's ``apply_async`` with the key as task id, deduplicated through the store.
 
         A done request publishes nothing and its value is (re)stored in the result backend; a
-        request already in flight publishes nothing; only a new one sends a message.
+        request already in flight publishes nothing; only a new one sends a message. With
+        ``rpc://`` a request in flight was sent by someone else, who alone hears its answer.
         """
         app = self._get_app()
         if app.conf.task_always_eager:  # run here, memoized in process (eager.py); no broker
@@ -121,15 +123,20 @@ class GirderTask(celery.Task):
             )
         outcome = runtime.offers.submit([request], mailbox="", offer=False)[0]
         if outcome.verdict is Verdict.OFFER:
+            # The backend may hold an older run's copy (forgotten, expired): Celery's worker would
+            # not write over its SUCCESS, and this run's outcome must be what get() answers.
+            runtime.mirror.forget(self.backend, request.key)
             with runtime.offers.offering(request):
                 return super().apply_async(args, kwargs, request.key, producer, link, link_error, shadow, **options)
+        # A settled request's outcome is stored again, over whatever copy the backend holds (an
+        # older value, or none after result_expires), so AsyncResult(key) tells the store's.
         if outcome.verdict is Verdict.DONE:
-            self.backend.mark_as_done(request.key, outcome.value(request))
+            runtime.mirror.answer(self, request.key, outcome.value(request))
         elif outcome.verdict is Verdict.FAILED or outcome.verdict is Verdict.CORRUPT:
             error = outcome.error(request)
             if error.exc_type == CORRUPT:  # the store's fault, not the request's: the caller hears of it
                 raise error
-            self.backend.mark_as_failure(request.key, error)
+            runtime.mirror.answer(self, request.key, error=error)
         return self.AsyncResult(request.key)
 
     def apply(self, args=None, kwargs=None, link=None, link_error=None, task_id=None, **options):
@@ -149,6 +156,10 @@ class GirderTask(celery.Task):
         if result is None:
             # Stale or duplicate offer: the function did not run; leave Celery's state alone.
             raise Ignore()
+        if isinstance(result, Answer):
+            # send_task by name of a request done or running: its outcome is the answer Celery
+            # stores under the message's id (a failure raises its GirderError, stored likewise).
+            return self.runtime.wait([result.request])[0]
         return result[0]
 
 

@@ -37,6 +37,7 @@ app.conf.update(
     girder_volunteer=os.environ.get("GIRDER_TEST_VOLUNTEER", "1") == "1",
     girder_hoist_after=float(os.environ.get("GIRDER_TEST_HOIST_AFTER", "0.1")),
     task_acks_late=os.environ.get("GIRDER_TEST_ACKS_LATE", "0") == "1",
+    result_expires=int(os.environ.get("GIRDER_TEST_RESULT_EXPIRES", "86400")),
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
 )
@@ -157,3 +158,4 @@ def _task_module(name: str):
 
 reentrant_tasks = _task_module("tests.reentrant_tasks")
 tier_tasks = _task_module("tests.tier_tasks")
+backend_tasks = _task_module("tests.backend_tasks")

@@ -35,11 +35,18 @@ class Grid(LocalGrid):
     ``env`` (``GIRDER_TEST_*``) configures ``tests.gridapp`` identically in the test process
     (``load_app``) and in workers; a test may change it before either. ``worker(name, pool,
     concurrency, *flags)`` adds a real worker. ``store_url`` puts girder's state store elsewhere
-    than ``redis_server`` (which keeps the broker, backend, run counters and ready lists).
+    than ``redis_server`` (which keeps the broker, backend, run counters and ready lists), and
+    ``backend_url`` Celery's result backend.
     """
 
     def __init__(
-        self, redis_server: RedisServer, broker: str, lease: float = 30, check: float = 5, store_url: str | None = None
+        self,
+        redis_server: RedisServer,
+        broker: str,
+        lease: float = 30,
+        check: float = 5,
+        store_url: str | None = None,
+        backend_url: str | None = None,
     ) -> None:
         tag = uuid.uuid4().hex[:8]
         queue, prefix = f"girder-test-{tag}", f"gt-{tag}"
@@ -49,7 +56,8 @@ class Grid(LocalGrid):
             # The state store may be another server (TLS, an ACL user); run counters stay here.
             "GIRDER_TEST_STORE": store_url or redis_server.url(0),
             "GIRDER_TEST_COUNTERS": redis_server.url(0),
-            "GIRDER_TEST_BACKEND": redis_server.url(2),
+            # Celery's result backend: Redis unless a test gives another (rpc://, db+sqlite://...).
+            "GIRDER_TEST_BACKEND": backend_url or redis_server.url(2),
             "GIRDER_TEST_QUEUE": queue,
             "GIRDER_TEST_PREFIX": prefix,
             "GIRDER_TEST_LEASE": str(lease),
@@ -60,6 +68,7 @@ class Grid(LocalGrid):
             "GIRDER_TEST_HOIST_AFTER": "0.1",
             "GIRDER_TEST_ACKS_LATE": "0",
             "GIRDER_TEST_REOFFER": "300",
+            "GIRDER_TEST_RESULT_EXPIRES": "86400",
         }
         super().__init__(
             "tests.gridapp", redis_server.url(0), env=env, queue=queue, key_prefix=prefix, broker_url=broker_url,
