@@ -156,6 +156,24 @@ class GirderSession:
                     kind = broker.type(name)
                     if (kind == "list" and broker.llen(name)) or (name == "unacked" and broker.hlen(name)):
                         found.append(f"offers in {name}")
+        return found + self._held_by_workers()
+
+    def _held_by_workers(self) -> list[str]:
+        """Messages a live worker holds: a prefork worker acknowledges a message as it hands it
+        to its pool, so one waiting there is on no broker list, and would run afresh (its record
+        gone) after the clean. Asked of each worker; one that does not answer counts as busy."""
+        live = [w.hostname for w in self.workers if w.proc is not None and w.proc.poll() is None]
+        if not live:
+            return []
+        inspect = self.app.control.inspect(destination=live, timeout=1.0)
+        found = []
+        for what, replies in (("active", inspect.active()), ("reserved", inspect.reserved())):
+            for hostname in live:
+                held = (replies or {}).get(hostname)
+                if held is None:
+                    found.append(f"{hostname} did not answer")
+                elif held:
+                    found.append(f"{len(held)} {what} on {hostname}")
         return found
 
 
