@@ -26,12 +26,14 @@ from .offers import Offers
 from .settings import Settings
 from .store import RECONNECT_WINDOW, Outcome, StateStore, Verdict
 
-__all__ = ["Answer", "InlineRun", "Runner", "encode_result", "error_of"]
+__all__ = ["Answer", "InlineRun", "Runner", "carries_callbacks", "encode_result", "error_of"]
 
 logger = logging.getLogger(__name__)
 
 #: Exceptions that are Celery control flow, not a failure of the function.
 _CONTROL_FLOW = (Ignore, Reject, Retry)
+#: Claim verdicts of a request that a message with callbacks is answered with (waited for).
+_ANSWERED = (Verdict.DONE, Verdict.FAILED, Verdict.RUNNING)
 
 
 @dataclass
@@ -68,11 +70,18 @@ def error_of(task: Task, key: str, args: list | tuple, kwargs: dict, exc: BaseEx
 
 @dataclass(frozen=True)
 class Answer:
-    """What ``take_offer`` gives for a sender's own message (``send_task`` by name, its id a
-    uuid) whose request is already done or running: the sender waits on the message's id, so
-    the request's outcome is waited for and returned, to be stored there (not run again)."""
+    """What ``take_offer`` gives for a message that must be answered with its request's outcome
+    rather than skipped: one whose id is an *alias* (a canvas step's id, a ``send_task`` sender's
+    own uuid), or one that carries callbacks (``link``, ``link_error``, a chain, a chord) while
+    its request is done or claimed elsewhere. Celery stores the outcome under the message's id
+    and fires its callbacks; the request itself runs at most once, under its key."""
 
     request: keys.Request
+
+
+def carries_callbacks(context: Any) -> bool:
+    """Whether a Celery request carries callbacks that fire only when its message is answered."""
+    return bool(context.callbacks or context.errbacks or context.chain or context.chord)
 
 
 class Runner:
@@ -96,11 +105,14 @@ class Runner:
 
     def take_offer(self, task: Task, context: Any, args: tuple, kwargs: dict) -> tuple[Any] | Answer | None:
         """Run what a Celery request carries: ``(value,)``, None if the offer was skipped, or an
-        ``Answer`` to wait for if the message is a sender's own for a request done or running."""
+        ``Answer`` to wait for (an alias's message, or callbacks of a request settled or running)."""
         run = getattr(context, "girder_inline", None)
         if run is not None:
             return (self.run_claimed(task, context.id, run.owner, args, kwargs, context, run),)
         key, node = context.id, context.hostname or "unknown"
+        if not keys.is_key(key):
+            # An alias: its own arguments are the request (a TypeError is the alias's answer).
+            return Answer(task.prepare(args, kwargs))
         owner = self.new_owner(node)
         via = (context.delivery_info or {}).get("routing_key") or ""
         claimed = self._claim_offer(task, key, owner, node, via, args, kwargs)
@@ -108,10 +120,10 @@ class Runner:
             return None
         verdict, data, _ = claimed
         if verdict is Verdict.ABSENT:
-            key, verdict, data = self._adopt(task, key, args, kwargs, owner, node)
-            if key != context.id and verdict is not Verdict.CLAIMED:
-                return Answer(task.prepare(args, kwargs))  # adopted: the arguments bind
+            verdict, data = self._adopt(task, key, args, kwargs, owner, node)
         if verdict is not Verdict.CLAIMED:
+            if verdict in _ANSWERED and carries_callbacks(context):
+                return Answer(task.prepare(args, kwargs))
             if verdict is Verdict.CORRUPT:  # its waiters hear of it from their next submit
                 logger.warning("girder: skipping offer of %s[%s]: its record is corrupt: %s", task.name, key, data)
             else:
@@ -119,7 +131,7 @@ class Runner:
             return None
         try:
             call_args, call_kwargs = keys.decode_payload(data)
-        except Exception as exc:  # girder never wrote it: else each claim would fail alike, and waiters hang
+        except Exception as exc:  # girder never wrote it: else each claim would fail alike, and waiters hear nothing
             self._refuse_payload(task, key, owner, exc)
             return None
         return (self.run_claimed(task, key, owner, call_args, call_kwargs, context),)
@@ -151,29 +163,25 @@ class Runner:
         encoded = keys.encode_value(error.to_dict())
         self.store.fail(key, owner, encoded, False, self.settings.error_ttl_ms(None, False))
 
-    def _adopt(self, task, key, args, kwargs, owner, node) -> tuple[str, Verdict, str]:
-        # The store has no record of the message's id (lost, expired, or an id of the sender's own,
-        # as a plain send_task gives): the message's own arguments are the request, run under
-        # their canonical key. Celery then stores the value under the message's id as well, so a
-        # message whose id is a key other than its arguments' is refused (ABSENT, nothing runs):
-        # a key must answer only its own value (invariant 1). A sender's own id is answered even
-        # when the request is done or running elsewhere (``Answer``): it waits there, not here.
+    def _adopt(self, task, key, args, kwargs, owner, node) -> tuple[Verdict, str]:
+        # The store has no record of the message's key (lost, expired, forgotten): the message's
+        # own arguments are the request. Celery then stores the value under the message's id, so
+        # a message whose id is a key other than its arguments' is refused (ABSENT, nothing
+        # runs): a key must answer only its own value (invariant 1).
         try:
             request = task.prepare(args, kwargs)
         except TypeError as exc:
-            if not keys.is_key(key):
-                raise  # the sender's own id: its answer is this failure
             logger.warning("girder: refusing message %s of %s: its arguments are refused: %s", key, task.name, exc)
-            return key, Verdict.ABSENT, ""
-        if request.key != key and keys.is_key(key):
+            return Verdict.ABSENT, ""
+        if request.key != key:
             logger.warning(
                 "girder: refusing message %s of %s: its id is not the key of its arguments %s (%s)",
                 key, task.name, request.readable, request.key,
             )  # fmt: skip
-            return key, Verdict.ABSENT, ""
+            return Verdict.ABSENT, ""
         self.offers.submit([request], mailbox="", offer=False)
         verdict, data, _ = self.store.claim(request.key, owner, node, self.leases.lease_ms)
-        return request.key, verdict, data
+        return verdict, data
 
     def run_claimed(
         self,
@@ -211,7 +219,7 @@ class Runner:
             self.leases.release(key)
             leave(token)
             if run is None:  # the request a message brought is done
-                self._after_message()
+                self.after_message()
 
     def _run(self, task, key, owner, args, kwargs, run, skip_mailbox) -> tuple[Outcome, Any]:
         outcome = None
@@ -268,9 +276,9 @@ class Runner:
         self.store.idle()
         self.mirror.idle()
 
-    def _after_message(self) -> None:
-        # The thread takes the next message: its copies go out now, unawaited, and it keeps
-        # its connections. A greenlet ends with its message, so it releases them.
+    def after_message(self) -> None:
+        """The message this thread ran is done: its copies go out now, unawaited, and it keeps
+        its connections for the next message. A greenlet ends with its message: it releases them."""
         if self.store.link.green:
             self.release_thread()
         else:

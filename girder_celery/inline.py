@@ -40,7 +40,9 @@ __all__ = ["InlineWait", "run_inline"]
 class InlineWait(Wait):
     """A running request waiting for its sub-requests: it runs queued ones itself, newest first."""
 
-    def __init__(self, runner: Runner, requests: list[Request], timeout: float | None, frame: Frame) -> None:
+    def __init__(
+        self, runner: Runner, requests: list[Request], timeout: float | None, frame: Frame, requester: str | None = None
+    ) -> None:
         node_queue = runner.offers.node_queue(frame.node)
         local = [r if r.pool else dataclasses.replace(r, pool=node_queue) for r in requests]
         super().__init__(runner.offers, local, timeout)
@@ -50,20 +52,23 @@ class InlineWait(Wait):
         self.send_offers = runner.concurrency != 1 or any(r.pool != node_queue for r in local)
         self.runner = runner
         self.frame = frame
+        #: The request these are sub-requests of: the frame's, or "" for a message's answer
+        #: (``Runtime.answer``), which no request waits for, so it records no waits-for edges.
+        self.requester = frame.key if requester is None else requester
         self.owner = runner.new_owner(frame.node)
         self.lease_ms = runner.leases.lease_ms
 
     def _submit(self, requests: list[Request]) -> list[Outcome]:
         claimant = Claimant(requests[-1].key, self.owner, self.frame.node, self.lease_ms)
         return self.offers.submit(
-            requests, self.mailbox, offer=self.send_offers, requester=self.frame.key, claimant=claimant
+            requests, self.mailbox, offer=self.send_offers, requester=self.requester, claimant=claimant
         )
 
     def _resubmit(self, reoffer: bool) -> list[Outcome]:
         # Whatever became claimable again (an expired lease, a lost record, an offer dropped in
         # an outage) is run here, not offered: this executor is free for it right now.
         return self.offers.submit(
-            [self.unique[k] for k in self.pending], self.mailbox, offer=False, requester=self.frame.key
+            [self.unique[k] for k in self.pending], self.mailbox, offer=False, requester=self.requester
         )
 
     def _before_block(self) -> None:

@@ -17,7 +17,7 @@ from celery import Celery
 
 from .eager import Eager
 from .execute import Runner
-from .frame import current_frame
+from .frame import Frame, current_frame
 from .inline import InlineWait
 from .keys import Request
 from .mirror import Mirror
@@ -102,3 +102,17 @@ class Runtime:
         if frame is None:
             return Wait(self.offers, requests, timeout).run(return_exceptions)
         return InlineWait(self.runner, requests, timeout, frame).run(return_exceptions)
+
+    def answer(self, request: Request, context: Any) -> Any:
+        """The value of ``request`` for a Celery task that is not that request: an alias's
+        message (``execute.Answer``) or Celery's ``map``/``starmap`` calling the task item by item.
+        It is waited for like a sub-request of ``context``'s task, run here if it can be claimed
+        (so it never waits on unclaimed work, invariant 2), but with no waits-for edges: no
+        request waits for an alias. A failure raises its ``GirderError``."""
+        if self.eager_mode():
+            return self.eager.wait([request], False)[0]
+        frame = Frame(context.id, context.hostname or "unknown", context.root_id or context.id, "")
+        try:
+            return InlineWait(self.runner, [request], None, frame, requester="").run()[0]
+        finally:
+            self.runner.after_message()

@@ -29,6 +29,8 @@ from .store import Verdict
 
 __all__ = ["GIRDER_OPTIONS", "GirderTask", "validate_options"]
 
+#: Celery's builtin tasks that call a task directly for each item of a list.
+_MAP_TASKS = ("celery.map", "celery.starmap")
 #: ``@girder.task`` options of girder's own; everything else goes to Celery.
 GIRDER_OPTIONS = ("version", "cache_ttl", "cache_errors")
 #: ``app.task`` options that are not Task attributes: decorator options, and routing and
@@ -118,9 +120,14 @@ class GirderTask(celery.Task):
             runtime.store.release(request.key, frame.owner)
             return super().apply_async(args, kwargs, request.key, producer, link, link_error, shadow, **options)
         if task_id is not None and task_id != request.key:
-            raise ValueError(
-                f"{self.name}: a girder task's id is its request key {request.key}; got task_id={task_id!r}"
-            )
+            if keys.is_key(task_id):  # another request's key: it must answer only its own value
+                raise ValueError(
+                    f"{self.name}: task_id {task_id} is a girder key, not this request's {request.key}; "
+                    "a girder task's id is its request key, or an alias that is no key"
+                )
+            # An alias (a canvas step's id): its message is answered with the request's outcome by
+            # the node that takes it, which runs the request (once, under its key) if nobody has.
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
         outcome = runtime.offers.submit([request], mailbox="", offer=False)[0]
         if outcome.verdict is Verdict.OFFER:
             # The backend may hold an older run's copy (forgotten, expired): Celery's worker would
@@ -137,6 +144,10 @@ class GirderTask(celery.Task):
             if error.exc_type == CORRUPT:  # the store's fault, not the request's: the caller hears of it
                 raise error
             runtime.mirror.answer(self, request.key, error=error)
+        if link or link_error or options.get("chain") or options.get("chord"):
+            # Callbacks fire as a message is answered: this one's node answers it with the outcome
+            # (settled, or when the run going on ends) instead of skipping it as a duplicate.
+            return super().apply_async(args, kwargs, request.key, producer, link, link_error, shadow, **options)
         return self.AsyncResult(request.key)
 
     def apply(self, args=None, kwargs=None, link=None, link_error=None, task_id=None, **options):
@@ -151,15 +162,20 @@ class GirderTask(celery.Task):
         if context.is_eager and (run := self.runtime.eager.running(context.id)) is not None:
             return self.runtime.eager.body(run, self, args, kwargs)
         if context.called_directly or context.is_eager:
+            worker_task = self.app.current_worker_task if context.called_directly else None
+            if worker_task is not None and worker_task.name in _MAP_TASKS:
+                # Celery's map and starmap (and chunks, made of starmaps) call the task directly,
+                # item by item, in their own task: each call is a request instead.
+                return self.runtime.answer(self.prepare(args, kwargs), worker_task.request)
             return super().__call__(*args, **kwargs)
         result = self.runtime.runner.take_offer(self, context, args, kwargs)
         if result is None:
             # Stale or duplicate offer: the function did not run; leave Celery's state alone.
             raise Ignore()
         if isinstance(result, Answer):
-            # send_task by name of a request done or running: its outcome is the answer Celery
-            # stores under the message's id (a failure raises its GirderError, stored likewise).
-            return self.runtime.wait([result.request])[0]
+            # The request's outcome is what Celery stores under this message's id and hands to
+            # its callbacks (a failure raises its GirderError, stored and handed on likewise).
+            return self.runtime.answer(result.request, context)
         return result[0]
 
 

@@ -176,6 +176,12 @@ def retrying(self, tag):
     return self.request.retries
 
 
+@girder.task(name="eager.total")
+def total(values):
+    ran("total", values)
+    return sum(values)
+
+
 @app.task(name="eager.record")
 def record(value, tag):
     RUNS.append(f"record{(value, tag)}")

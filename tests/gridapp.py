@@ -159,3 +159,4 @@ def _task_module(name: str):
 reentrant_tasks = _task_module("tests.reentrant_tasks")
 tier_tasks = _task_module("tests.tier_tasks")
 backend_tasks = _task_module("tests.backend_tasks")
+canvas_tasks = _task_module("tests.canvas_tasks")

@@ -342,6 +342,25 @@ def test_canvas_chains_and_groups_run_eagerly_through_the_memo():
     assert runs("add", x, 1) == 1 and runs("add", x + 1, 2) == 1
 
 
+def test_canvas_chords_maps_chunks_and_links_run_eagerly_through_the_memo():
+    """Eager chords, map, starmap and chunks make each step or item a request, memoized in process;
+    link fires on a cold and on a memoized request alike."""
+    from celery import chord
+
+    from tests.eager_app import record, total
+
+    x, t = fresh(), fresh()
+    assert chord([add.s(x, 1), add.s(x, 1), add.s(x, 0)])(total.s()).get() == 3 * x + 2
+    assert runs("total", [x + 1, x + 1, x]) == 1
+    assert add.starmap([(x, 1), (x, 3)]).delay().get() == [x + 1, x + 3]
+    assert add.map([x, x]).delay().get() == [x, x]
+    assert add.chunks([(x, 1), (x, 3), (x, 4)], 2).delay().get() == [[x + 1, x + 3], [x + 4]]
+    assert runs("add", x, 1) == runs("add", x, 3) == runs("add", x, 4) == runs("add", x, 0) == 1
+    for _ in range(2):  # cold, then memoized
+        assert add.apply_async((x, 9), link=record.s(t)).get() == x + 9
+    assert runs("record", x + 9, t) == 2 and runs("add", x, 9) == 1
+
+
 @pytest.mark.parametrize("style", ["conf", "object", "namespace"])
 def test_the_eager_switch_is_read_as_celery_reads_it_at_every_call(style):
     """Runtime.eager_mode() gives Celery's task_always_eager however it is set, and sees it change."""

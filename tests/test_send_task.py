@@ -54,12 +54,15 @@ def num() -> int:
 
 @pytest.mark.invariant1
 def test_send_task_of_a_cold_request_is_answered_under_its_id(sg, plain):
-    """A cold request sent by name runs once and is answered under the message's own id."""
+    """A cold request sent by name runs once, under its key (its ``self.request.id``), and is
+    answered under the message's own id as well as its key."""
     m, x = sg.app_module, num()
     result = plain.send_task("grid.add", (x, 1))
     assert result.get(timeout=GET) == x + 1
     assert m.add.call(x, 1) == x + 1  # memoized under its key
-    assert runs(sg, "grid.add", result.id) == 1
+    assert runs(sg, "grid.add", m.add.key(x, 1)) == 1
+    assert runs(sg, "grid.add", result.id) == 0
+    assert plain.AsyncResult(m.add.key(x, 1)).get(timeout=GET) == x + 1
 
 
 @pytest.mark.invariant1
