@@ -104,3 +104,9 @@ def fan_parent(self, n, msec, salt):
     """Requests ``n`` distinct children of ``msec`` ms at once: which node ran the parent and each child."""
     children = girder.requests([fan_child.s(msec, salt, i) for i in range(n)])
     return {"parent": self.request.hostname, "children": children}
+
+
+@girder.task(name="bench.wide_parent")
+def wide_parent(n, salt):
+    """Requests ``n`` distinct trivial children at once (the wide fan-out suite): their sum."""
+    return sum(girder.requests([leaf.s(salt, i) for i in range(n)]))

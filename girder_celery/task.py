@@ -4,9 +4,10 @@ A girder task is a Celery task whose task id is its request key (invariant 6). C
 girder (``call``, ``delay``, ``apply_async``) goes through the state store first, so a memoized
 request sends no message and an identical one in flight is joined rather than repeated
 (invariant 1). When a worker receives its message, ``__call__`` hands it to the runner, which
-claims the key before running. With Celery's ``task_always_eager``, ``call``, ``apply_async`` and
-``apply`` run the request in this process instead (``eager.py``). ``validate_options`` checks
-``@girder.task``'s options.
+claims the key before running. A canvas step's id is an *alias* of the key: its message is
+answered with the request's outcome, which runs once, under its key. With Celery's
+``task_always_eager``, ``call``, ``apply_async`` and ``apply`` run the request in this process
+instead (``eager.py``). ``validate_options`` checks ``@girder.task``'s options.
 """
 
 from __future__ import annotations
@@ -107,6 +108,10 @@ class GirderTask(celery.Task):
         A done request publishes nothing and its value is (re)stored in the result backend; a
         request already in flight publishes nothing; only a new one sends a message. With
         ``rpc://`` a request in flight was sent by someone else, who alone hears its answer.
+        Callbacks (``link``, ``link_error``, a chain, a chord) need a message to fire from: one
+        is sent for a request done or in flight too, and its node answers it with the outcome.
+        A ``task_id`` that is not a key is an alias (a canvas step's id): its message is sent
+        as it is, and its node answers it (``Runtime.answer``).
         """
         app = self._get_app()
         if app.conf.task_always_eager:  # run here, memoized in process (eager.py); no broker

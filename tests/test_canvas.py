@@ -192,3 +192,42 @@ def test_a_canvas_step_with_bad_arguments_fails_at_call_time(cg):
         chain(m.add.s(1, 2, 3), m.add.s(1)).delay()
     with pytest.raises(TypeError, match="grid.add"):
         group(m.add.s(1, 2), m.add.s(1, 2, 3)).delay()
+
+
+def test_an_alias_run_has_its_key_as_id_and_the_alias_as_parent(cg):
+    """The request an alias's message runs is run under its key, its parent the alias."""
+    m = cg.app_module
+    depth = 2  # the module's own grid (key prefix) has not run it before
+    step = m.reentrant_tasks.context.s(depth)
+    alias = step.freeze().id
+    result = step.delay()
+    contexts = result.get(timeout=GET)
+    key = m.reentrant_tasks.context.key(depth)
+    assert result.id == alias != key
+    assert contexts[0]["id"] == key
+    assert contexts[0]["parent_id"] == alias
+    assert contexts[1]["parent_id"] == key  # its own sub-request's parent is the key
+
+
+@pytest.fixture(scope="module", params=["redis", "amqp"])
+def solo(request, redis_server):
+    """One solo worker: its single executor answers aliases and runs everything else inline."""
+    _check_broker(request.param)
+    g = Grid(redis_server, request.param)
+    g.load_app()
+    g.node = g.worker("canvas-solo", "solo", 1)
+    yield g
+    _fast_stop(g)
+
+
+@pytest.mark.invariant2
+def test_a_chord_of_nested_requests_on_one_solo_executor(solo):
+    """A chord whose header steps request sub-requests (fan-outs, a nested chain) completes on a
+    single executor: every alias claims and runs its request inline, nothing waits on a queue."""
+    solo.load_app()
+    m, t = solo.app_module, tag()
+    r = m.reentrant_tasks
+    header = [r.fanout.s(4, 0, f"{t}.a"), r.fanout.s(3, 2, f"{t}.b"), r.chain.s(30), r.fanout.s(4, 0, f"{t}.a")]
+    assert chord(header)(m.canvas_tasks.total.s()).get(timeout=GET) == 4 + 6 + 30 + 4
+    assert runs(solo, "grid.fanout", r.fanout.key(4, 0, f"{t}.a")) == 1
+    assert chain(r.fanout.s(2, 0, f"{t}.c"), m.add.s(1)).delay().get(timeout=GET) == 3
