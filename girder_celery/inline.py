@@ -21,6 +21,7 @@ limit is never raised, and each thread's C stack carries only a bounded slice of
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from typing import Any
 
@@ -35,6 +36,9 @@ from .store import Claimant, Outcome, Verdict
 from .wait import Wait
 
 __all__ = ["InlineWait", "run_inline"]
+
+#: Most of its queued sub-requests a waiter names in one claim scan (newest first).
+CLAIM_BATCH = 32
 
 
 class InlineWait(Wait):
@@ -57,6 +61,12 @@ class InlineWait(Wait):
         self.requester = frame.key if requester is None else requester
         self.owner = runner.new_owner(frame.node)
         self.lease_ms = runner.leases.lease_ms
+        #: Sub-requests last seen queued, oldest first (a dict as an ordered set); a claim scan
+        #: takes the newest and drops each it looks at, so N sub-requests cost O(N) in scans in
+        #: all, not a scan of every pending one per sub-request run (issue 12).
+        self.claimable: dict[str, None] = {}
+        #: The sub-request the submit claimed for this waiter, to run first.
+        self.claimed: str | None = None
 
     def _submit(self, requests: list[Request]) -> list[Outcome]:
         claimant = Claimant(requests[-1].key, self.owner, self.frame.node, self.lease_ms)
@@ -67,29 +77,37 @@ class InlineWait(Wait):
     def _resubmit(self, reoffer: bool) -> list[Outcome]:
         # Whatever became claimable again (an expired lease, a lost record, an offer dropped in
         # an outage) is run here, not offered: this executor is free for it right now.
-        return self.offers.submit(
-            [self.unique[k] for k in self.pending], self.mailbox, offer=False, requester=self.requester
-        )
+        due = self._due(reoffer)
+        return self.offers.submit([self.unique[k] for k in due], self.mailbox, offer=False, requester=self.requester)
 
     def _before_block(self) -> None:
         self.runner.mirror.flush()  # no copy buffered here waits on this executor's block
 
+    def _absorb(self, outcomes: list[Outcome]) -> None:
+        super()._absorb(outcomes)
+        for outcome in outcomes:
+            verdict = outcome.verdict
+            if verdict is Verdict.CLAIMED:  # by the submit: run it first
+                self.claimed = outcome.key
+            elif (verdict is Verdict.QUEUED or verdict is Verdict.OFFER) and outcome.key in self.pending:
+                self.claimable[outcome.key] = None
+
+    def _settle(self, outcome: Outcome) -> None:
+        self.claimable.pop(outcome.key, None)
+        super()._settle(outcome)
+
     def _run_one_inline(self) -> bool:
-        queued, claimed = [], None
-        for key in reversed(self.pending):
-            verdict = self.pending[key]
-            if verdict is Verdict.CLAIMED:  # by the submit
-                claimed = key
-                break
-            if verdict is Verdict.QUEUED or verdict is Verdict.OFFER:
-                queued.append(key)
-        key = None
-        if queued:  # newest first, in one round trip
-            key, _ = self.store.claim_first(queued, self.owner, self.frame.node, self.lease_ms)
-            for other in queued[: queued.index(key) if key else None]:
-                self.pending[other] = Verdict.RUNNING  # or settled: the mailbox will tell
-        key = key or claimed
-        if key is None:
+        key, self.claimed = self.claimed, None
+        while key is None and self.claimable:
+            # The newest few, in one round trip; those before the one claimed (or all, if none is)
+            # are running, settled or lost: the mailbox or the next check says which.
+            batch = list(itertools.islice(reversed(self.claimable), CLAIM_BATCH))
+            key, _ = self.store.claim_first(batch, self.owner, self.frame.node, self.lease_ms)
+            for other in batch[: batch.index(key) + 1 if key else None]:
+                del self.claimable[other]
+                if other != key:
+                    self.pending[other] = Verdict.RUNNING
+        if key is None or key not in self.pending:
             return False
         outcome = run_inline(self.runner, self.unique[key], self.owner, self.mailbox, self.frame)
         self._settle(outcome)
