@@ -114,6 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="timed runs per scenario of the inline, fib, bogosity and fanout suites (default 7)",
     )
     p.add_argument("--skip-gevent", action="store_true", help="leave out the bogosity suite's gevent line")
+    p.add_argument(
+        "--wide-max",
+        type=int,
+        default=10_000,
+        help="largest fan-out of the fanout-wide suite (default 10000; 100000 takes minutes)",
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = p.parse_args(argv)
     for name in ("hits", "cold", "rounds", "concurrency", "runs"):

@@ -3,7 +3,8 @@
 ``bogosity`` is the seed post's function written for Dask: a task requests its sub-requests with
 ``worker_client()`` (the worker thread secedes from the pool while it waits and rejoins, waiting
 for a free slot, before it sleeps), submitted with ``pure=True`` so identical sub-requests made
-by different tasks share one key and run once, as girder's do. ``DaskPeer`` runs it on a
+by different tasks share one key and run once, as girder's do; ``wide_parent`` is the wide
+fan-out suite's parent, submitting its ``n`` children the same way. ``DaskPeer`` runs it on a
 ``LocalCluster`` of worker processes on 127.0.0.1, the client submitting the top-level jobs.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from distributed import Client, LocalCluster, get_worker, worker_client
 
-__all__ = ["DaskPeer", "bogosity"]
+__all__ = ["DaskPeer", "bogosity", "wide_parent"]
 
 
 def bogosity(msec: int, jobnum: int, reclevel: int, numrecjobs: int, args: Any) -> str:
@@ -29,6 +30,18 @@ def bogosity(msec: int, jobnum: int, reclevel: int, numrecjobs: int, args: Any) 
     time.sleep(msec / 1000)  # after rejoining: it holds one of the worker's thread slots
     node = get_worker().name
     return f"Bogosity:{node}:{jobnum}:{msec}:{reclevel}:{args}:[{','.join(values)}]"
+
+
+def leaf(salt: str, i: int) -> int:
+    return i
+
+
+def wide_parent(n: int, salt: str) -> int:
+    """The wide fan-out on Dask: one task submitting ``n`` trivial children from inside itself
+    (``worker_client``: it secedes while it waits) and gathering them."""
+    with worker_client() as client:
+        futures = [client.submit(leaf, salt, i, pure=True) for i in range(n)]
+        return sum(client.gather(futures))
 
 
 class DaskPeer:
@@ -57,6 +70,10 @@ class DaskPeer:
         values = self.client.gather(futures)
         del futures
         return values
+
+    def wide(self, n: int, salt: str) -> int:
+        """One ``wide_parent(n, salt)`` submitted from the client; its value."""
+        return self.client.submit(wide_parent, n, salt, pure=True).result()
 
     def close(self) -> None:
         """Stop the client and the cluster (again: a no-op)."""

@@ -9,7 +9,10 @@ identical workers for it.
 - ``inline``: the cost of one inline sub-request, from a parent requesting 1,000 children;
 - ``fib``: memoized fib(500) as recursive sub-requests, from cold;
 - ``bogosity``: the seed post's recursive workload on two nodes, against its ideal time and
-  against Dask distributed running the same workload (and, extra, on gevent nodes).
+  against Dask distributed running the same workload (and, extra, on gevent nodes);
+- ``fanout``: one request fanning out to children of 20 ms on 1, 2 and 4 nodes;
+- ``fanout-wide``: one request fanning out to 1,000 .. 100,000 trivial children on two nodes,
+  per child and its growth with N, against a stock Celery group and Dask distributed.
 """
 
 from __future__ import annotations
@@ -582,3 +585,124 @@ def fanout(grid: Grid, options: argparse.Namespace) -> Plan:
         "where the other nodes volunteer"
     ]
     return plan
+
+
+# -- wide fan-outs ----------------------------------------------------------------------------------
+
+#: Fan-out sizes of the wide suite (``--wide-max`` caps them; 100,000 takes minutes), its timed runs
+#: per size (fewer for the big ones), and the targets of the wide fan-out issue: per-child cost at the
+#: largest size within 1.3x of 1,000's, and no more than stock Celery's per task.
+WIDE_SIZES = (1_000, 10_000, 100_000)
+WIDE_GROWTH_TARGET = 1.3
+WIDE_STOCK_TARGET = 1.0
+
+
+def _wide_runs(n: int, runs: int) -> int:
+    return max(1, runs if n <= 1_000 else runs // 3 if n <= 10_000 else 1)
+
+
+@suite(
+    "fanout-wide",
+    "one request fanning out to 1,000, 10,000 (and, with --wide-max 100000, 100,000) trivial children on two "
+    "nodes, vs a stock Celery group of as many tasks and Dask distributed",
+    nodes=2,
+)
+def fanout_wide(grid: Grid, options: argparse.Namespace) -> Plan:
+    """Per-child cost as N grows: girder's waiting parent, the store's scripts and the hoister."""
+    from celery import group
+
+    m = grid.app_module
+    sizes = [n for n in WIDE_SIZES if n <= options.wide_max]
+    salts = _salts("wide")
+    nodes = len(grid.workers)
+    per_node = _executors_per_node(options.pool, options.concurrency)
+    notes = [
+        "girder: wide_parent.call(N, salt) from the client; the parent, on whichever node takes it, requests "
+        "its N distinct children at once with girder.requests and sums them (run inline there, or hoisted to "
+        "the pool for the other node)",
+        "stock: group(plain_inc.s(i) for i < N)().get() from the client: N plain tasks on the same nodes",
+        "per child = median wall time / N; growth = per child at N / per child at 1,000",
+    ]
+
+    def girder_step(n: int):
+        def step() -> int:
+            return m.girder.request(m.wide_parent.s(n, next(salts)), timeout=max(TIMEOUT, n * 0.01))
+
+        return step
+
+    def stock_step(n: int):
+        def step() -> list[int]:
+            return group(m.plain_inc.s(i) for i in range(n))().get(timeout=max(TIMEOUT, n * 0.01))
+
+        return step
+
+    def sum_check(n: int):
+        return lambda value: _check(value, n * (n - 1) // 2, f"sum of {n} children")
+
+    def stock_check(n: int):
+        return lambda values: _check(len(values), n, f"stock group of {n}")
+
+    scenarios: list[Scenario] = []
+    for n in sizes:
+        runs = _wide_runs(n, options.runs)
+        scenarios.append(Scenario(f"girder, N={n:,}", runs, girder_step(n), warmup=0 if n > 1_000 else 1,
+                                  check=sum_check(n), note=f"wide_parent.call({n}, salt)"))  # fmt: skip
+        scenarios.append(Scenario(f"stock, N={n:,}", runs, stock_step(n), warmup=0 if n > 1_000 else 1,
+                                  check=stock_check(n), note=f"group of {n} plain_inc"))  # fmt: skip
+        scenarios[-2].baseline = scenarios[-1].name
+
+    peer = None
+    try:
+        from .daskpeer import DaskPeer
+    except ImportError as exc:
+        notes.append(f"Dask distributed not installed ({exc}): no peer run (pip install 'girder-celery[bench]')")
+    else:
+        try:
+            peer = DaskPeer(nodes, per_node)
+        except Exception as exc:
+            notes.append(f"Dask LocalCluster failed to start ({type(exc).__name__}: {exc}): no peer run")
+    if peer is not None:
+        print(
+            f"  peer: Dask distributed {peer.version}, LocalCluster(n_workers={nodes}, threads_per_worker={per_node}, "
+            "processes=True); the parent submits its children with worker_client(), pure=True keys"
+        )
+        for n in sizes:
+
+            def dask_step(n: int = n) -> int:
+                return peer.wide(n, next(salts))
+
+            scenarios.append(Scenario(f"dask, N={n:,}", _wide_runs(n, options.runs), dask_step,
+                                      warmup=0 if n > 1_000 else 1, check=sum_check(n),
+                                      note=f"client.submit(wide_parent, {n}, salt)"))  # fmt: skip
+
+    def close_peer() -> None:
+        if peer is not None:
+            peer.close()
+
+    def derive(results: dict[str, Result]) -> list[Figure]:
+        figures = []
+        first = sizes[0]
+        for who in ("girder", "stock", "dask"):
+            if f"{who}, N={first:,}" not in results:
+                continue
+            base = results[f"{who}, N={first:,}"].median_ms / first
+            for n in sizes:
+                per = results[f"{who}, N={n:,}"].median_ms / n
+                figures.append(Figure(f"{who}: per child, N={n:,}", per, "ms", note=f"median / {n:,}"))
+                if n != first:
+                    figures.append(Figure(
+                        f"{who}: growth, N={n:,}", per / base, "x",
+                        target=WIDE_GROWTH_TARGET if who == "girder" and n == sizes[-1] else None,
+                        note=f"per child at {n:,} / at {first:,}",
+                    ))  # fmt: skip
+        for n in sizes:
+            ratio = results[f"girder, N={n:,}"].median_ms / results[f"stock, N={n:,}"].median_ms
+            figures.append(Figure(f"girder / stock, N={n:,}", ratio, "x", target=WIDE_STOCK_TARGET,
+                                  note="per child over stock Celery's per task, same nodes"))  # fmt: skip
+            if f"dask, N={n:,}" in results:
+                ratio = results[f"girder, N={n:,}"].median_ms / results[f"dask, N={n:,}"].median_ms
+                figures.append(Figure(f"girder / dask, N={n:,}", ratio, "x", note="same number of processes"))
+        return figures
+
+    rounds = max(s.n for s in scenarios)
+    return Plan(scenarios, rounds=rounds, derive=derive, notes=notes, close=close_peer)
