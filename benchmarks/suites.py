@@ -316,6 +316,26 @@ def _dask_node(name: str) -> str:
     return f"worker{name}"
 
 
+def _dask_peer(nodes: int, per_node: int, notes: list[str], how: str):
+    """A ``DaskPeer`` of ``nodes`` processes x ``per_node`` threads, printed with ``how`` its tasks
+    request others; None, with a note saying why, when Dask is not installed or does not start."""
+    try:
+        from .daskpeer import DaskPeer
+    except ImportError as exc:
+        notes.append(f"Dask distributed not installed ({exc}): no peer run (pip install 'girder-celery[bench]')")
+        return None
+    try:
+        peer = DaskPeer(nodes, per_node)
+    except Exception as exc:
+        notes.append(f"Dask LocalCluster failed to start ({type(exc).__name__}: {exc}): no peer run")
+        return None
+    print(
+        f"  peer: Dask distributed {peer.version}, LocalCluster(n_workers={nodes}, threads_per_worker={per_node}, "
+        f"processes=True, host=127.0.0.1, dashboard off); {how}"
+    )
+    return peer
+
+
 @suite(
     "bogosity",
     "the seed's bogosity(20, j, 3, 5, salt) for j < 10, at once, on two nodes; ideal time; vs Dask distributed",
@@ -372,21 +392,8 @@ def bogosity(grid: Grid, options: argparse.Namespace) -> Plan:
     girder_name = f"girder, {options.pool} x{per_node}" if per_node > 1 else f"girder, {options.pool}"
     scenarios = [girder_scenario(girder_name, m, girder_check, "girder", "girder.requests([...]) from the client")]
 
-    peer = None
-    try:
-        from .daskpeer import DaskPeer
-    except ImportError as exc:
-        notes.append(f"Dask distributed not installed ({exc}): no peer run (pip install 'girder-celery[bench]')")
-    else:
-        try:
-            peer = DaskPeer(nodes, per_node)
-        except Exception as exc:
-            notes.append(f"Dask LocalCluster failed to start ({type(exc).__name__}: {exc}): no peer run")
+    peer = _dask_peer(nodes, per_node, notes, "sub-requests by worker_client(), pure=True keys")
     if peer is not None:
-        print(
-            f"  peer: Dask distributed {peer.version}, LocalCluster(n_workers={nodes}, threads_per_worker={per_node}, "
-            "processes=True, host=127.0.0.1, dashboard off); sub-requests by worker_client(), pure=True keys"
-        )
 
         def dask_step() -> tuple[list[str], str]:
             salt = next(salts)
@@ -651,21 +658,8 @@ def fanout_wide(grid: Grid, options: argparse.Namespace) -> Plan:
                                   check=stock_check(n), note=f"group of {n} plain_inc"))  # fmt: skip
         scenarios[-2].baseline = scenarios[-1].name
 
-    peer = None
-    try:
-        from .daskpeer import DaskPeer
-    except ImportError as exc:
-        notes.append(f"Dask distributed not installed ({exc}): no peer run (pip install 'girder-celery[bench]')")
-    else:
-        try:
-            peer = DaskPeer(nodes, per_node)
-        except Exception as exc:
-            notes.append(f"Dask LocalCluster failed to start ({type(exc).__name__}: {exc}): no peer run")
+    peer = _dask_peer(nodes, per_node, notes, "the parent submits its children with worker_client(), pure=True keys")
     if peer is not None:
-        print(
-            f"  peer: Dask distributed {peer.version}, LocalCluster(n_workers={nodes}, threads_per_worker={per_node}, "
-            "processes=True); the parent submits its children with worker_client(), pure=True keys"
-        )
         for n in sizes:
 
             def dask_step(n: int = n) -> int:
