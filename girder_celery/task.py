@@ -140,20 +140,23 @@ class GirderTask(celery.Task):
             runtime.mirror.forget(self.backend, request.key)
             with runtime.offers.offering(request):
                 return super().apply_async(args, kwargs, request.key, producer, link, link_error, shadow, **options)
-        # A settled request's outcome is stored again, over whatever copy the backend holds (an
-        # older value, or none after result_expires), so AsyncResult(key) tells the store's.
-        if outcome.verdict is Verdict.DONE:
-            runtime.mirror.answer(self, request.key, outcome.value(request))
-        elif outcome.verdict is Verdict.FAILED or outcome.verdict is Verdict.CORRUPT:
-            error = outcome.error(request)
-            if error.exc_type == CORRUPT:  # the store's fault, not the request's: the caller hears of it
-                raise error
-            runtime.mirror.answer(self, request.key, error=error)
+        self._store_settled(request, outcome)
         if link or link_error or options.get("chain") or options.get("chord"):
             # Callbacks fire as a message is answered: this one's node answers it with the outcome
             # (settled, or when the run going on ends) instead of skipping it as a duplicate.
             return super().apply_async(args, kwargs, request.key, producer, link, link_error, shadow, **options)
         return self.AsyncResult(request.key)
+
+    def _store_settled(self, request: Request, outcome: Any) -> None:
+        # A settled request's outcome is stored again, over whatever copy the backend holds (an
+        # older value, or none after result_expires), so AsyncResult(key) tells the store's.
+        if outcome.verdict is Verdict.DONE:
+            self.runtime.mirror.answer(self, request.key, outcome.value(request))
+        elif outcome.verdict is Verdict.FAILED or outcome.verdict is Verdict.CORRUPT:
+            error = outcome.error(request)
+            if error.exc_type == CORRUPT:  # the store's fault, not the request's: the caller hears of it
+                raise error
+            self.runtime.mirror.answer(self, request.key, error=error)
 
     def apply(self, args=None, kwargs=None, link=None, link_error=None, task_id=None, **options):
         """Celery's local run; with ``task_always_eager``, a girder request run here and memoized
