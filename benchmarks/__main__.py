@@ -179,7 +179,8 @@ def run_suite(redis_server: RedisServer, broker: str, url: str, s, args: argpars
         flags = grid.shown_flags()
         print(f"\n[{broker}] suite {s.name}: {s.description}")
         print(f"  broker {_safe(url)}, backend redis db 2, state store redis db 0")
-        print(f"  {s.nodes} worker(s): celery -A benchmarks.benchapp worker {flags}")
+        if s.nodes:  # else the suite starts its own, and says how
+            print(f"  {s.nodes} worker(s): celery -A benchmarks.benchapp worker {flags}")
         t0 = time.monotonic()
         plan = s.build(grid, args)
         if not isinstance(plan, Plan):

@@ -14,6 +14,7 @@ suite uses distinct requests and nothing is memoized from an earlier run.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -27,12 +28,15 @@ BACKEND = os.environ.get("GIRDER_BENCH_BACKEND", "redis://127.0.0.1:6379/2")
 STORE = os.environ.get("GIRDER_BENCH_STORE", "redis://127.0.0.1:6379/0")
 QUEUE = os.environ.get("GIRDER_BENCH_QUEUE", "girder-bench")
 PREFIX = os.environ.get("GIRDER_BENCH_PREFIX", "girder-bench")
+#: The pool tree (``girder_pools``) of the many-node suite, as JSON; none elsewhere.
+POOLS = json.loads(os.environ.get("GIRDER_BENCH_POOLS", "{}"))
 
 app = Celery("benchapp", broker=BROKER, backend=BACKEND)
 app.conf.update(
     task_default_queue=QUEUE,
     girder_url=STORE,
     girder_key_prefix=PREFIX,
+    girder_pools=POOLS,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
 )

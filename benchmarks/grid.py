@@ -12,7 +12,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from girder_celery.testing import QUIET_FLAGS, CeleryWorker, LocalGrid, RedisServer
+from girder_celery.testing import QUIET_FLAGS, CeleryWorker, LocalGrid, RedisServer, delete_amqp_queue
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +42,8 @@ class Grid(LocalGrid):
         self.broker = broker
         self.pool = pool
         self.concurrency = concurrency
+        #: Queues a suite declared besides ``queue`` (pools of a tree), deleted with it on RabbitMQ.
+        self.extra_queues: list[str] = []
         self.load_app()
 
     def start_nodes(self, count: int, python_args: tuple[str, ...] = ()) -> list[CeleryWorker]:
@@ -56,6 +58,9 @@ class Grid(LocalGrid):
         return " ".join(self.worker_flags(self.pool, self.concurrency)).replace(self.queue, "<queue>")
 
     def close(self) -> None:
-        why = super().close()
-        if why:
-            print(f"  (could not delete RabbitMQ queue {self.queue}: {why})", file=sys.stderr)
+        whys = [(self.queue, super().close())]
+        if self.broker == "amqp":
+            whys += [(queue, delete_amqp_queue(queue, self.broker_url)) for queue in self.extra_queues]
+        for queue, why in whys:
+            if why:
+                print(f"  (could not delete RabbitMQ queue {queue}: {why})", file=sys.stderr)

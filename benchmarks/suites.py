@@ -12,19 +12,26 @@ identical workers for it.
   against Dask distributed running the same workload (and, extra, on gevent nodes);
 - ``fanout``: one request fanning out to children of 20 ms on 1, 2 and 4 nodes;
 - ``fanout-wide``: one request fanning out to 1,000 .. 100,000 trivial children on two nodes,
-  per child and its growth with N, against a stock Celery group and Dask distributed.
+  per child and its growth with N, against a stock Celery group and Dask distributed;
+- ``tree``: twelve nodes in a two-level pool tree: a fan-out of 2,000 children of 50 ms and a
+  scaled-up bogosity, against their ideal makespans, where children ran, commands per request.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import json
 import math
+import os
 import re
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 
 from .dag import bogosity_dag, critical_path, level_formula, optimal_slots
@@ -281,14 +288,15 @@ def _bogosity_expected(msec: int, jobnum: int, reclevel: int, args: str) -> str:
 class BogosityCheck:
     """Checks a run's values and tallies where each distinct request ran."""
 
-    def __init__(self, distinct: int, label: Callable[[str], str]) -> None:
+    def __init__(self, distinct: int, label: Callable[[str], str], params: dict[str, int] = BOGOSITY) -> None:
         self.distinct = distinct
         self.label = label
+        self.params = params
         self.per_node: Counter[str] = Counter()
         self.runs = 0
 
     def __call__(self, values: list[str], salt: str, who: str) -> None:
-        p = BOGOSITY
+        p = self.params
         want = [_bogosity_expected(p["msec"], j, p["reclevel"], salt) for j in range(p["jobs"])]
         got = [_BOGOSITY_RE.sub(lambda mt: f"Bogosity:N:{mt[2]}:{p['msec']}:{mt[3]}:", v) for v in values]
         _check(got, want, f"{who} bogosity (node names replaced by N)")
@@ -298,7 +306,7 @@ class BogosityCheck:
                 ran.setdefault((reclevel, jobnum), set()).add(node)
         twice = {k: v for k, v in ran.items() if len(v) > 1}
         if twice or len(ran) != self.distinct:
-            raise AssertionError(f"{who}: {len(ran)} distinct requests, expected {self.distinct}; on 2 nodes: {twice}")
+            raise AssertionError(f"{who}: {len(ran)} distinct requests, expected {self.distinct}; run twice: {twice}")
         self.per_node.update(self.label(next(iter(nodes))) for nodes in ran.values())
         self.runs += 1
 
@@ -700,3 +708,222 @@ def fanout_wide(grid: Grid, options: argparse.Namespace) -> Plan:
 
     rounds = max(s.n for s in scenarios)
     return Plan(scenarios, rounds=rounds, derive=derive, notes=notes, close=close_peer)
+
+
+# -- many nodes in a pool tree ----------------------------------------------------------------------
+
+#: The tree suite's grid: ``pools`` pools of ``per_pool`` nodes under the root pool (the grid's
+#: queue); its fan-out, and its bogosity (the seed's workload with more jobs and one level more).
+TREE = {"pools": 4, "per_pool": 3, "children": 2000, "msec": 50}
+TREE_BOGOSITY = {"msec": 50, "jobs": 120, "reclevel": 4, "numrecjobs": 5}
+
+
+def _command_calls(client) -> tuple[Counter[str], int]:
+    """Calls per command since the server started, and the microseconds Redis spent in them
+    (``INFO commandstats``; a script's own calls count both under EVALSHA and under their names)."""
+    stats = client.info("commandstats")
+    return Counter({name.removeprefix("cmdstat_"): v["calls"] for name, v in stats.items()}), sum(
+        v["usec"] for name, v in stats.items() if name != "cmdstat_evalsha"
+    )
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of processes and their children (a prefork pool's), from ``/proc``."""
+    tick, total, todo, seen = os.sysconf("SC_CLK_TCK"), 0, list(pids), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return total / tick
+
+
+class RunTally:
+    """Costs per request over the runs of one scenario (``start`` in the timed step, ``stop`` in
+    its untimed check): Redis commands (one server holds the state store, the result backend and
+    a Redis broker alike), Redis's time in them, and the CPU the workers and Redis used."""
+
+    def __init__(self, client, pids: Callable[[], list[int]], requests: int) -> None:
+        self.client, self.pids, self.requests = client, pids, requests
+        self.calls: Counter[str] = Counter()
+        self.usec = self.runs = 0
+        self.cpu = self.wall = 0.0
+        self._before: tuple[Counter[str], int, float, float] = (Counter(), 0, 0.0, 0.0)
+
+    def start(self) -> None:
+        calls, usec = _command_calls(self.client)
+        self._before = (calls, usec, _cpu_seconds(self.pids()), time.monotonic())
+
+    def stop(self) -> None:
+        calls, usec = _command_calls(self.client)
+        cpu, wall = _cpu_seconds(self.pids()), time.monotonic()
+        delta = calls - self._before[0]
+        delta.pop("info", None)  # the tally's own
+        self.calls += delta
+        self.usec += usec - self._before[1]
+        self.cpu += cpu - self._before[2]
+        self.wall += wall - self._before[3]
+        self.runs += 1
+
+    def figures(self, who: str) -> list[Figure]:
+        per = self.runs * self.requests
+        if not per:
+            return []
+        top = ", ".join(f"{name} {n / per:.2f}" for name, n in self.calls.most_common(6))
+        commands = sum(n for name, n in self.calls.items() if name != "evalsha")
+        cores = os.cpu_count() or 1
+        return [
+            Figure(f"{who}: Redis commands per request", commands / per, "x",
+                   note=f"over {self.runs} runs of {self.requests:,} requests, a script's calls counted; most: {top}"),
+            Figure(f"{who}: store scripts per request", self.calls["evalsha"] / per, "x",
+                   note="EVALSHA (submit, claim, complete, hoist, ...)"),
+            Figure(f"{who}: Redis time per request", self.usec / per / 1000, "ms",
+                   note="INFO commandstats usec, inside commands only (not I/O)"),
+            Figure(f"{who}: CPU per request", self.cpu / per * 1000, "ms",
+                   note="user + system of the workers and redis-server"),
+            Figure(f"{who}: CPU busy", self.cpu / self.wall / cores, "%",
+                   note=f"workers' and redis-server's CPU / (wall x {cores} cores); the client's not counted"),
+        ]  # fmt: skip
+
+
+def _start_tree(grid: Grid, options: argparse.Namespace) -> dict[str, int]:
+    """Start the tree's nodes, each pool's side by side: node hostname -> its pool's index."""
+    pools = [f"{grid.queue}.pool{i}" for i in range(TREE["pools"])]
+    grid.env["GIRDER_BENCH_POOLS"] = json.dumps({grid.queue: None, **dict.fromkeys(pools, grid.queue)})
+    grid.extra_queues = pools
+    pool_of: dict[str, int] = {}
+    for i, pool in enumerate(pools):
+        names = [f"p{i}n{j}" for j in range(TREE["per_pool"])]
+        for w in grid.start_workers(names, options.pool, options.concurrency, "--girder-pool", pool, timeout=180):
+            pool_of[w.hostname] = i
+    return pool_of
+
+
+@suite(
+    "tree",
+    f"{TREE['pools'] * TREE['per_pool']} nodes of -c 1, {TREE['pools']} pools of {TREE['per_pool']} under a root "
+    f"pool: a fan-out of {TREE['children']:,} children of {TREE['msec']} ms and a scaled-up bogosity",
+    nodes=0,
+)
+def tree(grid: Grid, options: argparse.Namespace) -> Plan:
+    """Where parallel efficiency goes as nodes are added: hoisting up two tiers, commands per request."""
+    import redis
+    from celery import group
+
+    m = grid.app_module
+    pool_of = _start_tree(grid, options)
+    nodes = len(pool_of)
+    per_node = _executors_per_node(options.pool, options.concurrency)
+    executors = nodes * per_node
+    n, msec = TREE["children"], TREE["msec"]
+    b = TREE_BOGOSITY
+    dag = bogosity_dag(b["jobs"], b["reclevel"])
+    levels, slots = level_formula(dag, executors)
+    fan_ideal, bog_ideal = n * msec / executors, slots * b["msec"]
+    jobs_ideal = math.ceil(b["jobs"] / executors) * b["msec"]
+    client = redis.Redis.from_url(grid.redis_server.url(0))
+
+    def pids() -> list[int]:
+        return [w.proc.pid for w in grid.workers if w.proc] + [grid.redis_server.proc.pid]
+
+    fan_tally, stock_tally, bog_tally = (RunTally(client, pids, k) for k in (n + 1, n, len(dag)))
+    placed: list[tuple[float, float, float]] = []
+    salts = _salts("tree")
+    notes = [
+        f"tree: root pool <queue>, pools <queue>.pool0..{TREE['pools'] - 1} of {TREE['per_pool']} nodes each "
+        f"(--girder-pool), girder_pools = {{pool: root}}; {nodes} nodes, {executors} executors; "
+        f"flags: {grid.shown_flags()} --girder-pool <pool>",
+        f"fan-out: fan_parent.call({n}, {msec}, salt) to the root pool: its node runs children inline, its hoister "
+        "copies offers waiting over girder_hoist_after to its pool, the pool's hoisters copy on to the root pool; "
+        f"ideal = {n} x {msec} ms / {executors} executors = {fan_ideal:g} ms (the parent's own time left out)",
+        f"stock: group(plain_sleep.s({msec}, i) for i < {n})().get(): the same sleeps as plain Celery tasks on the "
+        "root pool, the same nodes; same ideal",
+        f"bogosity: bogosity({b['msec']}, j, {b['reclevel']}, {b['numrecjobs']}, salt) for j < {b['jobs']}, at once: "
+        f"{len(dag)} distinct requests; every level needs all of the level below, so levels run in turn and the "
+        f"ideal is {levels} = {slots} slots x {b['msec']} ms = {bog_ideal:g} ms",
+        f"stock jobs: {b['jobs']} plain tasks of {b['msec']} ms (delay each, then get), the bogosity's top level "
+        f"without its sub-requests: ideal ceil({b['jobs']}/{executors}) x {b['msec']} ms = {jobs_ideal:g} ms",
+        "per request: INFO commandstats and the CPU of the workers and redis-server (/proc) before and after each "
+        "run; one Redis server holds the state store, the result backend and (with --broker redis) the broker",
+    ]
+
+    def fan_step() -> dict:
+        fan_tally.start()
+        return m.fan_parent.call(n, msec, next(salts))
+
+    def fan_check(value: dict) -> None:
+        fan_tally.stop()
+        _check(len(value["children"]), n, "children answered")
+        parent, home = value["parent"], pool_of[value["parent"]]
+        same = sum(c == parent for c in value["children"])
+        pool = sum(c != parent and pool_of[c] == home for c in value["children"])
+        placed.append((same / n, pool / n, (n - same - pool) / n))
+
+    def stock_step() -> list[str]:
+        stock_tally.start()
+        return group(m.plain_sleep.s(msec, i) for i in range(n))().get(timeout=TIMEOUT * 4)
+
+    def stock_check(values: list[int]) -> None:
+        stock_tally.stop()
+        _check(values, list(range(n)), "stock plain_sleep")
+
+    bog_check = BogosityCheck(len(dag), _girder_node, b)
+
+    def bog_step() -> tuple[list[str], str]:
+        salt = next(salts)
+        bog_tally.start()
+        sigs = [m.bogosity.s(b["msec"], j, b["reclevel"], b["numrecjobs"], salt) for j in range(b["jobs"])]
+        return m.girder.requests(sigs, timeout=TIMEOUT * 4), salt
+
+    def bog_checked(answer: tuple[list[str], str]) -> None:
+        bog_tally.stop()
+        bog_check(*answer, "girder")
+
+    def stock_jobs() -> list[int]:
+        return [r.get(timeout=TIMEOUT) for r in [m.plain_sleep.delay(b["msec"], j) for j in range(b["jobs"])]]
+
+    def stock_jobs_check(values: list[int]) -> None:
+        _check(values, list(range(b["jobs"])), "stock plain_sleep")
+
+    scenarios = [
+        Scenario("girder fan-out", options.runs, fan_step, warmup=1, check=fan_check, baseline="stock fan-out",
+                 note=f"fan_parent.call({n}, {msec}, salt)"),
+        Scenario("stock fan-out", options.runs, stock_step, warmup=1, check=stock_check,
+                 note=f"group of {n} plain_sleep({msec})"),
+        Scenario("girder bogosity", options.runs, bog_step, warmup=1, check=bog_checked,
+                 note=f"girder.requests([... {b['jobs']} jobs])"),
+        Scenario("stock jobs", options.runs, stock_jobs, warmup=1, check=stock_jobs_check,
+                 note=f"{b['jobs']} x plain_sleep.delay({b['msec']}), get"),
+    ]  # fmt: skip
+
+    def derive(results: dict[str, Result]) -> list[Figure]:
+        names = ("girder fan-out", "stock fan-out", "girder bogosity", "stock jobs")
+        fan, stock, bog, jobs = (results[name].median_ms for name in names)
+        timed = sorted(placed[1:] or placed)  # the warm-up's left out where there are timed runs
+        mid = timed[len(timed) // 2]
+        per_pool = Counter(f"pool{pool_of[h]}" for h in pool_of)
+        figures = [
+            Figure("fan-out: parallel efficiency", fan_ideal / fan, "%", target=EFFICIENCY_TARGET,
+                   higher_is_better=True, note=f"ideal {fan_ideal:g} / median {fan:.1f} ms"),
+            Figure("stock fan-out: parallel efficiency", fan_ideal / stock, "%", higher_is_better=True,
+                   note=f"ideal {fan_ideal:g} / median {stock:.1f} ms"),
+            Figure("fan-out: children on the parent's node", mid[0], "%", note="the run of median share, timed runs"),
+            Figure("fan-out: children on its pool's other nodes", mid[1], "%", note="same run"),
+            Figure("fan-out: children beyond its pool", mid[2], "%", note="same run, via the root pool"),
+            Figure("bogosity: parallel efficiency", bog_ideal / bog, "%", target=EFFICIENCY_TARGET,
+                   higher_is_better=True, note=f"ideal {bog_ideal:g} / median {bog:.1f} ms; {bog_check.split()}"),
+            Figure("stock jobs: parallel efficiency", jobs_ideal / jobs, "%", higher_is_better=True,
+                   note=f"ideal {jobs_ideal:g} / median {jobs:.1f} ms: what Celery's cost per message leaves"),
+            *fan_tally.figures("fan-out"),
+            *stock_tally.figures("stock fan-out"),
+            *bog_tally.figures("bogosity"),
+        ]  # fmt: skip
+        assert set(per_pool.values()) == {TREE["per_pool"]}
+        return figures
+
+    return Plan(scenarios, rounds=options.runs, derive=derive, notes=notes, close=client.close)

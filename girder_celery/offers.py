@@ -149,17 +149,15 @@ class Offers:
 
     def hoist(self, tiers: list[str]) -> None:
         """One pass up ``tiers`` (node queue, pool, ancestors): copy the offers that waited
-        longer than ``girder_hoist_after`` to the next tier. A Redis or broker error is logged
-        and the next pass tries again."""
-        after_ms = self.settings.hoist_after_ms
+        longer than ``girder_hoist_after`` to the nearest tier above that keeps up. A Redis or
+        broker error is logged and the next pass tries again."""
         try:
-            for source, destination in zip(tiers, [*tiers[1:], None]):
-                for key, name, payload in self.store.hoist(source, destination, after_ms):
-                    try:
-                        args, kwargs = decode_payload(payload)
-                    except Exception:  # a corrupt record must not cost the rest of the pass their copies
-                        logger.warning("girder: not hoisting %s[%s]: its payload does not decode", name, key)
-                        continue
-                    self.publish(name, key, args, kwargs, destination)
+            for queue, key, name, payload in self.store.hoist(tiers, self.settings.hoist_after_ms):
+                try:
+                    args, kwargs = decode_payload(payload)
+                except Exception:  # a corrupt record must not cost the rest of the pass their copies
+                    logger.warning("girder: not hoisting %s[%s]: its payload does not decode", name, key)
+                    continue
+                self.publish(name, key, args, kwargs, queue)
         except Exception:
             logger.warning("girder: hoisting failed; will retry", exc_info=True)

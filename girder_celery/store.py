@@ -28,7 +28,7 @@ A record answers each call with a ``Verdict`` (see there) and data; ``Outcome`` 
 | ``fail`` | fail.lua | not settled -> failed(error); waiters woken |
 | ``release`` | release.lua | running(owner) -> queued (Celery retries it) |
 | ``unoffer`` | unoffer.lua | queued, offered -> queued, never offered |
-| ``hoist`` | hoist.lua | queued on a queue -> queued there and on the next tier |
+| ``hoist`` | hoist.lua | queued on a tier -> queued there and on the nearest tier above that keeps up |
 | ``forget`` | forget.lua | done, failed, corrupt -> absent |
 
 "Lapsed" is running with an expired lease: its owner died, and anyone may take it over.
@@ -60,6 +60,17 @@ logger = logging.getLogger(__name__)
 MAILBOX_TTL_MS = 24 * 3600 * 1000
 #: How long a waiter, or a node holding an offer, rides out an unreachable store (seconds).
 RECONNECT_WINDOW = 30.0
+#: A hoisting pass moves at most ``HOIST_BATCH`` offers out of each tier, and passes over a tier
+#: holding ``HOIST_BACKLOG`` offers that waited longer than ``girder_hoist_after`` (not keeping
+#: up). The batch bounds a pass's script and the copies one pass can send to a tier that is about
+#: to fall behind; it is well above what a tier's consumers take per pass, so that the copies
+#: keep pace with a wide pool (issue 12: 16 starved the nine nodes of a root pool).
+HOIST_BATCH = 64
+HOIST_BACKLOG = 16
+#: Of a tier whose offers cannot move (the top, or no tier above keeps up), a pass looks at only
+#: the oldest few, to drop entries whose records were lost: a saturated grid's hoisters would
+#: otherwise read a batch of records per tier per pass, to move none of them.
+HOIST_PRUNE = 4
 
 
 class Verdict(str, Enum):
@@ -300,15 +311,16 @@ class StateStore:
         """Drop a settled request or a corrupt record: the state it had, ``absent`` or ``corrupt``."""
         return _verdict(self._scripts["forget"]((self.record_key(key),), ()))
 
-    def hoist(self, source: str, destination: str | None, after_ms: int, limit: int = 16) -> list[tuple[str, ...]]:
-        """Move up to ``limit`` offers queued on ``source`` for over ``after_ms`` to
-        ``destination``, unless ``limit`` offers wait that long there too (None at the top:
-        only drop stale entries): the ``(key, name, payload)`` to publish there."""
+    def hoist(self, tiers: list[str], after_ms: int) -> list[tuple[str, str, str, str]]:
+        """One pass up ``tiers`` (a node's queue, its pool, the pool's ancestors): move up to
+        ``HOIST_BATCH`` offers per tier, queued there for over ``after_ms``, to the nearest tier
+        above with fewer than ``HOIST_BACKLOG`` offers that waited as long (none: they stay), or
+        only drop stale entries at the top: the ``(queue, key, name, payload)`` to publish."""
         reply = self._scripts["hoist"](
-            (self.offers_key(source), self.offers_key(destination or source)),
-            (after_ms, self.record_key(""), destination or "", limit),
+            [self.offers_key(tier) for tier in tiers],
+            (after_ms, self.record_key(""), HOIST_BATCH, HOIST_BACKLOG, HOIST_PRUNE, *tiers),
         )
-        return [tuple(reply[i : i + 3]) for i in range(0, len(reply), 3)]
+        return [tuple(reply[i : i + 4]) for i in range(0, len(reply), 4)]
 
     def idle(self) -> None:
         """This thread is about to hop or end (see ``link.py``)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from girder_celery.store import MAILBOX_TTL_MS, Outcome, StateStore
+from girder_celery.store import HOIST_BACKLOG, HOIST_BATCH, HOIST_PRUNE, MAILBOX_TTL_MS, Outcome, StateStore
 from girder_celery.testing import RedisServer
 from tests.core_support import redis_now_ms, wait_redis_past
 from tests.harness import wait_until
@@ -482,3 +482,59 @@ def test_unregister_withdraws_a_waiter(store):
     store.unregister([key], box1)
     assert store.client.smembers(store.waiters_key(key)) == {box2}
     assert not store.client.exists(box1)
+
+
+# -- hoisting ---------------------------------------------------------------------------------------
+
+
+def queued_on(store: StateStore, queue: str, count: int, at_ms: int = 0) -> list[str]:
+    """``count`` queued requests offered on ``queue``, their offers dated ``at_ms`` (0: long due)."""
+    keys = [new_key() for _ in range(count)]
+    store.submit([item(k, pool=queue) for k in keys], "", HOUR)
+    store.client.zadd(store.offers_key(queue), dict.fromkeys(keys, at_ms))
+    return keys
+
+
+def test_hoist_copies_due_offers_to_the_tier_above_and_leaves_fresh_ones(store):
+    """An offer that waited longer than the hoist delay moves up one tier, recorded there with
+    the copy counted; one that has not waited that long stays."""
+    due, fresh = queued_on(store, "node", 2), queued_on(store, "node", 1, at_ms=redis_now_ms(store.client) + HOUR)
+    moved = store.hoist(["node", "pool", "root"], 100)
+    assert sorted(moved) == sorted(("pool", k, "t.add", "[[1,2],{}]") for k in due)
+    assert set(store.client.zrange(store.offers_key("pool"), 0, -1)) == set(due)
+    assert store.client.zrange(store.offers_key("node"), 0, -1) == fresh
+    assert [store.record(k)["offered_on"] for k in due] == ["pool", "pool"]
+    assert [store.record(k)["hoists"] for k in due] == ["1", "1"]
+
+
+def test_hoist_passes_over_a_tier_that_is_not_keeping_up(store):
+    """A pool with HOIST_BACKLOG offers of its own long due is not keeping up: a node's due
+    offers go straight to the tier above it, not behind them (one copy, not two)."""
+    backlog = queued_on(store, "pool", HOIST_BACKLOG)
+    due = queued_on(store, "node", 3)
+    moved = store.hoist(["node", "pool", "root"], 100)
+    assert {(queue, key) for queue, key, _, _ in moved if key in due} == {("root", k) for k in due}
+    assert set(due) <= set(store.client.zrange(store.offers_key("root"), 0, -1))
+    assert not set(due) & set(store.client.zrange(store.offers_key("pool"), 0, -1))
+    assert {key for _, key, _, _ in moved} == set(due) | set(backlog)  # the pool's own move up too
+
+
+def test_hoist_moves_nothing_when_no_tier_above_keeps_up_and_looks_only_at_the_oldest(store):
+    """With every tier above backlogged, nothing moves; the pass reads only the HOIST_PRUNE
+    oldest entries, dropping those whose records are gone, and leaves the rest."""
+    queued_on(store, "root", HOIST_BACKLOG)
+    lost = new_key()
+    store.client.zadd(store.offers_key("node"), {lost: 0})  # its record expired or was deleted
+    waiting = queued_on(store, "node", HOIST_PRUNE + 3, at_ms=1)
+    assert store.hoist(["node", "root"], 100) == []
+    assert set(store.client.zrange(store.offers_key("node"), 0, -1)) == set(waiting)
+    assert [store.record(k).get("hoists", "0") for k in waiting] == ["0"] * len(waiting)
+
+
+def test_hoist_moves_at_most_a_batch_per_tier_per_pass(store):
+    """One pass moves at most HOIST_BATCH offers out of a tier, oldest first."""
+    keys = queued_on(store, "node", HOIST_BATCH + 5)
+    store.client.zadd(store.offers_key("node"), {k: i for i, k in enumerate(keys)})
+    moved = store.hoist(["node", "pool"], 100)
+    assert [key for _, key, _, _ in moved] == keys[:HOIST_BATCH]
+    assert store.client.zrange(store.offers_key("node"), 0, -1) == keys[HOIST_BATCH:]
