@@ -35,7 +35,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .dag import bogosity_dag, critical_path, level_formula, optimal_slots
-from .grid import Grid
+from .grid import BACKEND_DB, STORE_DB, Grid
 from .runner import Figure, Plan, Result, Scenario
 
 __all__ = ["SUITES", "Suite", "suite"]
@@ -791,6 +791,34 @@ class RunTally:
         ]  # fmt: skip
 
 
+def _bytes_per_record(client, pattern: str, sample: int = 200) -> tuple[float, int]:
+    """Median ``MEMORY USAGE`` of up to ``sample`` keys matching ``pattern``, and how many matched."""
+    names = list(client.scan_iter(match=pattern, count=1000))
+    sizes = sorted(client.memory_usage(name, samples=0) or 0 for name in names[:sample])
+    return (sizes[len(sizes) // 2] if sizes else 0.0), len(names)
+
+
+def _memory_figures(grid: Grid) -> list[Figure]:
+    """Bytes per memoized request in the state store and in the result backend, and what else
+    the store holds once every request and its waiters are done."""
+    import redis
+
+    store, backend = (redis.Redis.from_url(grid.redis_server.url(db)) for db in (STORE_DB, BACKEND_DB))
+    try:
+        record, records = _bytes_per_record(store, f"{grid.key_prefix}:req:*")
+        meta, metas = _bytes_per_record(backend, "celery-task-meta-*")
+        other = store.dbsize() - records
+    finally:
+        store.close()
+        backend.close()
+    return [
+        Figure("store: bytes per memoized request", record, "x",
+               note=f"median MEMORY USAGE of a record, {records:,} records; {other} other keys in the store"),
+        Figure("result backend: bytes per request", meta, "x",
+               note=f"median MEMORY USAGE of celery-task-meta-*, {metas:,} keys (girder's mirror and stock's)"),
+    ]  # fmt: skip
+
+
 def _start_tree(grid: Grid, options: argparse.Namespace) -> dict[str, int]:
     """Start the tree's nodes, each pool's side by side: node hostname -> its pool's index."""
     pools = [f"{grid.queue}.pool{i}" for i in range(TREE["pools"])]
@@ -922,6 +950,7 @@ def tree(grid: Grid, options: argparse.Namespace) -> Plan:
             *fan_tally.figures("fan-out"),
             *stock_tally.figures("stock fan-out"),
             *bog_tally.figures("bogosity"),
+            *_memory_figures(grid),
         ]  # fmt: skip
         assert set(per_pool.values()) == {TREE["per_pool"]}
         return figures

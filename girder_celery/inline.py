@@ -20,7 +20,6 @@ limit is never raised, and each thread's C stack carries only a bounded slice of
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from typing import Any
@@ -47,13 +46,13 @@ class InlineWait(Wait):
     def __init__(
         self, runner: Runner, requests: list[Request], timeout: float | None, frame: Frame, requester: str | None = None
     ) -> None:
-        node_queue = runner.offers.node_queue(frame.node)
-        local = [r if r.pool else dataclasses.replace(r, pool=node_queue) for r in requests]
-        super().__init__(runner.offers, local, timeout)
+        super().__init__(runner.offers, requests, timeout)
+        #: Where sub-requests without a pool of their own are offered: this node's queue.
+        self.queue = runner.offers.node_queue(frame.node)
         # On a node whose only executor is this waiter, a message on its own queue could only
         # ever reach the waiter itself: the offer is recorded, not sent, and the hoister copies
         # it up to the pool if it waits longer than girder_hoist_after.
-        self.send_offers = runner.concurrency != 1 or any(r.pool != node_queue for r in local)
+        self.send_offers = runner.concurrency != 1 or any(r.pool and r.pool != self.queue for r in requests)
         self.runner = runner
         self.frame = frame
         #: The request these are sub-requests of: the frame's, or "" for a message's answer
@@ -70,15 +69,15 @@ class InlineWait(Wait):
 
     def _submit(self, requests: list[Request]) -> list[Outcome]:
         claimant = Claimant(requests[-1].key, self.owner, self.frame.node, self.lease_ms)
-        return self.offers.submit(
-            requests, self.mailbox, offer=self.send_offers, requester=self.requester, claimant=claimant
-        )
+        offer, requester, queue = self.send_offers, self.requester, self.queue
+        return self.offers.submit(requests, self.mailbox, offer, requester, claimant, queue=queue)
 
     def _resubmit(self, reoffer: bool) -> list[Outcome]:
         # Whatever became claimable again (an expired lease, a lost record, an offer dropped in
         # an outage) is run here, not offered: this executor is free for it right now.
         due = self._due(reoffer)
-        return self.offers.submit([self.unique[k] for k in due], self.mailbox, offer=False, requester=self.requester)
+        due_requests = [self.unique[k] for k in due]
+        return self.offers.submit(due_requests, self.mailbox, offer=False, requester=self.requester, queue=self.queue)
 
     def _before_block(self) -> None:
         self.runner.mirror.flush()  # no copy buffered here waits on this executor's block

@@ -282,7 +282,7 @@ def check_key(text: Any) -> str:
     return text
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Request:
     """A girder request ready to submit: the task, its key and its canonical payload, and the
     pool (queue) it is offered on when it is not the task's own."""

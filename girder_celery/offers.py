@@ -45,14 +45,16 @@ class Offers:
         requester: str = "",
         claimant: Claimant | None = None,
         reoffer: bool = False,
+        queue: str | None = None,
     ) -> list[Outcome]:
         """Submit to the store in one round trip; publish an offer for each new request.
 
         ``requester`` and ``claimant`` are for sub-requests (see ``StateStore.submit``);
-        ``reoffer`` offers again at once each request still queued, however recently offered.
+        ``reoffer`` offers again at once each request still queued, however recently offered;
+        ``queue`` is where requests without a pool of their own go (a waiter's node queue).
         """
         s = self.settings
-        queues = [self.queue_for(r) for r in requests]
+        queues = [queue if queue and not r.pool else self.queue_for(r) for r in requests]
         reoffer_after_ms = 0 if reoffer else s.reoffer_after_ms
         with self.store.reachable():
             items = [(r.key, r.payload, r.task.name, r.readable, q) for r, q in zip(requests, queues)]

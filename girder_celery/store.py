@@ -110,7 +110,7 @@ def _verdict(text: str) -> Verdict:
         raise GirderError(f"the state store answered an unknown verdict {text!r}") from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What the store answered for one request: a ``Verdict`` and its data."""
 
@@ -220,18 +220,18 @@ class StateStore:
         these) gets waits-for edges to each, and a cycle is answered ``cycle``; ``claimant``
         claims the request it names for an inline run. See ``lua/submit.lua``.
         """
-        script = self._scripts["submit"]
         waits, offers = self.edges_key(""), self.offers_key("")
         edges = self.edges_key(requester)
-        calls = []
-        for key, payload, name, readable, pool in items:
+
+        def call(key: str, payload: str, name: str, readable: str, pool: str) -> tuple[tuple, tuple]:
             claimer = claimant if claimant is not None and claimant.key == key else _NO_CLAIMANT
-            calls.append((
+            return (
                 (self.record_key(key), self.waiters_key(key), edges, offers + pool),
                 (payload, name, readable, pool, mailbox, reoffer_after_ms, key, requester, waits, edge_ttl_ms,
                  claimer.owner, claimer.node, claimer.lease_ms, offers),
-            ))  # fmt: skip
-        replies = self.link.call_many(script, calls)
+            )  # fmt: skip
+
+        replies = self.link.call_many(self._scripts["submit"], (call(*item) for item in items))
         return [Outcome(item[0], _verdict(v), d or "") for item, (v, d) in zip(items, replies)]
 
     def claim(self, key: str, owner: str, node: str, lease_ms: int, via: str = "") -> tuple[Verdict, str, int]:

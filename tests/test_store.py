@@ -538,3 +538,16 @@ def test_hoist_moves_at_most_a_batch_per_tier_per_pass(store):
     moved = store.hoist(["node", "pool"], 100)
     assert [key for _, key, _, _ in moved] == keys[:HOIST_BATCH]
     assert store.client.zrange(store.offers_key("node"), 0, -1) == keys[HOIST_BATCH:]
+
+
+def test_a_submit_wider_than_a_pipeline_chunk_answers_every_request_in_order(store):
+    """``call_many`` sends a wide submit CALL_CHUNK scripts at a time: every request is answered,
+    in order, and the connection is left clean for the next call."""
+    from girder_celery.link import CALL_CHUNK
+
+    keys = [new_key() for _ in range(2 * CALL_CHUNK + 7)]
+    outcomes = store.submit([item(k, pool="q") for k in keys], "", HOUR)
+    assert [o.key for o in outcomes] == keys
+    assert {o.verdict.value for o in outcomes} == {"offer"}
+    assert store.client.zcard(store.offers_key("q")) == len(keys)
+    assert submit(store, keys[-1])[0] == "queued"
