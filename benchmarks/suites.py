@@ -748,26 +748,29 @@ class RunTally:
     its untimed check): Redis commands (one server holds the state store, the result backend and
     a Redis broker alike), Redis's time in them, and the CPU the workers and Redis used."""
 
-    def __init__(self, client, pids: Callable[[], list[int]], requests: int) -> None:
-        self.client, self.pids, self.requests = client, pids, requests
+    def __init__(self, client, pids: Callable[[], list[int]], redis_pid: int, requests: int) -> None:
+        self.client, self.pids, self.redis_pid, self.requests = client, pids, redis_pid, requests
         self.calls: Counter[str] = Counter()
         self.usec = self.runs = 0
-        self.cpu = self.wall = 0.0
-        self._before: tuple[Counter[str], int, float, float] = (Counter(), 0, 0.0, 0.0)
+        self.cpu = self.redis_cpu = self.wall = 0.0
+        self._before: tuple[Counter[str], int, float, float, float] = (Counter(), 0, 0.0, 0.0, 0.0)
+
+    def _read(self) -> tuple[Counter[str], int, float, float, float]:
+        calls, usec = _command_calls(self.client)
+        return calls, usec, _cpu_seconds(self.pids()), _cpu_seconds([self.redis_pid]), time.monotonic()
 
     def start(self) -> None:
-        calls, usec = _command_calls(self.client)
-        self._before = (calls, usec, _cpu_seconds(self.pids()), time.monotonic())
+        self._before = self._read()
 
     def stop(self) -> None:
-        calls, usec = _command_calls(self.client)
-        cpu, wall = _cpu_seconds(self.pids()), time.monotonic()
+        calls, usec, cpu, redis_cpu, wall = self._read()
         delta = calls - self._before[0]
         delta.pop("info", None)  # the tally's own
         self.calls += delta
         self.usec += usec - self._before[1]
         self.cpu += cpu - self._before[2]
-        self.wall += wall - self._before[3]
+        self.redis_cpu += redis_cpu - self._before[3]
+        self.wall += wall - self._before[4]
         self.runs += 1
 
     def figures(self, who: str) -> list[Figure]:
@@ -778,14 +781,17 @@ class RunTally:
         commands = sum(n for name, n in self.calls.items() if name != "evalsha")
         cores = os.cpu_count() or 1
         return [
-            Figure(f"{who}: Redis commands per request", commands / per, "x",
+            Figure(f"{who}: Redis commands per request", commands / per, "commands",
                    note=f"over {self.runs} runs of {self.requests:,} requests, a script's calls counted; most: {top}"),
-            Figure(f"{who}: store scripts per request", self.calls["evalsha"] / per, "x",
+            Figure(f"{who}: store scripts per request", self.calls["evalsha"] / per, "scripts",
                    note="EVALSHA (submit, claim, complete, hoist, ...)"),
             Figure(f"{who}: Redis time per request", self.usec / per / 1000, "ms",
                    note="INFO commandstats usec, inside commands only (not I/O)"),
             Figure(f"{who}: CPU per request", self.cpu / per * 1000, "ms",
                    note="user + system of the workers and redis-server"),
+            Figure(f"{who}: redis-server CPU per request", self.redis_cpu / per * 1000, "ms",
+                   note=f"its I/O included: one such server serves at most {per / max(self.redis_cpu, 1e-9):,.0f} "
+                   "requests/s of this kind on a core like this one"),
             Figure(f"{who}: CPU busy", self.cpu / self.wall / cores, "%",
                    note=f"workers' and redis-server's CPU / (wall x {cores} cores); the client's not counted"),
         ]  # fmt: skip
@@ -807,14 +813,14 @@ def _memory_figures(grid: Grid) -> list[Figure]:
     try:
         record, records = _bytes_per_record(store, f"{grid.key_prefix}:req:*")
         meta, metas = _bytes_per_record(backend, "celery-task-meta-*")
-        other = store.dbsize() - records
+        other = sum(1 for _ in store.scan_iter(match=f"{grid.key_prefix}:*", count=1000)) - records
     finally:
         store.close()
         backend.close()
     return [
-        Figure("store: bytes per memoized request", record, "x",
-               note=f"median MEMORY USAGE of a record, {records:,} records; {other} other keys in the store"),
-        Figure("result backend: bytes per request", meta, "x",
+        Figure("store: bytes per memoized request", record, "B",
+               note=f"median MEMORY USAGE of a record, {records:,} records; {other} other keys of this grid's"),
+        Figure("result backend: bytes per request", meta, "B",
                note=f"median MEMORY USAGE of celery-task-meta-*, {metas:,} keys (girder's mirror and stock's)"),
     ]  # fmt: skip
 
@@ -856,10 +862,12 @@ def tree(grid: Grid, options: argparse.Namespace) -> Plan:
     jobs_ideal = math.ceil(b["jobs"] / executors) * b["msec"]
     client = redis.Redis.from_url(grid.redis_server.url(0))
 
-    def pids() -> list[int]:
-        return [w.proc.pid for w in grid.workers if w.proc] + [grid.redis_server.proc.pid]
+    redis_pid = grid.redis_server.proc.pid
 
-    fan_tally, stock_tally, bog_tally = (RunTally(client, pids, k) for k in (n + 1, n, len(dag)))
+    def pids() -> list[int]:
+        return [w.proc.pid for w in grid.workers if w.proc] + [redis_pid]
+
+    fan_tally, stock_tally, bog_tally = (RunTally(client, pids, redis_pid, k) for k in (n + 1, n, len(dag)))
     placed: list[tuple[float, float, float]] = []
     salts = _salts("tree")
     notes = [
