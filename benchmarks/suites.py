@@ -773,6 +773,17 @@ class RunTally:
         self.wall += wall - self._before[4]
         self.runs += 1
 
+    def idle_figures(self) -> list[Figure]:
+        """Per second of a grid with nothing to do: what its background loops cost the store."""
+        if not self.wall:
+            return []
+        top = "; ".join(f"{name} {n / self.wall:.0f}/s" for name, n in self.calls.most_common(4))
+        return [
+            Figure("idle grid: store scripts per second", self.calls["evalsha"] / self.wall, "scripts",
+                   note=f"over {self.wall:.1f} s; commands: {top}"),
+            Figure("idle grid: redis-server CPU", self.redis_cpu / self.wall, "%", note="of one core"),
+        ]  # fmt: skip
+
     def figures(self, who: str) -> list[Figure]:
         per = self.runs * self.requests
         if not per:
@@ -825,6 +836,10 @@ def _memory_figures(grid: Grid) -> list[Figure]:
     ]  # fmt: skip
 
 
+#: Seconds the tree suite watches its grid doing nothing, per run.
+IDLE_SECONDS = 5.0
+
+
 def _start_tree(grid: Grid, options: argparse.Namespace) -> dict[str, int]:
     """Start the tree's nodes, each pool's side by side: node hostname -> its pool's index."""
     pools = [f"{grid.queue}.pool{i}" for i in range(TREE["pools"])]
@@ -868,7 +883,9 @@ def tree(grid: Grid, options: argparse.Namespace) -> Plan:
         return [w.proc.pid for w in grid.workers if w.proc] + [redis_pid]
 
     fan_tally, stock_tally, bog_tally = (RunTally(client, pids, redis_pid, k) for k in (n + 1, n, len(dag)))
+    idle_tally = RunTally(client, pids, redis_pid, 1)
     placed: list[tuple[float, float, float]] = []
+    copies: list[float] = []  # hoisted copies per child, per run
     salts = _salts("tree")
     notes = [
         f"tree: root pool <queue>, pools <queue>.pool0..{TREE['pools'] - 1} of {TREE['per_pool']} nodes each "
@@ -888,17 +905,23 @@ def tree(grid: Grid, options: argparse.Namespace) -> Plan:
         "run; one Redis server holds the state store, the result backend and (with --broker redis) the broker",
     ]
 
-    def fan_step() -> dict:
+    def fan_step() -> tuple[dict, str]:
+        salt = next(salts)
         fan_tally.start()
-        return m.fan_parent.call(n, msec, next(salts))
+        return m.fan_parent.call(n, msec, salt), salt
 
-    def fan_check(value: dict) -> None:
+    def fan_check(answer: tuple[dict, str]) -> None:
         fan_tally.stop()
+        value, salt = answer
         _check(len(value["children"]), n, "children answered")
         parent, home = value["parent"], pool_of[value["parent"]]
         same = sum(c == parent for c in value["children"])
         pool = sum(c != parent and pool_of[c] == home for c in value["children"])
         placed.append((same / n, pool / n, (n - same - pool) / n))
+        pipe = client.pipeline(transaction=False)
+        for i in range(n):
+            pipe.hget(m.girder.store.record_key(m.girder.key_of(m.fan_child.s(msec, salt, i))), "hoists")
+        copies.append(sum(int(h or 0) for h in pipe.execute()) / n)
 
     def stock_step() -> list[str]:
         stock_tally.start()
@@ -920,6 +943,13 @@ def tree(grid: Grid, options: argparse.Namespace) -> Plan:
         bog_tally.stop()
         bog_check(*answer, "girder")
 
+    def idle_step() -> None:
+        idle_tally.start()
+        time.sleep(IDLE_SECONDS)  # what is measured is the idle grid's background work, not a wait for it
+
+    def idle_check(_: None) -> None:
+        idle_tally.stop()
+
     def stock_jobs() -> list[int]:
         return [r.get(timeout=TIMEOUT) for r in [m.plain_sleep.delay(b["msec"], j) for j in range(b["jobs"])]]
 
@@ -935,6 +965,8 @@ def tree(grid: Grid, options: argparse.Namespace) -> Plan:
                  note=f"girder.requests([... {b['jobs']} jobs])"),
         Scenario("stock jobs", options.runs, stock_jobs, warmup=1, check=stock_jobs_check,
                  note=f"{b['jobs']} x plain_sleep.delay({b['msec']}), get"),
+        Scenario("idle grid", options.runs, idle_step, warmup=0, check=idle_check,
+                 note=f"{IDLE_SECONDS:g} s with nothing to do: the hoisters' passes"),
     ]  # fmt: skip
 
     def derive(results: dict[str, Result]) -> list[Figure]:
@@ -951,6 +983,8 @@ def tree(grid: Grid, options: argparse.Namespace) -> Plan:
             Figure("fan-out: children on the parent's node", mid[0], "%", note="the run of median share, timed runs"),
             Figure("fan-out: children on its pool's other nodes", mid[1], "%", note="same run"),
             Figure("fan-out: children beyond its pool", mid[2], "%", note="same run, via the root pool"),
+            Figure("fan-out: hoisted copies per child", sorted(copies)[len(copies) // 2], "copies",
+                   note="median over runs of the records' hoists: broker messages beyond the offers"),
             Figure("bogosity: parallel efficiency", bog_ideal / bog, "%", target=EFFICIENCY_TARGET,
                    higher_is_better=True, note=f"ideal {bog_ideal:g} / median {bog:.1f} ms; {bog_check.split()}"),
             Figure("stock jobs: parallel efficiency", jobs_ideal / jobs, "%", higher_is_better=True,
@@ -958,6 +992,7 @@ def tree(grid: Grid, options: argparse.Namespace) -> Plan:
             *fan_tally.figures("fan-out"),
             *stock_tally.figures("stock fan-out"),
             *bog_tally.figures("bogosity"),
+            *idle_tally.idle_figures(),
             *_memory_figures(grid),
         ]  # fmt: skip
         assert set(per_pool.values()) == {TREE["per_pool"]}
