@@ -78,7 +78,9 @@ class InlineWait(Wait):
         # Whatever became claimable again (an expired lease, a lost record, an offer dropped in
         # an outage) is run here, not offered: this executor is free for it right now.
         due = self._due(reoffer)
-        return self.offers.submit([self.unique[k] for k in due], self.mailbox, offer=False, requester=self.requester)
+        return self.offers.submit(
+            [self.unique[k] for k in due], self.mailbox, offer=False, requester=self.requester, recheck=True
+        )
 
     def _before_block(self) -> None:
         self.runner.mirror.flush()  # no copy buffered here waits on this executor's block
