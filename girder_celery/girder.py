@@ -149,7 +149,8 @@ class Girder:
         ``request``, the ``created_at``/``offered_at``/``started_at``/``finished_at``
         timestamps (seconds since the epoch), and where it ran: ``placement`` (``inline`` in
         a waiter, ``local`` from the queue it was offered on, ``hoisted`` from a copy sent up
-        a tier), ``claimed_via`` (that queue) and ``hoists`` (copies made). A corrupt record
+        a tier), ``claimed_via`` (that queue), ``hoists`` (copies made) and ``parent`` (the
+        request it was first asked for by, or claimed inline by; None at top level). A corrupt record
         raises a ``GirderError`` naming the key and what is wrong. In eager mode
         (``task_always_eager``) it reports the in-process memo instead (placement ``eager``)."""
         key = self.key_of(sig_or_key)
@@ -265,7 +266,7 @@ def _describe(key: str, record: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {"key": key, "state": record.get("state", "absent")}
     if out["state"] not in _STATES:
         raise corrupt(key, f"its state is unknown: {out['state']:.64}", record.get("request"))
-    for field in ("request", "name", "owner", "node", "ran_by", "placement", "claimed_via"):
+    for field in ("request", "name", "owner", "node", "ran_by", "placement", "claimed_via", "parent"):
         out[field] = record.get(field) or None
     out["pool"] = record.get("pool") or None
     for field in ("attempts", "offers", "hoists"):

@@ -21,7 +21,7 @@ import pytest
 
 from girder_celery import GirderError
 from tests.conftest import IN_CI
-from tests.harness import Grid, wait_until
+from tests.harness import Grid, repointed, wait_until
 from tests.test_cli import ROOT, celery
 
 #: bogosity(msec, jobnum, reclevel, numrecjobs, salt): the seed's job, 1 ms of sleep per request.
@@ -60,9 +60,7 @@ def bogo(redis_server):
 
 @pytest.fixture
 def grid(bogo):
-    if os.environ.get("GIRDER_TEST_PREFIX") != bogo.key_prefix:
-        bogo.load_app()  # re-point tests.gridapp at this grid
-    return bogo
+    return repointed(bogo)
 
 
 def job_key(grid, level: int, job: int) -> str:
