@@ -17,8 +17,6 @@ code 2, an unreachable store or a corrupt record with 1.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ import click
 
 from . import graph as graphs
 from .errors import GirderError, GirderNoGraph
-from .render import to_dot, to_html
+from .render import to_dot, to_html, to_svg
 
 if TYPE_CHECKING:
     from .girder import Girder
@@ -137,30 +135,15 @@ def graph(ctx: click.Context, key: str, fmt: str, output: Path | None) -> None:
         text = json.dumps(drawn, indent=2) + "\n"
     elif fmt == "html":
         text = to_html(drawn)
+    elif fmt == "dot":
+        text = to_dot(drawn)
     else:
-        text = to_dot(drawn) if fmt == "dot" else _svg(to_dot(drawn))
+        text = _reachable(to_svg, drawn)
     if output is None:
         click.echo(text, nl=False)
     else:
         output.write_text(text)
         click.echo(f"wrote the graph of {key} ({len(drawn['nodes'])} requests) to {output}")
-
-
-def _svg(dot: str) -> str:
-    binary = shutil.which("dot")
-    if binary is None:
-        raise click.ClickException(
-            "--format svg needs Graphviz's dot, which is not on PATH: install Graphviz (Debian/Ubuntu: "
-            "apt-get install graphviz; macOS: brew install graphviz; others: https://graphviz.org/download/), "
-            "or write --format dot or --format html"
-        )
-    try:
-        done = subprocess.run([binary, "-Tsvg"], input=dot, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        raise click.ClickException("Graphviz's dot did not finish within 120 s") from None
-    if done.returncode != 0:
-        raise click.ClickException(f"Graphviz's dot failed (exit {done.returncode}): {done.stderr.strip()[:500]}")
-    return done.stdout
 
 
 @girder.command()

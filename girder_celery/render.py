@@ -1,9 +1,10 @@
-"""Pictures of a request's graph (``girder.graph``'s dict): Graphviz text, and one HTML page.
+"""Pictures of a request's graph (``girder.graph``'s dict): Graphviz text, SVG, one HTML page.
 
-``to_dot`` writes Graphviz's DOT language (``dot -Tsvg`` draws it); ``to_html`` one self-contained
-page, no network needed: ``page/graph.html`` with the graph's JSON in it, whose script lays the
-requests out by depth and draws them as SVG, coloured by state, with where and how each ran and
-how long it took, and a table of every request below. Neither needs anything but the dict.
+``to_dot`` writes Graphviz's DOT language and ``to_svg`` has Graphviz's ``dot`` draw it;
+``to_html`` writes one self-contained page, no network needed: ``page/graph.html`` with the
+graph's JSON in it, whose script lays the requests out by depth and draws them as SVG, coloured
+by state, with where and how each ran and how long it took, and a table of every request below.
+They need nothing but the dict (and SVG Graphviz).
 """
 
 from __future__ import annotations
@@ -11,9 +12,16 @@ from __future__ import annotations
 import html
 import importlib.resources
 import json
+import shutil
+import subprocess
 from typing import Any
 
-__all__ = ["to_dot", "to_html"]
+from .errors import GirderError
+
+__all__ = ["to_dot", "to_html", "to_svg"]
+
+#: Seconds Graphviz's ``dot`` may take to draw a graph.
+DOT_TIMEOUT = 120
 
 #: Fill colour of each state (and of a cached request), shared by both pictures.
 COLOURS = {
@@ -59,6 +67,27 @@ def to_dot(graph: dict[str, Any]) -> str:
         lines.append(f'  "{parent}" -> "{child}";')
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def to_svg(graph: dict[str, Any]) -> str:
+    """``to_dot`` drawn as SVG by Graphviz's ``dot``; a ``GirderError`` saying how to install
+    Graphviz when ``dot`` is not on PATH, or what went wrong when it fails."""
+    binary = shutil.which("dot")
+    if binary is None:
+        raise GirderError(
+            "drawing SVG needs Graphviz's dot, which is not on PATH: install Graphviz (Debian/Ubuntu: "
+            "apt-get install graphviz; macOS: brew install graphviz; others: https://graphviz.org/download/), "
+            "or write --format dot or --format html"
+        )
+    try:
+        done = subprocess.run(
+            [binary, "-Tsvg"], input=to_dot(graph), capture_output=True, text=True, timeout=DOT_TIMEOUT
+        )
+    except subprocess.TimeoutExpired:
+        raise GirderError(f"Graphviz's dot did not finish within {DOT_TIMEOUT} s") from None
+    if done.returncode != 0:
+        raise GirderError(f"Graphviz's dot failed (exit {done.returncode}): {done.stderr.strip()[:500]}")
+    return done.stdout
 
 
 def to_html(graph: dict[str, Any]) -> str:
