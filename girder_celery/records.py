@@ -10,14 +10,13 @@ blocked for long, each batch read in one pipelined round trip.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any
 
 import redis
 
 from .keys import key_of_payload
-from .store import StateStore, Verdict, int_field
+from .store import StateStore, Verdict, glob_escape, int_field
 
 __all__ = ["SCAN_BATCH", "active", "forget_task", "reset_stats", "stats"]
 
@@ -29,8 +28,8 @@ _ACTIVE = ("state", "request", "name", "node", "owner", "parent", "placement", "
 
 def record_keys(store: StateStore) -> Iterator[list[str]]:
     """The keys of the store's records, a ``SCAN`` batch at a time."""
-    head = f"{store.prefix}:req:"
-    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", head) + "*"
+    head = store.record_key("")
+    pattern = glob_escape(head) + "*"
     cursor = 0
     while True:
         cursor, found = store.client.scan(cursor, match=pattern, count=SCAN_BATCH)

@@ -57,7 +57,7 @@ from .errors import STORE_UNREACHABLE, GirderConnectionError, GirderError, corru
 from .keys import Request, decode_value
 from .link import Link
 
-__all__ = ["RECONNECT_WINDOW", "Claimant", "Outcome", "StateStore", "Verdict", "int_field"]
+__all__ = ["RECONNECT_WINDOW", "Claimant", "Outcome", "StateStore", "Verdict", "glob_escape", "int_field"]
 
 logger = logging.getLogger(__name__)
 
@@ -409,6 +409,11 @@ class _Reachable:
             raise unreachable(self.url, exc) from exc
         if issubclass(exc_type, (redis.exceptions.NoPermissionError, redis.exceptions.OutOfMemoryError)):
             raise refused(self.url, exc) from exc
+
+
+def glob_escape(text: str) -> str:
+    """``text`` matched literally by Redis's glob patterns (``SCAN MATCH``)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def int_field(text: str | None) -> int | None:
