@@ -56,6 +56,9 @@ def test_a_sub_request_records_its_edge_its_parent_and_the_requesters_count(stor
     assert store.client.hgetall(store.graph_key(root)) == {a: "r", b: "c"}
     assert store.record(root)["subs"] == "2"
     assert (store.record(a)["parent"], store.record(b)["parent"], store.record(root)["parent"]) == (root, "", "")
+    gone = key_of("t.gone")  # a requester whose record went: no record of "subs" alone is made
+    assert submit(store, key_of("t.f", "c"), requester=gone) == "offer"
+    assert store.record(gone) == {}
 
 
 def test_the_graph_is_kept_for_the_ttl_after_settling_and_dropped_by_forget_and_a_fresh_start(store):

@@ -62,8 +62,8 @@ local requester = ARGV[8]
 -- The edge requester -> request in the requester's graph: the first submit of it says how it was
 -- answered, "c" from the store, "r" otherwise (later re-checks change nothing).
 local function record_edge(how)
-  if requester ~= '' and redis.call('HSETNX', KEYS[5], ARGV[7], how) == 1 then
-    redis.call('HINCRBY', KEYS[6], 'subs', 1)
+  if requester ~= '' and redis.call('HSETNX', KEYS[5], ARGV[7], how) == 1 and redis.call('EXISTS', KEYS[6]) == 1 then
+    redis.call('HINCRBY', KEYS[6], 'subs', 1)  -- never a record of "subs" alone, if the requester's went
   end
 end
 
