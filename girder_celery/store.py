@@ -15,7 +15,7 @@ Keys, all under the prefix:
   waits for, which expires with its lease (a cycle is refused by walking them);
 - ``<prefix>:graph:<key>``: the sub-requests a request made, a hash ``child -> "r"`` (requested)
   or ``"c"`` (answered from the store), kept ``graph_ttl_ms`` after it settles (``graph.py``
-  reads it); the record's ``subs`` counts them, and each record names its ``parent``;
+  reads it); a settled record's ``subs`` counts them, and each record names its ``parent``;
 - ``<prefix>:stats``: per-task counters since a reset, a hash of ``runs:<name>``, ``ms:<name>``,
   ``failures:<name>``, ``hits:<name>`` and ``since`` (ms);
 - ``<prefix>:offers:<queue>``: the offers waiting on a queue, a zset of keys by offer time;
@@ -231,13 +231,13 @@ class StateStore:
         """
         script = self._scripts["submit"]
         waits, offers, graphs = self.edges_key(""), self.offers_key(""), self.graph_key("")
-        edges, graph, parent = self.edges_key(requester), self.graph_key(requester), self.record_key(requester)
+        edges, graph = self.edges_key(requester), self.graph_key(requester)
         hits = "" if recheck else "1"
         calls = []
         for key, payload, name, readable, pool in items:
             claimer = claimant if claimant is not None and claimant.key == key else _NO_CLAIMANT
             calls.append((
-                (self.record_key(key), self.waiters_key(key), edges, offers + pool, graph, parent, self.stats_key),
+                (self.record_key(key), self.waiters_key(key), edges, offers + pool, graph, self.stats_key),
                 (payload, name, readable, pool, mailbox, reoffer_after_ms, key, requester, waits, edge_ttl_ms,
                  claimer.owner, claimer.node, claimer.lease_ms, offers, graphs, hits),
             ))  # fmt: skip

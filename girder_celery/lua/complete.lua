@@ -1,7 +1,8 @@
 -- complete: store a request's value, then wake its waiters (invariants 1, 4).
 -- The value is written before any waiter is notified, and a done value is never overwritten:
 -- a duplicate or late completion changes nothing. The run is counted in the per-task stats, and
--- the request's graph (the sub-requests it made) is kept ARGV[7] ms from now.
+-- the request's graph (the sub-requests it made) is kept ARGV[7] ms from now; the record's "subs"
+-- says how many it made (so a graph that expires is told from none).
 --
 -- KEYS[1]  request record   <prefix>:req:<key>      hash
 -- KEYS[2]  waiter set       <prefix>:waiters:<key>  set of mailbox names
@@ -41,7 +42,9 @@ else
   redis.call('PERSIST', rec)
 end
 redis.call('DEL', KEYS[3])
-redis.call('PEXPIRE', KEYS[4], ARGV[7])
+if redis.call('PEXPIRE', KEYS[4], ARGV[7]) == 1 then
+  redis.call('HSET', rec, 'subs', redis.call('HLEN', KEYS[4]))
+end
 if f[3] then
   redis.call('HINCRBY', KEYS[5], 'runs:' .. f[3], 1)
   redis.call('HINCRBY', KEYS[5], 'ms:' .. f[3], now - (tonumber(f[4]) or now))

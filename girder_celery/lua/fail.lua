@@ -2,7 +2,8 @@
 -- Every waiter in flight hears of the failure. Unless memoized (the task's cache_errors), the
 -- failed record only informs girder.state(): the next submit starts the request again. The
 -- failure is counted in the per-task stats (with the run, when one ran), and the request's graph
--- (the sub-requests it made) is kept ARGV[9] ms from now.
+-- (the sub-requests it made) is kept ARGV[9] ms from now; the record's "subs" says how many it
+-- made (so a graph that expires is told from none).
 --
 -- KEYS[1]  request record   <prefix>:req:<key>      hash
 -- KEYS[2]  waiter set       <prefix>:waiters:<key>  set of mailbox names
@@ -49,7 +50,9 @@ else
   redis.call('PERSIST', rec)
 end
 redis.call('DEL', KEYS[3])
-redis.call('PEXPIRE', KEYS[4], ARGV[9])
+if redis.call('PEXPIRE', KEYS[4], ARGV[9]) == 1 then
+  redis.call('HSET', rec, 'subs', redis.call('HLEN', KEYS[4]))
+end
 if f[3] then
   redis.call('HINCRBY', KEYS[5], 'failures:' .. f[3], 1)
   if ARGV[2] ~= '' and f[1] == 'running' then

@@ -12,8 +12,7 @@
 -- KEYS[4]   the pool's offers      <prefix>:offers:<pool>    zset of keys by offer time (ms)
 -- KEYS[5]   requester's graph     <prefix>:graph:<requester> hash child key -> "r" (requested)
 --                                 or "c" (answered from the store); unused without one
--- KEYS[6]   requester's record    <prefix>:req:<requester>  hash: "subs" counts its graph's children
--- KEYS[7]   per-task stats        <prefix>:stats            hash: "hits:<task name>" += 1 per hit
+-- KEYS[6]   per-task stats        <prefix>:stats            hash: "hits:<task name>" += 1 per hit
 -- ARGV[1]   payload: the canonical arguments (JSON)
 -- ARGV[2]   task name
 -- ARGV[3]   readable request, e.g. "proj.tasks.divide(1, 0)"
@@ -62,8 +61,8 @@ local requester = ARGV[8]
 -- The edge requester -> request in the requester's graph: the first submit of it says how it was
 -- answered, "c" from the store, "r" otherwise (later re-checks change nothing).
 local function record_edge(how)
-  if requester ~= '' and redis.call('HSETNX', KEYS[5], ARGV[7], how) == 1 and redis.call('EXISTS', KEYS[6]) == 1 then
-    redis.call('HINCRBY', KEYS[6], 'subs', 1)  -- never a record of "subs" alone, if the requester's went
+  if requester ~= '' then
+    redis.call('HSETNX', KEYS[5], ARGV[7], how)
   end
 end
 
@@ -71,7 +70,7 @@ local state = f[1]
 if state == 'done' or (state == 'failed' and f[4] == '1') then
   record_edge('c')
   if ARGV[16] == '1' then
-    redis.call('HINCRBY', KEYS[7], 'hits:' .. ARGV[2], 1)
+    redis.call('HINCRBY', KEYS[6], 'hits:' .. ARGV[2], 1)
   end
   return {state, state == 'done' and f[2] or f[3]}
 end
