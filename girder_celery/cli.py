@@ -211,7 +211,9 @@ def stats(ctx: click.Context, reset: bool, as_json: bool) -> None:
                 f"{task['executions']:>10} {task['cache_hits']:>8} {task['failures']:>8} "
                 f"{task['run_seconds']:>10.3f} {mean_ms}  {name}"
             )
-        click.echo(f"store: {counted['records']} record(s), {counted['memory_bytes']} bytes used by its server")
+        memory = counted["memory_bytes"]
+        used = f"{memory} bytes used by its server" if memory is not None else "its memory unknown (INFO refused)"
+        click.echo(f"store: {counted['records']} record(s), {used}")
     if reset:
         _reachable(found.reset_stats)
         click.echo("counters reset", err=as_json)
