@@ -92,6 +92,9 @@ def forget(ctx: click.Context, key: str | None, task_name: str | None, version: 
     if (key is None) == (task_name is None):
         raise click.UsageError("give a KEY or --task NAME" + (", not both" if key else ""))
     if task_name is not None:
+        for value, hint in ((task_name, "--task"), (version, "--version")):
+            if value is not None and not value.strip():
+                raise click.BadParameter("must not be empty", param_hint=hint)
         count = _reachable(found.forget_task, task_name, version)
         of = f"{task_name}" + (f" version {version}" if version is not None else "")
         click.echo(f"forgot {count} memoized request(s) of {of}")

@@ -6,11 +6,12 @@ when the store answered it at once with a memoized outcome, ``r`` otherwise (``l
 in the script call the submit makes anyway. The hash is kept ``girder_graph_ttl`` after its
 request settles (``lua/complete.lua``, ``lua/fail.lua``).
 
-``read_graph`` walks those hashes from a root, one pipelined round trip per level. A request
-the root's graph reached only through ``c`` edges is ``cached``: answered from the store without
-running for this root; its own sub-requests ran for another root and are not walked (its graph
-is its own, ``girder.graph`` of its key). A request reached by one ``r`` edge at least ran, or was
-joined in flight, for this root, and its sub-requests are walked too.
+``read_graph`` walks those hashes from a root, level by level: per level one pipelined round trip
+for the hashes and one for the records of the requests they name. A request the root's graph
+reached only through ``c`` edges is ``cached``: answered from the store without running for this
+root; its own sub-requests ran for another root and are not walked (its graph is its own,
+``girder.graph`` of its key). A request reached by one ``r`` edge at least ran, or was joined in
+flight, for this root, and its sub-requests are walked too.
 """
 
 from __future__ import annotations

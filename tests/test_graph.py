@@ -288,3 +288,5 @@ def test_bad_input_unknown_key_no_sub_requests_expired_graph_exit_2(grid):
     assert both.returncode == 2 and "not both" in both.stderr
     version_alone = celery(grid.env, "forget", "--version", "2")
     assert version_alone.returncode == 2 and "--version needs --task" in version_alone.stderr
+    empty = celery(grid.env, "forget", "--task", "")
+    assert empty.returncode == 2 and "--task" in empty.stderr and "Traceback" not in empty.stderr
