@@ -2,7 +2,8 @@
 
 Starts its own ``redis-server`` on a free port (broker, result backend and girder's state store),
 starts two ``celery -A example_project.celery_app worker`` processes, prices a portfolio, prices
-it again to show that nothing ran the second time, runs ``ratio`` and ``bogosity``, and tears
+it again to show that nothing ran the second time, runs ``ratio`` and ``bogosity``, writes the
+graph of one bogosity job as an HTML page (and SVG where Graphviz is installed), and tears
 everything down, also on error or Ctrl-C. Exits 0 when every step passed.
 
 The redis-server binary is ``$GIRDER_REDIS_SERVER``, else ``redis-server`` on PATH, else the one
@@ -18,6 +19,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,10 +80,11 @@ def check(condition: bool, message: str) -> None:
         raise AssertionError(message)
 
 
-def demo(grid: LocalGrid, timeout: float) -> bool:
+def demo(grid: LocalGrid, timeout: float, graph_dir: Path) -> bool:
     girder = grid.load_app().girder  # the app reads its configuration from the environment
     from example_project.tasks import bogosity, calc_portfolio, calc_price, instruments, ratio
     from girder_celery import GirderError
+    from girder_celery.render import to_html, to_svg
 
     steps = Steps()
     positions = instruments(SPEC)
@@ -157,12 +160,31 @@ def demo(grid: LocalGrid, timeout: float) -> bool:
         say(f"   first: {values[0]}")
         check(all(v.startswith("Bogosity:") for v in values), "unexpected bogosity value")
 
+    def bogosity_graph() -> None:
+        graph = girder.graph(bogosity.s(1, 0, 3, 5, 222))
+        nodes, edges = graph["nodes"], graph["edges"]
+        say(f"   the graph of {nodes[0]['request']}: {len(nodes)} requests, {len(edges)} edges, as it ran:")
+        for node in nodes:
+            took = node["finished_at"] - node["started_at"]
+            say(f"     {node['request']:34} {node['state']:5} on {node['node']} ({node['placement']}), {took} ms")
+        check((len(nodes), len(edges)) == (7, 11), "bogosity(1, 0, 3, 5, 222) does not make 7 requests and 11 edges")
+        graph_dir.mkdir(parents=True, exist_ok=True)
+        page = graph_dir / "bogosity.html"
+        page.write_text(to_html(graph))
+        say(f"   wrote {page}: open it in a browser")
+        if shutil.which("dot"):
+            (graph_dir / "bogosity.svg").write_text(to_svg(graph))
+            say(f"   wrote {graph_dir / 'bogosity.svg'} (drawn by Graphviz)")
+        else:
+            say("   no SVG: Graphviz's dot is not installed (apt-get install graphviz, brew install graphviz)")
+
     first = steps.run(f"portfolio {SPEC!r}: calc_portfolio requests calc_price for each instrument", first_run)
     if first is not None:
         steps.run("the same portfolio again: memoized, nothing runs", lambda: second_run(first))
     steps.run("ratio(5) requests divide(5, 4)", ratio_5)
     steps.run("ratio(1) requests divide(1, 0): the error names where it happened", ratio_1)
     steps.run("bogosity: requests that make requests, ten at a time on four executors", bogosity_run)
+    steps.run("the graph of one bogosity job, recorded by the state store", bogosity_graph)
 
     say()
     say("== summary")
@@ -188,7 +210,9 @@ def teardown(grid: LocalGrid, redis: RedisServer, outcome: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m example_project.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds each request may take (default 60)")
+    parser.add_argument("--graph-dir", type=Path, help="where to write the bogosity graph (default: a new temp dir)")
     args = parser.parse_args(argv)
+    graph_dir = args.graph_dir or Path(tempfile.mkdtemp(prefix="girder-demo-graph-"))
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -205,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         nodes = [worker.hostname for worker in grid.start_workers(NODES, concurrency=2)]
         say(f"workers       {', '.join(sorted(nodes))} ready in {time.monotonic() - t0:.1f} s (2 executors each)")
         say(f"logs          {grid.logdir}")
-        outcome = "passed" if demo(grid, args.timeout) else "failed"
+        outcome = "passed" if demo(grid, args.timeout, graph_dir) else "failed"
     except KeyboardInterrupt:
         outcome = "interrupted"
     except Exception as exc:

@@ -14,7 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .errors import GirderConnectionError, GirderError, GirderTimeout
+    from .errors import GirderConnectionError, GirderError, GirderNoGraph, GirderTimeout
     from .girder import Girder
     from .keys import request_key
     from .task import GirderTask
@@ -23,6 +23,7 @@ __all__ = [
     "Girder",
     "GirderConnectionError",
     "GirderError",
+    "GirderNoGraph",
     "GirderTask",
     "GirderTimeout",
     "request_key",
@@ -35,6 +36,7 @@ _HOMES = {
     "Girder": "girder",
     "GirderConnectionError": "errors",
     "GirderError": "errors",
+    "GirderNoGraph": "errors",
     "GirderTask": "task",
     "GirderTimeout": "errors",
     "request_key": "keys",

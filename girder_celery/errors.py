@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-__all__ = ["CORRUPT", "GirderConnectionError", "GirderError", "GirderTimeout", "corrupt"]
+__all__ = ["CORRUPT", "GirderConnectionError", "GirderError", "GirderNoGraph", "GirderTimeout", "corrupt"]
 
 #: The ``exc_type`` of the ``GirderError`` for a corrupt record.
 CORRUPT = "girder_celery.CorruptRecord"
@@ -138,6 +138,11 @@ class GirderConnectionError(GirderError, ConnectionError):
     def __init__(self, message: str, *, url: str):
         super().__init__(message)
         self.url = url
+
+
+class GirderNoGraph(GirderError, LookupError):
+    """``girder.graph`` or ``girder.progress`` of a key that has no graph: the store knows no such
+    request, it made no sub-requests, or its graph expired (``girder_graph_ttl``); ``key`` names it."""
 
 
 #: What the Redis client raises when the state store is unreachable or is not a Redis server.

@@ -2,8 +2,9 @@
 
 It builds the app's ``Runtime`` (settings, state store, offers, mirror, runner), makes the task
 base class and decorator, and answers the public calls: ``request(s)``, ``state``, ``forget``,
-``offers``. Installing it adds the worker bootsteps and the unknown-task handler, so
-``celery -A proj worker`` needs no extra flags.
+``offers``, ``forget_task``, and the reports: ``graph``, ``progress``, ``stats``, ``active``.
+Installing it adds the worker bootsteps and the unknown-task handler, so ``celery -A proj worker``
+needs no extra flags.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import redis
 from celery import Celery, Signature
 
+from . import graph, records
 from .errors import GirderError, corrupt
 from .keys import Request, check_key
 from .runtime import Runtime
@@ -147,7 +149,8 @@ class Girder:
         ``request``, the ``created_at``/``offered_at``/``started_at``/``finished_at``
         timestamps (seconds since the epoch), and where it ran: ``placement`` (``inline`` in
         a waiter, ``local`` from the queue it was offered on, ``hoisted`` from a copy sent up
-        a tier), ``claimed_via`` (that queue) and ``hoists`` (copies made). A corrupt record
+        a tier), ``claimed_via`` (that queue), ``hoists`` (copies made) and ``parent`` (the
+        request it was first asked for by, or claimed inline by; None at top level). A corrupt record
         raises a ``GirderError`` naming the key and what is wrong. In eager mode
         (``task_always_eager``) it reports the in-process memo instead (placement ``eager``)."""
         key = self.key_of(sig_or_key)
@@ -194,6 +197,60 @@ class Girder:
             self.runtime.mirror.forget(self.app.backend, key)
         return verdict in _FORGOTTEN
 
+    def forget_task(self, name: str, version: str | None = None) -> int:
+        """Forget every memoized value or error of task ``name``, or of its ``version`` only,
+        as ``forget`` does one (the result backend's copies too); requests in flight are left
+        alone. Walks the store in bounded batches (``SCAN``). Returns how many were forgotten."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a task name, not {name!r}")
+        if version is not None and (not isinstance(version, str) or not version):
+            raise TypeError(f"version must be a non-empty str or None, not {version!r}")
+        forgotten = records.forget_task(self.store, name, version)
+        for key in forgotten:
+            self.runtime.mirror.forget(self.app.backend, key)
+        return len(forgotten)
+
+    # -- reports ----------------------------------------------------------------------------
+
+    def graph(self, sig_or_key: Signature | str) -> dict[str, Any]:
+        """The graph of a request that made sub-requests, as the store recorded it: ``root``
+        (its key), ``nodes`` (per distinct request: ``key``, ``request``, ``task``, ``state``,
+        ``node``, ``placement``, ``attempts``, ``cached``, ``started_at``, ``finished_at``, in
+        ms since the epoch or None) and ``edges`` (``[parent_key, child_key]``, one per pair).
+
+        ``cached`` requests were answered from the store without running for this root (their
+        own sub-requests are not walked). While the root runs, it shows what is known so far.
+        Kept ``girder_graph_ttl`` after each request settles.
+
+        Raises:
+            GirderNoGraph: the store knows no such request, it made no sub-requests, or its
+                graph expired.
+        """
+        return graph.read_graph(self.store, self.key_of(sig_or_key))
+
+    def progress(self, sig_or_key: Signature | str) -> dict[str, int]:
+        """Counts of the requests in a request's graph so far, the root included: ``done``,
+        ``running``, ``queued``, ``failed``, ``cached`` and ``known`` (all of them); a request
+        with no sub-requests counts itself alone. Raises ``GirderNoGraph`` for a key the store
+        does not know, or whose graph expired."""
+        return graph.progress_of(graph.read_graph(self.store, self.key_of(sig_or_key), require_edges=False))
+
+    def stats(self) -> dict[str, Any]:
+        """Per task since the last ``reset_stats`` (``since``: seconds since the epoch, None if
+        never): ``executions``, ``cache_hits``, ``failures``, ``run_seconds`` and
+        ``mean_run_seconds``; and the store's ``records`` and ``memory_bytes`` (its server's)."""
+        return records.stats(self.store)
+
+    def reset_stats(self) -> None:
+        """Start ``stats``' per-task counters afresh."""
+        records.reset_stats(self.store)
+
+    def active(self) -> list[dict[str, Any]]:
+        """The requests running across the grid, inline runs included, oldest first: ``key``,
+        ``request``, ``task``, ``node``, ``owner``, ``parent``, ``placement``, ``started_at``,
+        ``age`` and ``lease`` (seconds left; below 0 once lapsed). Walks the store (``SCAN``)."""
+        return records.active(self.store)
+
     def clear_eager(self) -> int:
         """Empty eager mode's in-process memo (``task_always_eager``; e.g. between tests): every
         request runs afresh. Returns how many settled requests it held. The state store is not
@@ -209,7 +266,7 @@ def _describe(key: str, record: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {"key": key, "state": record.get("state", "absent")}
     if out["state"] not in _STATES:
         raise corrupt(key, f"its state is unknown: {out['state']:.64}", record.get("request"))
-    for field in ("request", "name", "owner", "node", "ran_by", "placement", "claimed_via"):
+    for field in ("request", "name", "owner", "node", "ran_by", "placement", "claimed_via", "parent"):
         out[field] = record.get(field) or None
     out["pool"] = record.get("pool") or None
     for field in ("attempts", "offers", "hoists"):

@@ -77,7 +77,8 @@ class InlineWait(Wait):
         # an outage) is run here, not offered: this executor is free for it right now.
         due = self._due(reoffer)
         due_requests = [self.unique[k] for k in due]
-        return self.offers.submit(due_requests, self.mailbox, offer=False, requester=self.requester, queue=self.queue)
+        requester, queue = self.requester, self.queue
+        return self.offers.submit(due_requests, self.mailbox, False, requester, queue=queue, recheck=True)
 
     def _before_block(self) -> None:
         self.runner.mirror.flush()  # no copy buffered here waits on this executor's block

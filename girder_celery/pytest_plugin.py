@@ -107,9 +107,11 @@ class GirderSession:
                 for name in [*broker.scan_iter(count=1000)]:
                     if broker.type(name) == "list" or name.startswith("unacked"):
                         broker.delete(name)  # kombu's queues and delivered messages; its bindings stay
+        from .store import glob_escape
+
         store = self.app.girder.store
         batch: list[str] = []
-        for key in store.client.scan_iter(match=_glob_escape(store.prefix) + ":*", count=1000):
+        for key in store.client.scan_iter(match=glob_escape(store.prefix) + ":*", count=1000):
             batch.append(key)
             if len(batch) == 1000:
                 store.client.unlink(*batch)
@@ -140,16 +142,16 @@ class GirderSession:
         """What may still write to the state store: its queued and running requests, and offers on
         the plugin's broker (in a queue, or delivered and not yet acknowledged)."""
         from .errors import GirderError
+        from .records import record_keys
 
         girder, found = self.app.girder, []
-        marker = f"{girder.store.prefix}:req:"
-        for name in girder.store.client.scan_iter(match=_glob_escape(marker) + "*", count=1000):
+        for key in (key for batch in record_keys(girder.store) for key in batch):
             try:
-                state = girder.state(name[len(marker) :])["state"]
+                state = girder.state(key)["state"]
             except (GirderError, TypeError, ValueError):  # corrupt, or not a key: nothing will run it
                 continue
             if state in ("queued", "running"):
-                found.append(f"{name} {state}")
+                found.append(f"{girder.store.record_key(key)} {state}")
         if self.conf.get("broker_url") == self.redis.url(BROKER_DB):
             with self.redis.client(BROKER_DB) as broker:
                 for name in broker.scan_iter(count=1000):
@@ -175,11 +177,6 @@ class GirderSession:
                 elif held:
                     found.append(f"{len(held)} {what} on {hostname}")
         return found
-
-
-def _glob_escape(text: str) -> str:
-    """``text`` matched literally by Redis's glob patterns (``SCAN MATCH``)."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 # -- configuration the user overrides ----------------------------------------------------------

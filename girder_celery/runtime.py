@@ -50,7 +50,7 @@ class Runtime:
         client = redis.Redis.from_url(
             s.url, decode_responses=True, socket_connect_timeout=s.connect_timeout, socket_timeout=30.0
         )
-        return StateStore(client, s.key_prefix, s.busy_poll, s.url)
+        return StateStore(client, s.key_prefix, s.busy_poll, s.url, s.graph_ttl_ms)
 
     @cached_property
     def offers(self) -> Offers:

@@ -52,6 +52,9 @@ class Settings:
     #: sleeping thread's wake-up can cost more than the round trip. 0 turns it off; never done
     #: under gevent/eventlet.
     busy_poll: float = 0.0002
+    #: Seconds the graph of a request (the sub-requests it made, ``girder.graph``) is kept
+    #: after the request settles.
+    graph_ttl: float = 86400.0
 
     @classmethod
     def from_conf(cls, conf: Any, url: str | None = None) -> Settings:
@@ -74,7 +77,7 @@ class Settings:
             raise ValueError(f"girder_key_prefix must be a non-empty str, not {self.key_prefix!r}")
         if self.pool is not None and (not isinstance(self.pool, str) or not self.pool):
             raise ValueError(f"girder_pool must be a queue name or None, not {self.pool!r}")
-        for name in ("lease_seconds", "error_ttl", "check_interval", "reoffer_after", "connect_timeout"):
+        for name in ("lease_seconds", "error_ttl", "check_interval", "reoffer_after", "connect_timeout", "graph_ttl"):
             _positive(name, getattr(self, name))
         for name in ("request_timeout", "result_ttl"):
             if getattr(self, name) is not None:
@@ -97,6 +100,10 @@ class Settings:
         """How long a waits-for edge outlives its last refresh: renewals and re-submissions
         refresh it, so it goes only when its requester has died."""
         return ms(2 * self.lease_seconds + self.check_interval)
+
+    @cached_property
+    def graph_ttl_ms(self) -> int:
+        return ms(self.graph_ttl)
 
     @cached_property
     def reoffer_after_ms(self) -> int:

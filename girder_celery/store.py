@@ -13,6 +13,11 @@ Keys, all under the prefix:
 - ``<prefix>:waiters:<key>``: the mailboxes to notify when it settles, a set;
 - ``<prefix>:waits:<key>``: the waits-for edges of a running request, the set of keys it
   waits for, which expires with its lease (a cycle is refused by walking them);
+- ``<prefix>:graph:<key>``: the sub-requests a request made, a hash ``child -> "r"`` (requested)
+  or ``"c"`` (answered from the store), kept ``graph_ttl_ms`` after it settles (``graph.py``
+  reads it); a settled record's ``subs`` counts them, and each record names its ``parent``;
+- ``<prefix>:stats``: per-task counters since a reset, a hash of ``runs:<name>``, ``ms:<name>``,
+  ``failures:<name>``, ``hits:<name>`` and ``since`` (ms);
 - ``<prefix>:offers:<queue>``: the offers waiting on a queue, a zset of keys by offer time;
 - ``<prefix>:mailbox:<id>``: one waiter's notifications, a list of ``<verdict>:<key>:<data>``.
 
@@ -29,7 +34,7 @@ A record answers each call with a ``Verdict`` (see there) and data; ``Outcome`` 
 | ``release`` | release.lua | running(owner) -> queued (Celery retries it) |
 | ``unoffer`` | unoffer.lua | queued, offered -> queued, never offered |
 | ``hoist`` | hoist.lua | queued on a tier -> queued there and on the nearest tier above that keeps up |
-| ``forget`` | forget.lua | done, failed, corrupt -> absent |
+| ``forget`` | forget.lua | done, failed, corrupt -> absent (and its graph) |
 
 "Lapsed" is running with an expired lease: its owner died, and anyone may take it over.
 
@@ -52,7 +57,7 @@ from .errors import STORE_UNREACHABLE, GirderConnectionError, GirderError, corru
 from .keys import Request, decode_value
 from .link import Link
 
-__all__ = ["RECONNECT_WINDOW", "Claimant", "Outcome", "StateStore", "Verdict"]
+__all__ = ["RECONNECT_WINDOW", "Claimant", "Outcome", "StateStore", "Verdict", "glob_escape", "int_field"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,13 +171,23 @@ class StateStore:
         prefix: the prefix of every key (``girder_key_prefix``).
         busy_poll: seconds a thread spins for an awaited reply (see ``link.py``).
         url: the store's URL, named by ``GirderConnectionError``; default: the client's.
+        graph_ttl_ms: how long a request's graph is kept after it settles (``girder_graph_ttl``).
     """
 
     SCRIPTS = ("submit", "claim", "renew", "complete", "fail", "forget", "hoist", "unoffer", "release")
 
-    def __init__(self, client: redis.Redis, prefix: str = "girder", busy_poll: float = 0.0, url: str = "") -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = "girder",
+        busy_poll: float = 0.0,
+        url: str = "",
+        graph_ttl_ms: int = 86_400_000,
+    ) -> None:
         self.client = client
         self.prefix = prefix
+        self.graph_ttl_ms = graph_ttl_ms
+        self.stats_key = f"{prefix}:stats"
         self.url = url or _url_of(client)
         self._scripts = {name: client.register_script(_load(name)) for name in self.SCRIPTS}
         self.link = Link(client, list(self._scripts.values()), busy_poll)
@@ -190,6 +205,9 @@ class StateStore:
 
     def edges_key(self, key: str) -> str:
         return f"{self.prefix}:waits:{key}"
+
+    def graph_key(self, key: str) -> str:
+        return f"{self.prefix}:graph:{key}"
 
     def mailbox_key(self, mailbox_id: str) -> str:
         return f"{self.prefix}:mailbox:{mailbox_id}"
@@ -213,23 +231,26 @@ class StateStore:
         requester: str = "",
         edge_ttl_ms: int = 0,
         claimant: Claimant | None = None,
+        recheck: bool = False,
     ) -> list[Outcome]:
         """Submit requests given as ``(key, payload, name, readable, pool)``, in one round trip.
 
         Registers ``mailbox`` (a full mailbox key, or ``""`` for none) as a waiter on each
         request that is not settled. A ``requester`` (the key of the running request making
-        these) gets waits-for edges to each, and a cycle is answered ``cycle``; ``claimant``
-        claims the request it names for an inline run. See ``lua/submit.lua``.
+        these) gets waits-for edges to each, and a cycle is answered ``cycle``, and each goes
+        into its graph; ``claimant`` claims the request it names for an inline run. A done
+        answer counts as a cache hit unless this is a waiter's ``recheck``. See ``lua/submit.lua``.
         """
-        waits, offers = self.edges_key(""), self.offers_key("")
-        edges = self.edges_key(requester)
+        waits, offers, graphs = self.edges_key(""), self.offers_key(""), self.graph_key("")
+        edges, graph = self.edges_key(requester), self.graph_key(requester)
+        hits = "" if recheck else "1"
 
         def call(key: str, payload: str, name: str, readable: str, pool: str) -> tuple[tuple, tuple]:
             claimer = claimant if claimant is not None and claimant.key == key else _NO_CLAIMANT
             return (
-                (self.record_key(key), self.waiters_key(key), edges, offers + pool),
+                (self.record_key(key), self.waiters_key(key), edges, offers + pool, graph, self.stats_key),
                 (payload, name, readable, pool, mailbox, reoffer_after_ms, key, requester, waits, edge_ttl_ms,
-                 claimer.owner, claimer.node, claimer.lease_ms, offers),
+                 claimer.owner, claimer.node, claimer.lease_ms, offers, graphs, hits),
             )  # fmt: skip
 
         replies = self.link.call_many(self._scripts["submit"], (call(*item) for item in items))
@@ -278,8 +299,8 @@ class StateStore:
         self.link.send(*self._complete_call(key, owner, value, ttl_ms, skip_mailbox))
 
     def _complete_call(self, key, owner, value, ttl_ms, skip_mailbox) -> tuple[Any, tuple, tuple]:
-        keys, args = self._settle_keys(key), (key, owner, value, ttl_ms, MAILBOX_TTL_MS, skip_mailbox)
-        return self._scripts["complete"], keys, args
+        args = (key, owner, value, ttl_ms, MAILBOX_TTL_MS, skip_mailbox, self.graph_ttl_ms)
+        return self._scripts["complete"], self._settle_keys(key), args
 
     def fail(
         self,
@@ -294,11 +315,11 @@ class StateStore:
         """Store ``error`` (JSON) and wake the waiters but ``skip_mailbox``; False if it was
         already settled (or, with ``only_if_queued``, claimed by an executor)."""
         memo, queued_only = "1" if memoize else "0", "1" if only_if_queued else ""
-        args = (key, owner, error, memo, ttl_ms, MAILBOX_TTL_MS, skip_mailbox, queued_only)
+        args = (key, owner, error, memo, ttl_ms, MAILBOX_TTL_MS, skip_mailbox, queued_only, self.graph_ttl_ms)
         return bool(self._scripts["fail"](self._settle_keys(key), args))
 
-    def _settle_keys(self, key: str) -> tuple[str, str, str]:
-        return self.record_key(key), self.waiters_key(key), self.edges_key(key)
+    def _settle_keys(self, key: str) -> tuple[str, ...]:
+        return self.record_key(key), self.waiters_key(key), self.edges_key(key), self.graph_key(key), self.stats_key
 
     def release(self, key: str, owner: str) -> bool:
         """Give claimed ``key`` back to queued (Celery is retrying it); False if not ours."""
@@ -310,7 +331,14 @@ class StateStore:
 
     def forget(self, key: str) -> Verdict:
         """Drop a settled request or a corrupt record: the state it had, ``absent`` or ``corrupt``."""
-        return _verdict(self._scripts["forget"]((self.record_key(key),), ()))
+        return self.forget_many([key])[0]
+
+    def forget_many(self, keys: list[str]) -> list[Verdict]:
+        """``forget`` of each of ``keys``, in one round trip."""
+        if not keys:
+            return []
+        calls = [((self.record_key(key), self.graph_key(key)), ()) for key in keys]
+        return [_verdict(v) for v in self.link.call_many(self._scripts["forget"], calls)]
 
     def hoist(self, tiers: list[str], after_ms: int) -> list[tuple[str, str, str, str]]:
         """One pass up ``tiers`` (a node's queue, its pool, the pool's ancestors): move up to
@@ -394,6 +422,20 @@ class _Reachable:
             raise unreachable(self.url, exc) from exc
         if issubclass(exc_type, (redis.exceptions.NoPermissionError, redis.exceptions.OutOfMemoryError)):
             raise refused(self.url, exc) from exc
+
+
+def glob_escape(text: str) -> str:
+    """``text`` matched literally by Redis's glob patterns (``SCAN MATCH``)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def int_field(text: str | None) -> int | None:
+    """A record's number field as read (ms, counts), or None where missing or not a number (a
+    report shows a corrupt field as unknown)."""
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return None
 
 
 def _notified(mailbox: str, entry: str) -> Outcome | None:

@@ -77,7 +77,9 @@ class Wait:
         """Submit what is due for a check again; ``reoffer`` after an outage of the store, when
         offers taken meanwhile may have been dropped by nodes that could not claim them: every
         request still queued is offered again at once (a duplicate offer is harmless)."""
-        return self.offers.submit([self.unique[k] for k in self._due(reoffer)], self.mailbox, reoffer=reoffer)
+        return self.offers.submit(
+            [self.unique[k] for k in self._due(reoffer)], self.mailbox, reoffer=reoffer, recheck=True
+        )
 
     def _due(self, everything: bool) -> list[str]:
         """The pending keys a periodic check submits again, moved to the back of the line. All of

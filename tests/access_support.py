@@ -33,6 +33,8 @@ CLIENT_COMMANDS = (
     "zcard", "zrange", "time",  # girder.offers(): a queue's offers and Redis's clock
     "blmpop",  # a waiter pops its mailbox (BLPOP before Redis 7)
     "srem", "del",  # a waiter that gives up withdraws its mailbox
+    "hmget", "scan", "info",  # the reports: graphs, stats, active requests, forget --task
+    "multi", "exec",  # reset_stats: counters dropped and restarted in one step
 )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ restart it), workers are ``celery -A tests.gridapp worker`` subprocesses started
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +28,14 @@ def wait_until(predicate, timeout: float, what: str, step: float = 0.05):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(step)
+
+
+def repointed(grid: Grid) -> Grid:
+    """``grid``, with ``tests.gridapp`` re-pointed at it if another grid reconfigured it since (for
+    a module-scoped grid's tests)."""
+    if os.environ.get("GIRDER_TEST_PREFIX") != grid.key_prefix:
+        grid.load_app()
+    return grid
 
 
 class Grid(LocalGrid):

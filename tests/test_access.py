@@ -70,7 +70,8 @@ def store_grid(redis_server, access) -> Iterator[Callable[[str], Grid]]:
 def exercise(g: Grid, access: AccessServer) -> None:
     """Every flow of girder on one worker, each answered right: a request with sub-requests and
     theirs, a memoized hit, a failure with its cause, a cycle, Celery's delay().get(), a lease
-    renewed, a timeout that withdraws its waiter, an offer nobody takes, a retry, state and forget."""
+    renewed, a timeout that withdraws its waiter, an offer nobody takes, a retry, the reports, state
+    and forget."""
     m, t = g.app_module, uuid.uuid4().hex[:8]
     fanout = m.reentrant_tasks.fanout
     assert m.girder.request(fanout.s(3, 2, t), timeout=30) == 6
@@ -88,7 +89,18 @@ def exercise(g: Grid, access: AccessServer) -> None:
     total, now_ms, oldest = m.girder.offers(nobody)
     assert total == 1 and now_ms > 0 and oldest[0][0] == m.add.key(t, "?") and "grid.add" in oldest[0][2]
     assert m.girder.request(m.retrying.s(t), timeout=15) == 2
+    _reports(m, fanout.s(3, 2, t))
     assert m.girder.forget(fanout.s(3, 2, t)) and m.girder.state(fanout.s(3, 2, t))["state"] == "absent"
+
+
+def _reports(m, root) -> None:
+    """The reports of issue 14 under the ACL: a graph, progress, stats and their reset, active."""
+    assert len(m.girder.graph(root)["nodes"]) == 1 + 3 + 6
+    assert m.girder.progress(root)["known"] == 10
+    assert m.girder.stats()["tasks"]["grid.fanout"]["executions"] >= 4
+    m.girder.reset_stats()
+    assert m.girder.stats()["tasks"] == {} and m.girder.active() == []
+    assert m.girder.forget_task("grid.nothing-of-that-name") == 0
 
 
 def _renewed_then_answered(g: Grid, access: AccessServer, t: str) -> None:

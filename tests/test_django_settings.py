@@ -32,6 +32,7 @@ NOT_DEFAULT = {
     "pools": {"desk": "region", "region": None},
     "volunteer": False,
     "busy_poll": 0.0,
+    "graph_ttl": 3600.0,
 }
 
 

@@ -16,8 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "girder_celery"
 
 #: Layer of each module, ground up.
 LAYERS = {
-    0: ("keys", "errors", "settings", "frame", "testing"),
-    1: ("link", "store", "lease", "mirror"),
+    0: ("keys", "errors", "settings", "frame", "testing", "render"),
+    1: ("link", "store", "lease", "mirror", "graph", "records"),
     2: ("offers",),
     3: ("wait",),
     4: ("execute", "inline"),

@@ -16,6 +16,7 @@ import pytest
 from celery import Celery
 
 from girder_celery import pytest_plugin
+from girder_celery.store import glob_escape
 from girder_celery.testing import RedisServer
 
 #: A user's app, configured for servers that do not exist: only the plugin can make it work.
@@ -171,4 +172,4 @@ def test_a_girder_config_the_worker_cannot_get_is_refused(redis, config, message
 
 def test_glob_characters_of_a_key_prefix_match_only_themselves():
     """A key prefix's *, ?, [ and ] are escaped for SCAN MATCH."""
-    assert pytest_plugin._glob_escape("a*b?c[d]e") == r"a\*b\?c\[d\]e"
+    assert glob_escape("a*b?c[d]e") == r"a\*b\?c\[d\]e"

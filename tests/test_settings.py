@@ -21,7 +21,7 @@ def test_a_bare_app_gets_every_default():
     s = girder.settings
     assert s == Settings(url="redis://127.0.0.1:1/0")
     assert (s.key_prefix, s.pool, s.request_timeout, s.lease_seconds) == ("girder", None, None, 30.0)
-    assert (s.hoist_after, s.pools, s.busy_poll) == (0.1, {}, 0.0002)
+    assert (s.hoist_after, s.pools, s.busy_poll, s.graph_ttl) == (0.1, {}, 0.0002, 86400.0)
 
 
 def test_pools_give_the_ancestor_chain():
@@ -42,6 +42,8 @@ def test_pools_give_the_ancestor_chain():
         ({"girder_url": "redis://x", "girder_lease_seconds": 0}, "girder_lease_seconds must be a positive"),
         ({"girder_url": "redis://x", "girder_hoist_after": -1}, "girder_hoist_after must be"),
         ({"girder_url": "redis://x", "girder_busy_poll": "fast"}, "girder_busy_poll must be"),
+        ({"girder_url": "redis://x", "girder_graph_ttl": 0}, "girder_graph_ttl must be a positive"),
+        ({"girder_url": "redis://x", "girder_graph_ttl": "1d"}, "girder_graph_ttl must be a positive"),
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_error(conf, message):

@@ -89,7 +89,8 @@ def test_a_caller_waiting_for_many_requests_checks_a_bounded_number_per_request(
 @pytest.mark.invariant1
 def test_nothing_but_the_memoized_records_is_left_after_a_fan_out(wide):
     """Once a fan-out and its waiter are done, the store holds one record per request (the parent
-    and each child) and nothing else: no waiter sets, edges, offers or mailboxes."""
+    and each child), graphs kept for girder_graph_ttl and the stats, and nothing else: no waiter
+    sets, edges, offers or mailboxes."""
     m, t = wide.app_module, tag()
     n = 500
     assert m.reentrant_tasks.fanout.call(n, 0, t) == n
@@ -97,6 +98,9 @@ def test_nothing_but_the_memoized_records_is_left_after_a_fan_out(wide):
     client = wide.redis_server.client()
     left = [k for k in client.scan_iter(match=f"{store.prefix}:*", count=1000) if ":test:" not in k]
     records = [k for k in left if k.startswith(store.record_key(""))]
-    assert sorted(set(left) - set(records)) == []
+    graphs = [k for k in left if k.startswith(store.graph_key(""))]
+    assert sorted(set(left) - set(records) - set(graphs)) == [store.stats_key]
+    assert all(0 < client.pttl(k) <= store.graph_ttl_ms for k in graphs)  # each expires
+    assert client.hlen(store.graph_key(m.reentrant_tasks.fanout.key(n, 0, t))) == n
     keys = {m.reentrant_tasks.fanout.key(n, 0, t), *(m.reentrant_tasks.leaf.key(f"{t}.{i}") for i in range(n))}
     assert {store.record_key(k) for k in keys} <= set(records)

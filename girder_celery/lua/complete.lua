@@ -1,16 +1,21 @@
 -- complete: store a request's value, then wake its waiters (invariants 1, 4).
 -- The value is written before any waiter is notified, and a done value is never overwritten:
--- a duplicate or late completion changes nothing.
+-- a duplicate or late completion changes nothing. The run is counted in the per-task stats, and
+-- the request's graph (the sub-requests it made) is kept ARGV[7] ms from now; the record's "subs"
+-- says how many it made (so a graph that expires is told from none).
 --
 -- KEYS[1]  request record   <prefix>:req:<key>      hash
 -- KEYS[2]  waiter set       <prefix>:waiters:<key>  set of mailbox names
 -- KEYS[3]  its edges        <prefix>:waits:<key>    set of keys it waited for
+-- KEYS[4]  its graph        <prefix>:graph:<key>    hash of the sub-requests it made
+-- KEYS[5]  per-task stats   <prefix>:stats          hash: "runs:<name>" += 1, "ms:<name>" += run time
 -- ARGV[1]  the request's key
 -- ARGV[2]  owner token of the executor that ran it
 -- ARGV[3]  value (JSON)
 -- ARGV[4]  result TTL (ms); 0 keeps it forever
 -- ARGV[5]  mailbox TTL (ms)
 -- ARGV[6]  mailbox not to notify (the inline runner's own, which has the value), or ""
+-- ARGV[7]  graph TTL (ms)
 --
 -- Transition: anything but done or memoized failed  ->  done(value); its waits-for edges go.
 -- A key that is not a hash (a corrupt record) is replaced.
@@ -18,7 +23,7 @@
 -- Returns 1 stored, 0 already settled (nothing written).
 
 local rec = KEYS[1]
-local f = redis.pcall('HMGET', rec, 'state', 'memo')
+local f = redis.pcall('HMGET', rec, 'state', 'memo', 'name', 'started_at')
 if f.err then
   -- Not a hash: a corrupt record, replaced by this outcome (which is the key's own).
   redis.call('DEL', rec)
@@ -37,6 +42,13 @@ else
   redis.call('PERSIST', rec)
 end
 redis.call('DEL', KEYS[3])
+if redis.call('PEXPIRE', KEYS[4], ARGV[7]) == 1 then
+  redis.call('HSET', rec, 'subs', redis.call('HLEN', KEYS[4]))
+end
+if f[3] then
+  redis.call('HINCRBY', KEYS[5], 'runs:' .. f[3], 1)
+  redis.call('HINCRBY', KEYS[5], 'ms:' .. f[3], now - (tonumber(f[4]) or now))
+end
 redis.call('SREM', KEYS[2], ARGV[6])
 local entry = 'done:' .. ARGV[1] .. ':' .. ARGV[3]
 for _, mailbox in ipairs(redis.call('SMEMBERS', KEYS[2])) do

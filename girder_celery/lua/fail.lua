@@ -1,10 +1,16 @@
 -- fail: store a request's error, then wake its waiters (invariants 1, 4).
 -- Every waiter in flight hears of the failure. Unless memoized (the task's cache_errors), the
--- failed record only informs girder.state(): the next submit starts the request again.
+-- failed record only informs girder.state(): the next submit starts the request again. The
+-- failure is counted in the per-task stats (with the run, when one ran), and the request's graph
+-- (the sub-requests it made) is kept ARGV[9] ms from now; the record's "subs" says how many it
+-- made (so a graph that expires is told from none).
 --
 -- KEYS[1]  request record   <prefix>:req:<key>      hash
 -- KEYS[2]  waiter set       <prefix>:waiters:<key>  set of mailbox names
 -- KEYS[3]  its edges        <prefix>:waits:<key>    set of keys it waited for
+-- KEYS[4]  its graph        <prefix>:graph:<key>    hash of the sub-requests it made
+-- KEYS[5]  per-task stats   <prefix>:stats          hash: "failures:<name>" += 1, and for a run
+--                                                   "runs:<name>" += 1, "ms:<name>" += run time
 -- ARGV[1]  the request's key
 -- ARGV[2]  owner token of the executor that ran it ("" when it never ran, e.g. unknown task)
 -- ARGV[3]  error (JSON)
@@ -13,6 +19,7 @@
 -- ARGV[6]  mailbox TTL (ms)
 -- ARGV[7]  mailbox not to notify (the inline runner's own, which has the error), or ""
 -- ARGV[8]  "1" to fail it only if nobody has claimed it (still queued), else ""
+-- ARGV[9]  graph TTL (ms)
 --
 -- Transition: anything but done or memoized failed  ->  failed(error); its waits-for edges go.
 -- A key that is not a hash (a corrupt record) is replaced, unless ARGV[8] is "1".
@@ -20,7 +27,7 @@
 -- Returns 1 stored, 0 already settled (nothing written).
 
 local rec = KEYS[1]
-local f = redis.pcall('HMGET', rec, 'state', 'memo')
+local f = redis.pcall('HMGET', rec, 'state', 'memo', 'name', 'started_at')
 if f.err then
   -- Not a hash: a corrupt record, replaced by this outcome (which is the key's own).
   if ARGV[8] == '1' then
@@ -43,6 +50,16 @@ else
   redis.call('PERSIST', rec)
 end
 redis.call('DEL', KEYS[3])
+if redis.call('PEXPIRE', KEYS[4], ARGV[9]) == 1 then
+  redis.call('HSET', rec, 'subs', redis.call('HLEN', KEYS[4]))
+end
+if f[3] then
+  redis.call('HINCRBY', KEYS[5], 'failures:' .. f[3], 1)
+  if ARGV[2] ~= '' and f[1] == 'running' then
+    redis.call('HINCRBY', KEYS[5], 'runs:' .. f[3], 1)
+    redis.call('HINCRBY', KEYS[5], 'ms:' .. f[3], now - (tonumber(f[4]) or now))
+  end
+end
 redis.call('SREM', KEYS[2], ARGV[7])
 local entry = 'failed:' .. ARGV[1] .. ':' .. ARGV[3]
 for _, mailbox in ipairs(redis.call('SMEMBERS', KEYS[2])) do

@@ -3,11 +3,16 @@
 -- written between them and missed (register, then check). A request made inside a running
 -- request (the requester) records the edge requester -> request in the waits-for graph and is
 -- refused if that edge closes a cycle; the requester may also claim it here, to run it inline.
+-- It also records the edge in the requester's graph, which outlives the run (girder.graph), and
+-- counts a cache hit in the per-task stats.
 --
 -- KEYS[1]   request record        <prefix>:req:<key>        hash
 -- KEYS[2]   waiter set            <prefix>:waiters:<key>    set of mailbox names
 -- KEYS[3]   requester's edges     <prefix>:waits:<requester> set of keys (unused without one)
 -- KEYS[4]   the pool's offers      <prefix>:offers:<pool>    zset of keys by offer time (ms)
+-- KEYS[5]   requester's graph     <prefix>:graph:<requester> hash child key -> "r" (requested)
+--                                 or "c" (answered from the store); unused without one
+-- KEYS[6]   per-task stats        <prefix>:stats            hash: "hits:<task name>" += 1 per hit
 -- ARGV[1]   payload: the canonical arguments (JSON)
 -- ARGV[2]   task name
 -- ARGV[3]   readable request, e.g. "proj.tasks.divide(1, 0)"
@@ -22,6 +27,8 @@
 -- ARGV[12]  claimer's node
 -- ARGV[13]  lease (ms)
 -- ARGV[14]  "<prefix>:offers:", to drop an older offer from the queue that holds it
+-- ARGV[15]  "<prefix>:graph:", to drop the graph of an earlier run of a request started afresh
+-- ARGV[16]  "1" to count a done answer as a cache hit, "" not to (a waiter's periodic re-check)
 --
 -- Transitions:
 --   absent | failed (not memoized) | running with an expired lease  ->  queued
@@ -49,12 +56,23 @@ local f = redis.pcall('HMGET', rec, 'state', 'value', 'error', 'memo', 'lease_un
 if f.err then
   return {'corrupt', 'its key holds a ' .. redis.call('TYPE', rec).ok .. ', not a hash'}
 end
-local state = f[1]
-if state == 'done' then
-  return {'done', f[2]}
+local requester = ARGV[8]
+
+-- The edge requester -> request in the requester's graph: the first submit of it says how it was
+-- answered, "c" from the store, "r" otherwise (later re-checks change nothing).
+local function record_edge(how)
+  if requester ~= '' then
+    redis.call('HSETNX', KEYS[5], ARGV[7], how)
+  end
 end
-if state == 'failed' and f[4] == '1' then
-  return {'failed', f[3]}
+
+local state = f[1]
+if state == 'done' or (state == 'failed' and f[4] == '1') then
+  record_edge('c')
+  if ARGV[16] == '1' then
+    redis.call('HINCRBY', KEYS[6], 'hits:' .. ARGV[2], 1)
+  end
+  return {state, state == 'done' and f[2] or f[3]}
 end
 -- A record girder never writes is answered "corrupt" before anything changes (the hot path,
 -- a done record, has returned already).
@@ -69,7 +87,6 @@ if state and state ~= 'queued' and state ~= 'running' and state ~= 'failed' then
   return {'corrupt', 'its state is unknown: ' .. string.sub(state, 1, 64)}
 end
 
-local requester = ARGV[8]
 if requester ~= '' then
   -- Breadth-first walk from the request along waits-for edges, looking for the requester.
   local came_from = {[ARGV[7]] = false}
@@ -99,6 +116,7 @@ if requester ~= '' then
   end
   redis.call('SADD', KEYS[3], ARGV[7])
   redis.call('PEXPIRE', KEYS[3], ARGV[10])
+  record_edge('r')
 end
 
 local t = redis.call('TIME')
@@ -122,15 +140,16 @@ end
 if state ~= 'queued' then
   -- absent, failed (not memoized) or running on an expired lease: (re)start from queued.
   redis.call('HDEL', rec, 'owner', 'node', 'lease_until', 'started_at', 'finished_at', 'error', 'memo', 'placement',
-    'claimed_via')
+    'claimed_via', 'subs')
+  redis.call('DEL', ARGV[15] .. ARGV[7])
   redis.call('PERSIST', rec)
   redis.call('HSET', rec, 'state', 'queued', 'payload', ARGV[1], 'name', ARGV[2],
-    'request', ARGV[3], 'pool', ARGV[4])
+    'request', ARGV[3], 'pool', ARGV[4], 'parent', requester)
   redis.call('HSETNX', rec, 'created_at', now)
 end
 if claimer ~= '' then
   redis.call('HSET', rec, 'state', 'running', 'owner', claimer, 'node', ARGV[12],
-    'lease_until', now + tonumber(ARGV[13]), 'started_at', now, 'placement', 'inline')
+    'lease_until', now + tonumber(ARGV[13]), 'started_at', now, 'placement', 'inline', 'parent', requester)
   redis.call('HINCRBY', rec, 'attempts', 1)
   return {'claimed', f[8] or ARGV[1]}
 end

@@ -9,7 +9,6 @@ store's own ``record_key`` gives. A grid of one solo worker on the Redis broker 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from girder_celery import GirderError
 from girder_celery.errors import CORRUPT
 from tests.core_support import dead_queue, drain_ids, forget_queue, open_gate, runs, tag
-from tests.harness import Grid, wait_until
+from tests.harness import Grid, repointed, wait_until
 from tests.test_cli import celery
 
 pytestmark = pytest.mark.faults
@@ -63,9 +62,7 @@ def _node_grid(redis_server):
 @pytest.fixture
 def grid(_node_grid):
     """The module's grid, ``tests.gridapp`` re-pointed at it if another grid reconfigured it."""
-    if os.environ.get("GIRDER_TEST_PREFIX") != _node_grid.key_prefix:
-        _node_grid.load_app()
-    return _node_grid
+    return repointed(_node_grid)
 
 
 _numbers = iter(range(10**6, 10**7))

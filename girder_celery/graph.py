@@ -1,0 +1,137 @@
+"""The emergent graph of a request, read back from the state store, and its progress.
+
+Nobody draws the graph: it is the call stack. Each submit made by a running request records the
+edge requester -> sub-request in the requester's ``<prefix>:graph:<key>`` hash, marked ``c``
+when the store answered it at once with a memoized outcome, ``r`` otherwise (``lua/submit.lua``),
+in the script call the submit makes anyway. The hash is kept ``girder_graph_ttl`` after its
+request settles (``lua/complete.lua``, ``lua/fail.lua``).
+
+``read_graph`` walks those hashes from a root, level by level: per level one pipelined round trip
+for the hashes and one for the records of the requests they name. A request the root's graph
+reached only through ``c`` edges is ``cached``: answered from the store without running for this
+root; its own sub-requests ran for another root and are not walked (its graph is its own,
+``girder.graph`` of its key). A request reached by one ``r`` edge at least ran, or was joined in
+flight, for this root, and its sub-requests are walked too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from .errors import GirderNoGraph
+from .store import StateStore, int_field
+
+__all__ = ["MAX_NODES", "progress_of", "read_graph"]
+
+#: The most requests one graph is read with; a larger one is refused rather than read in full.
+MAX_NODES = 1_000_000
+#: The fields of a request record a graph's node shows.
+_FIELDS = ("state", "request", "name", "node", "placement", "attempts", "started_at", "finished_at", "subs")
+_IN_FLIGHT = ("queued", "running")
+#: The states ``progress_of`` counts (``cached`` and ``known`` besides).
+PROGRESS_STATES = ("done", "running", "queued", "failed")
+
+
+def read_graph(store: StateStore, key: str, require_edges: bool = True) -> dict[str, Any]:
+    """The graph of request ``key``: ``root``, ``nodes`` (the root first, then in the order they
+    were found) and ``edges`` (``[parent, child]``, one per distinct pair).
+
+    Raises ``GirderNoGraph`` when the store knows no request ``key``, when its graph has expired,
+    and, with ``require_edges``, when it settled without making a sub-request (one still queued or
+    running has a graph of itself alone so far).
+    """
+    with store.reachable():
+        records = {key: _records(store, [key])[0]}
+        edges: dict[tuple[str, str], str] = {}
+        ran, walked, frontier = {key}, set(), [key]
+        while frontier:
+            found = _graphs(store, frontier)
+            if not walked:
+                _check_root(store, key, records[key], bool(found[0]), require_edges)
+            walked.update(frontier)
+            fresh: list[str] = []
+            for parent, children in zip(frontier, found):
+                for child, how in children.items():
+                    edges[(parent, child)] = how
+                    if child not in records:
+                        records[child] = {}
+                        fresh.append(child)
+                    if how != "c":
+                        ran.add(child)
+            if len(records) > MAX_NODES:
+                raise GirderNoGraph(f"the graph of {key} has more than {MAX_NODES} requests: not read", key=key)
+            for child, record in zip(fresh, _records(store, fresh)):
+                records[child] = record
+            frontier = [k for k in records if k in ran and k not in walked]
+    nodes = [_node(k, record, k not in ran) for k, record in records.items()]
+    return {"root": key, "nodes": nodes, "edges": [[parent, child] for parent, child in edges]}
+
+
+def progress_of(graph: dict[str, Any]) -> dict[str, int]:
+    """Counts of a graph's requests, the root included: ``done``, ``running``, ``queued`` and
+    ``failed`` (of those that ran, or run, for this root), ``cached`` (answered from the store),
+    and ``known``, all of them."""
+    counts = dict.fromkeys((*PROGRESS_STATES, "cached"), 0)
+    for node in graph["nodes"]:
+        if node["cached"]:
+            counts["cached"] += 1
+        elif node["state"] in counts:
+            counts[node["state"]] += 1
+    counts["known"] = len(graph["nodes"])
+    return counts
+
+
+def _check_root(store: StateStore, key: str, record: dict[str, str], has_edges: bool, require_edges: bool) -> None:
+    if has_edges:
+        return
+    if not record:
+        raise GirderNoGraph(f"the state store knows no request {key}", key=key)
+    state, readable = record.get("state"), record.get("request") or key
+    if state in _IN_FLIGHT:
+        return  # it has made none yet: a graph of itself so far
+    if int_field(record.get("subs")):
+        seconds = store.graph_ttl_ms / 1000
+        raise GirderNoGraph(
+            f"the graph of {readable} has expired: a graph is kept girder_graph_ttl ({seconds:g} s) after its "
+            "request settles",
+            key=key,
+        )
+    if require_edges:
+        raise GirderNoGraph(f"{readable} made no sub-requests: it has no graph ({state})", key=key)
+
+
+def _graphs(store: StateStore, keys: list[str]) -> list[dict[str, str]]:
+    pipe = store.client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hgetall(store.graph_key(key))
+    return [found if isinstance(found, dict) else {} for found in pipe.execute(raise_on_error=False)]
+
+
+def _records(store: StateStore, keys: list[str]) -> list[dict[str, str]]:
+    pipe = store.client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hmget(store.record_key(key), _FIELDS)
+    out = []
+    for values in pipe.execute(raise_on_error=False):
+        if isinstance(values, redis.ResponseError):  # not a hash: a corrupt record
+            out.append({"state": "corrupt"})
+        else:
+            out.append({name: value for name, value in zip(_FIELDS, values) if value is not None})
+    return out
+
+
+def _node(key: str, record: dict[str, str], cached: bool) -> dict[str, Any]:
+    return {
+        "key": key,
+        "request": record.get("request"),
+        "task": record.get("name"),
+        "state": record.get("state", "absent"),
+        "node": record.get("node") or None,
+        "placement": record.get("placement") or None,
+        "attempts": int_field(record.get("attempts")) or 0,
+        "cached": cached,
+        "started_at": int_field(record.get("started_at")),
+        "finished_at": int_field(record.get("finished_at")),
+    }
