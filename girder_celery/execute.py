@@ -21,6 +21,7 @@ from . import keys
 from .errors import STORE_UNREACHABLE, GirderError, corrupt
 from .frame import Frame, enter, leave
 from .lease import LeaseKeeper
+from .limits import TIME_LIMITS, InlineLimits
 from .mirror import Mirror
 from .offers import Offers
 from .settings import Settings
@@ -39,11 +40,19 @@ _ANSWERED = (Verdict.DONE, Verdict.FAILED, Verdict.RUNNING)
 @dataclass
 class InlineRun:
     """Carried in an inline run's Celery request: its owner already holds the claim, and the
-    outcome is handed back here to the waiter, whose ``mailbox`` is not notified of it."""
+    outcome is handed back here to the waiter, whose ``mailbox`` is not notified of it.
+
+    Instead of an outcome a run may end with ``retry``, Celery's ``Retry`` (``self.retry()``,
+    ``autoretry_for``): the waiter runs it again after its delay, under the same claim; or with
+    ``unwind``, an enclosing run's time limit, raised in this run's frame (``limits.py``): the run
+    was given back unfinished, and the waiter re-raises it on the way to that run.
+    """
 
     owner: str
     mailbox: str
     outcome: Outcome | None = field(default=None)
+    retry: Retry | None = field(default=None)
+    unwind: BaseException | None = field(default=None)
 
 
 def encode_result(task: Task, key: str, args: list | tuple, kwargs: dict, value: Any) -> str:
@@ -93,6 +102,7 @@ class Runner:
         self.mirror = mirror
         self.settings = settings
         self.leases = LeaseKeeper(store, settings.lease_ms, settings.edge_ttl_ms)
+        self.limits = InlineLimits(green=store.link.green)
         #: Whether this node sends task events (``-E``), and its number of executors; set by
         #: the worker bootstep.
         self.events = False
@@ -195,8 +205,9 @@ class Runner:
     ) -> Any:
         """Run a claimed request and settle it in the store; returns the value or raises.
 
-        With an inline ``run`` the outcome is also left on it for the waiting frame, and
-        Celery control-flow exceptions count as failures (there is no message to retry).
+        With an inline ``run`` the outcome is also left on it for the waiting frame, its own
+        time limits are enforced (``limits.py``), a ``Retry`` is left on it for the waiter to run
+        it again, and other Celery control-flow exceptions count as failures.
         """
         token = enter(Frame(key, context.hostname or "unknown", context.root_id or key, owner))
         skip_mailbox = run.mailbox if run is not None else ""
@@ -223,12 +234,28 @@ class Runner:
 
     def _run(self, task, key, owner, args, kwargs, run, skip_mailbox) -> tuple[Outcome, Any]:
         outcome = None
+        timing = None if run is None else self.limits.start(task, key)
         try:
-            value = task.run(*args, **kwargs)
+            try:
+                value = task.run(*args, **kwargs)
+            finally:
+                if timing is not None:
+                    self.limits.stop(timing)
             encoded = self._encode(task, key, args, kwargs, value)
         except Exception as exc:
-            if run is None and isinstance(exc, _CONTROL_FLOW):
+            if run is None:
+                if isinstance(exc, _CONTROL_FLOW):
+                    raise
+            elif isinstance(exc, Retry):  # its waiter runs it again once due, under this claim
+                run.retry = exc
                 raise
+            elif isinstance(exc, TIME_LIMITS) and not (timing is not None and timing.owns(exc)):
+                # An enclosing run's limit, raised in this frame: this run is given back
+                # unfinished (queued, for whoever needs it next), and the exception unwinds to
+                # that run past Celery's tracer, which takes Ignore quietly (inline.py re-raises).
+                self.store.release(key, owner, offered=False)
+                run.unwind = exc
+                raise Ignore() from exc
             outcome = self._fail(task, key, owner, args, kwargs, exc, skip_mailbox)
             raise
         else:

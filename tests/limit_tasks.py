@@ -1,0 +1,111 @@
+"""Tasks with Celery's time limits and retries, run inline by a parent (the inline-controls suite).
+
+Each child records when each of its runs started (``started``), so tests check delays and the
+number of attempts on the side effects, not on the results.
+"""
+
+import time
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from tests import gridapp
+from tests.gridapp import girder
+
+
+def started_key(name: str, tag: str) -> str:
+    return f"{gridapp.PREFIX}:test:started:{name}:{tag}"
+
+
+def record_start(name: str, tag: str) -> int:
+    """Note that a run of ``name(tag)`` starts now; returns which run it is (1, 2, ...)."""
+    return gridapp._counter.rpush(started_key(name, tag), repr(time.time()))
+
+
+def starts(name: str, tag: str) -> list[float]:
+    """When each run of ``name(tag)`` started (epoch seconds), in order."""
+    return [float(t) for t in gridapp._counter.lrange(started_key(name, tag), 0, -1)]
+
+
+# -- time limits -------------------------------------------------------------------------------
+
+
+@girder.task(name="grid.soft_limited", soft_time_limit=1)
+def soft_limited(seconds, tag):
+    record_start("soft_limited", tag)
+    time.sleep(seconds)
+    return tag
+
+
+@girder.task(name="grid.hard_limited", time_limit=1)
+def hard_limited(seconds, tag):
+    record_start("hard_limited", tag)
+    time.sleep(seconds)
+    return tag
+
+
+@girder.task(name="grid.stubborn", soft_time_limit=0.5, time_limit=1.5)
+def stubborn(seconds, tag):
+    """Ignores its soft limit: only the hard one ends it."""
+    record_start("stubborn", tag)
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        time.sleep(seconds)
+    return tag
+
+
+@girder.task(name="grid.unlimited")
+def unlimited(seconds, tag):
+    record_start("unlimited", tag)
+    time.sleep(seconds)
+    return tag
+
+
+@girder.task(name="grid.limited_parent", soft_time_limit=1)
+def limited_parent(seconds, tag):
+    """Its own soft limit passes while its child (which has none) runs inline."""
+    record_start("limited_parent", tag)
+    return unlimited.call(seconds, tag)
+
+
+# -- retries -----------------------------------------------------------------------------------
+
+
+@girder.task(bind=True, name="grid.fails_first", autoretry_for=(ValueError,), max_retries=3, default_retry_delay=1)
+def fails_first(self, tag):
+    if record_start("fails_first", tag) < 2:
+        raise ValueError(f"first run of {tag} fails")
+    return {"retries": self.request.retries, "id": self.request.id}
+
+
+@girder.task(name="grid.always_fails", autoretry_for=(ValueError,), max_retries=2, default_retry_delay=0.2)
+def always_fails(tag):
+    run = record_start("always_fails", tag)
+    raise ValueError(f"run {run} of {tag} fails")
+
+
+@girder.task(bind=True, name="grid.retries_itself", max_retries=1)
+def retries_itself(self, tag):
+    """Calls ``self.retry(countdown=...)`` on its first run."""
+    if record_start("retries_itself", tag) < 2:
+        raise self.retry(countdown=0.5)
+    return self.request.retries
+
+
+@girder.task(name="grid.backs_off", autoretry_for=(ValueError,), max_retries=2, retry_backoff=1, retry_jitter=False)
+def backs_off(tag):
+    """Fails twice; Celery's backoff waits 1 s, then 2 s."""
+    run = record_start("backs_off", tag)
+    if run < 3:
+        raise ValueError(f"run {run} of {tag} fails")
+    return run
+
+
+CHILDREN = {t.name: t for t in (soft_limited, hard_limited, stubborn, unlimited, limited_parent, fails_first,
+                                always_fails, retries_itself, backs_off)}  # fmt: skip
+
+
+@girder.task(name="grid.parent_of")
+def parent_of(name, *args):
+    """Requests ``name(*args)``, which it runs inline (its only sub-request); its value."""
+    return CHILDREN[name].call(*args)
