@@ -29,18 +29,20 @@ def starts(name: str, tag: str) -> list[float]:
 # -- time limits -------------------------------------------------------------------------------
 
 
-@girder.task(name="grid.soft_limited", soft_time_limit=1)
-def soft_limited(seconds, tag):
-    record_start("soft_limited", tag)
+def _sleeps(name: str, seconds: float, tag: str) -> str:
+    record_start(name, tag)
     time.sleep(seconds)
     return tag
+
+
+@girder.task(name="grid.soft_limited", soft_time_limit=1)
+def soft_limited(seconds, tag):
+    return _sleeps("soft_limited", seconds, tag)
 
 
 @girder.task(name="grid.hard_limited", time_limit=1)
 def hard_limited(seconds, tag):
-    record_start("hard_limited", tag)
-    time.sleep(seconds)
-    return tag
+    return _sleeps("hard_limited", seconds, tag)
 
 
 @girder.task(name="grid.stubborn", soft_time_limit=0.5, time_limit=1.5)
@@ -56,9 +58,7 @@ def stubborn(seconds, tag):
 
 @girder.task(name="grid.unlimited")
 def unlimited(seconds, tag):
-    record_start("unlimited", tag)
-    time.sleep(seconds)
-    return tag
+    return _sleeps("unlimited", seconds, tag)
 
 
 @girder.task(name="grid.limited_parent", soft_time_limit=1)

@@ -12,6 +12,7 @@ import datetime
 import time
 import uuid
 
+import pytest
 from celery.exceptions import Retry
 
 from girder_celery import GirderError
@@ -51,26 +52,24 @@ def assert_node_serves(live) -> None:
 # -- limits ------------------------------------------------------------------------------------
 
 
-def test_an_inline_childs_soft_time_limit_fails_it_in_about_the_limit(live):
+@pytest.mark.parametrize(
+    "child,exc_type,message",
+    [
+        ("grid.soft_limited", "billiard.exceptions.SoftTimeLimitExceeded", "soft time limit (1s) exceeded"),
+        ("grid.hard_limited", "billiard.exceptions.TimeLimitExceeded", "hard time limit (1s) exceeded"),
+    ],
+    ids=["soft", "hard"],
+)
+def test_an_inline_childs_time_limit_fails_it_in_about_the_limit_and_the_node_lives(live, child, exc_type, message):
+    """A child with a 1 s limit sleeping 4 s, run inline: its parent hears of its limit after about 1 s."""
     lt, t = live.app_module.limit_tasks, tag()
-    error, took = call_parent(live, "grid.soft_limited", 4, t)
+    error, took = call_parent(live, child, 4, t)
     assert isinstance(error, GirderError), error
-    assert innermost(error).exc_type == "billiard.exceptions.SoftTimeLimitExceeded"
-    assert innermost(error).request == f"grid.soft_limited(4, {t!r})"
+    own = innermost(error)
+    assert (own.request, own.exc_type, own.message) == (f"{child}(4, {t!r})", exc_type, message)
     assert 0.9 < took < 2.5
-    state = child_state(live, lt.soft_limited, 4, t)
+    state = child_state(live, lt.CHILDREN[child], 4, t)
     assert (state["state"], state["placement"]) == ("failed", "inline")
-    assert_node_serves(live)
-
-
-def test_an_inline_childs_hard_time_limit_fails_it_in_about_the_limit_and_the_node_lives(live):
-    lt, t = live.app_module.limit_tasks, tag()
-    error, took = call_parent(live, "grid.hard_limited", 4, t)
-    assert isinstance(error, GirderError), error
-    assert innermost(error).exc_type == "billiard.exceptions.TimeLimitExceeded"
-    assert "hard time limit (1s) exceeded" in innermost(error).message
-    assert 0.9 < took < 2.5
-    assert child_state(live, lt.hard_limited, 4, t)["state"] == "failed"
     assert_node_serves(live)
 
 
