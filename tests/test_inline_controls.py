@@ -66,7 +66,8 @@ def test_an_inline_childs_time_limit_fails_it_in_about_the_limit_and_the_node_li
     error, took = call_parent(live, child, 4, t)
     assert isinstance(error, GirderError), error
     own = innermost(error)
-    assert (own.request, own.exc_type, own.message) == (f"{child}(4, {t!r})", exc_type, message)
+    assert (own.request, own.exc_type) == (f"{child}(4, {t!r})", exc_type)
+    assert message in own.message  # billiard's classes print as their repr
     assert 0.9 < took < 2.5
     state = child_state(live, lt.CHILDREN[child], 4, t)
     assert (state["state"], state["placement"]) == ("failed", "inline")
