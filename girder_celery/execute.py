@@ -230,13 +230,16 @@ class Runner:
             self.leases.release(key)
             leave(token)
             if run is None:  # the request a message brought is done
+                self.limits.clear()
                 self.after_message()
 
     def _run(self, task, key, owner, args, kwargs, run, skip_mailbox) -> tuple[Outcome, Any]:
         outcome = None
-        timing = None if run is None else self.limits.start(task, key)
+        timing = None if run is None else self.limits.timing(task, key)
         try:
             try:
+                if timing is not None:
+                    self.limits.start(timing)
                 value = task.run(*args, **kwargs)
             finally:
                 if timing is not None:

@@ -56,6 +56,24 @@ def stubborn(seconds, tag):
     return tag
 
 
+def _naps(name: str, seconds: float, tag: str) -> str:
+    """Sleeps in 10 ms naps: off the main thread a limit lands between two of them."""
+    record_start(name, tag)
+    for _ in range(int(seconds * 100)):
+        time.sleep(0.01)
+    return tag
+
+
+@girder.task(name="grid.napping_soft_limited", soft_time_limit=1)
+def napping_soft_limited(seconds, tag):
+    return _naps("napping_soft_limited", seconds, tag)
+
+
+@girder.task(name="grid.napping_hard_limited", time_limit=1)
+def napping_hard_limited(seconds, tag):
+    return _naps("napping_hard_limited", seconds, tag)
+
+
 @girder.task(name="grid.unlimited")
 def unlimited(seconds, tag):
     return _sleeps("unlimited", seconds, tag)
@@ -101,8 +119,17 @@ def backs_off(tag):
     return run
 
 
-CHILDREN = {t.name: t for t in (soft_limited, hard_limited, stubborn, unlimited, limited_parent, fails_first,
-                                always_fails, retries_itself, backs_off)}  # fmt: skip
+@girder.task(name="grid.deep_parent")
+def deep_parent(depth, name, *args):
+    """``depth`` nested inline runs, then ``name(*args)`` at the bottom (past the hop to a fresh thread)."""
+    return CHILDREN[name].call(*args) if depth == 0 else deep_parent.call(depth - 1, name, *args)
+
+
+CHILDREN = {
+    t.name: t
+    for t in (soft_limited, hard_limited, napping_soft_limited, napping_hard_limited, stubborn, unlimited)
+    + (limited_parent, fails_first, always_fails, retries_itself, backs_off)
+}
 
 
 @girder.task(name="grid.parent_of")

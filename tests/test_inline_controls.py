@@ -74,6 +74,48 @@ def test_an_inline_childs_time_limit_fails_it_in_about_the_limit_and_the_node_li
     assert_node_serves(live)
 
 
+NAPPING = pytest.mark.parametrize(
+    "child,exc_type",
+    [
+        ("grid.napping_soft_limited", "billiard.exceptions.SoftTimeLimitExceeded"),
+        ("grid.napping_hard_limited", "billiard.exceptions.TimeLimitExceeded"),
+    ],
+    ids=["soft", "hard"],
+)
+
+
+def assert_limited(error, took: float, request: str, exc_type: str, limit: float = 1) -> None:
+    assert isinstance(error, GirderError), error
+    own = innermost(error)
+    assert (own.request, own.exc_type) == (request, exc_type)
+    assert f"time limit ({limit}s) exceeded" in own.message
+    assert limit - 0.1 < took < limit + 1.5
+
+
+@NAPPING
+def test_on_a_threads_node_an_inline_childs_limit_lands_between_its_naps(grid, child, exc_type):
+    """Off the main thread the watchdog raises the limit at the thread's next Python instruction."""
+    grid.worker("t1", "threads", 2)
+    t = tag()
+    start = time.monotonic()
+    with pytest.raises(GirderError) as info:
+        grid.app_module.girder.request(grid.app_module.limit_tasks.parent_of.s(child, 4, t), timeout=30)
+    assert_limited(info.value, time.monotonic() - start, f"{child}(4, {t!r})", exc_type)
+    assert grid.app_module.girder.request(grid.app_module.add.s(t, "!"), timeout=15) == t + "!"
+
+
+@NAPPING
+def test_an_inline_child_past_the_hop_to_a_fresh_thread_is_timed_too(live, child, exc_type):
+    """20 nested inline runs: the deepest ones run on a fresh thread (frame.py), where the watchdog times them."""
+    lt, t = live.app_module.limit_tasks, tag()
+    start = time.monotonic()
+    with pytest.raises(GirderError) as info:
+        live.app_module.girder.request(lt.deep_parent.s(20, child, 4, t), timeout=30)
+    assert_limited(info.value, time.monotonic() - start, f"{child}(4, {t!r})", exc_type)
+    assert len(info.value.chain()) == 22
+    assert_node_serves(live)
+
+
 def test_an_inline_child_that_ignores_its_soft_limit_is_ended_by_its_hard_one(live):
     """``grid.stubborn`` catches SoftTimeLimitExceeded (0.5 s) and sleeps on: TimeLimitExceeded at 1.5 s."""
     lt, t = live.app_module.limit_tasks, tag()
