@@ -29,20 +29,28 @@ def starts(name: str, tag: str) -> list[float]:
 # -- time limits -------------------------------------------------------------------------------
 
 
-def _sleeps(name: str, seconds: float, tag: str) -> str:
-    record_start(name, tag)
-    time.sleep(seconds)
-    return tag
+def _sleeper(name: str, naps: bool = False, **limits):
+    """A task ``grid.<name>(seconds, tag)`` with Celery's ``limits`` that sleeps ``seconds``: at
+    once, or in 10 ms naps (``naps``: off the main thread a limit lands between two of them)."""
+
+    @girder.task(name=f"grid.{name}", **limits)
+    def sleeper(seconds, tag):
+        record_start(name, tag)
+        if naps:
+            for _ in range(int(seconds * 100)):
+                time.sleep(0.01)
+        else:
+            time.sleep(seconds)
+        return tag
+
+    return sleeper
 
 
-@girder.task(name="grid.soft_limited", soft_time_limit=1)
-def soft_limited(seconds, tag):
-    return _sleeps("soft_limited", seconds, tag)
-
-
-@girder.task(name="grid.hard_limited", time_limit=1)
-def hard_limited(seconds, tag):
-    return _sleeps("hard_limited", seconds, tag)
+soft_limited = _sleeper("soft_limited", soft_time_limit=1)
+hard_limited = _sleeper("hard_limited", time_limit=1)
+napping_soft_limited = _sleeper("napping_soft_limited", naps=True, soft_time_limit=1)
+napping_hard_limited = _sleeper("napping_hard_limited", naps=True, time_limit=1)
+unlimited = _sleeper("unlimited")
 
 
 @girder.task(name="grid.stubborn", soft_time_limit=0.5, time_limit=1.5)
@@ -54,29 +62,6 @@ def stubborn(seconds, tag):
     except SoftTimeLimitExceeded:
         time.sleep(seconds)
     return tag
-
-
-def _naps(name: str, seconds: float, tag: str) -> str:
-    """Sleeps in 10 ms naps: off the main thread a limit lands between two of them."""
-    record_start(name, tag)
-    for _ in range(int(seconds * 100)):
-        time.sleep(0.01)
-    return tag
-
-
-@girder.task(name="grid.napping_soft_limited", soft_time_limit=1)
-def napping_soft_limited(seconds, tag):
-    return _naps("napping_soft_limited", seconds, tag)
-
-
-@girder.task(name="grid.napping_hard_limited", time_limit=1)
-def napping_hard_limited(seconds, tag):
-    return _naps("napping_hard_limited", seconds, tag)
-
-
-@girder.task(name="grid.unlimited")
-def unlimited(seconds, tag):
-    return _sleeps("unlimited", seconds, tag)
 
 
 @girder.task(name="grid.limited_parent", soft_time_limit=1)
