@@ -219,7 +219,8 @@ class Runner:
         try:
             outcome, value = self._run(task, key, owner, args, kwargs, run, skip_mailbox)
         except Exception as exc:
-            if mirror:
+            # An inline run to be retried, or given back unfinished, has not failed.
+            if mirror and not (run is not None and (run.retry is not None or run.unwind is not None)):
                 self.mirror.put_failure(task, key, exc, context)
             raise
         else:

@@ -141,6 +141,7 @@ def test_an_inline_parents_own_limit_counts_the_parent_and_gives_its_child_back(
     )
     assert 0.9 < took < 1.9
     assert child_state(live, lt.unlimited, 2, t)["state"] == "queued"
+    assert m.app.AsyncResult(lt.unlimited.key(2, t)).state == "PENDING"  # no failure mirrored
     assert m.girder.request(lt.unlimited.s(2, t), timeout=15) == t
     assert len(lt.starts("unlimited", t)) == 2
     assert_node_serves(live)
@@ -184,6 +185,7 @@ def test_an_inline_childs_autoretry_succeeds_on_attempt_2_after_its_delay(live):
     assert 1.0 <= gap < 2.5  # default_retry_delay=1
     state = child_state(live, lt.fails_first, t)
     assert (state["state"], state["placement"]) == ("done", "inline")
+    assert m.app.AsyncResult(lt.fails_first.key(t)).get(timeout=10) == value
     assert m.girder.request(lt.parent_of.s("grid.fails_first", t), timeout=5) == value  # memoized
     assert len(lt.starts("fails_first", t)) == 2
 
