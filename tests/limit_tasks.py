@@ -104,6 +104,13 @@ def backs_off(tag):
     return run
 
 
+@girder.task(name="grid.gives_up_on_a_retry")
+def gives_up_on_a_retry(tag, x):
+    """Runs ``fails_first(tag)`` first (newest first), which Celery retries in 1 s; meanwhile
+    ``divide(x, 0)`` fails, and this request with it."""
+    return girder.requests([gridapp.divide.s(x, 0), fails_first.s(tag)])
+
+
 @girder.task(name="grid.deep_parent")
 def deep_parent(depth, name, *args):
     """``depth`` nested inline runs, then ``name(*args)`` at the bottom (past the hop to a fresh thread)."""

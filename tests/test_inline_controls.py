@@ -190,6 +190,17 @@ def test_an_inline_childs_autoretry_succeeds_on_attempt_2_after_its_delay(live):
     assert len(lt.starts("fails_first", t)) == 2
 
 
+def test_a_retry_its_parent_gave_up_on_is_given_back_and_runs_when_next_requested(live):
+    m, lt, t = live.app_module, live.app_module.limit_tasks, tag()
+    x = uuid.uuid4().int % 10**9
+    with pytest.raises(GirderError) as info:
+        m.girder.request(lt.gives_up_on_a_retry.s(t, x), timeout=15)
+    assert innermost(info.value).exc_type == "ZeroDivisionError"
+    assert child_state(live, lt.fails_first, t)["state"] == "queued"
+    assert len(lt.starts("fails_first", t)) == 1
+    assert m.girder.request(lt.fails_first.s(t), timeout=15) == {"retries": 0, "id": lt.fails_first.key(t)}
+
+
 def test_an_inline_childs_autoretry_fails_its_parent_after_max_retries(live):
     lt, t = live.app_module.limit_tasks, tag()
     error, took = call_parent(live, "grid.always_fails", t)
