@@ -184,7 +184,7 @@ def test_an_inline_childs_autoretry_succeeds_on_attempt_2_after_its_delay(live):
     (gap,) = gaps(lt.starts("fails_first", t))
     assert 1.0 <= gap < 2.5  # default_retry_delay=1
     state = child_state(live, lt.fails_first, t)
-    assert (state["state"], state["placement"]) == ("done", "inline")
+    assert (state["state"], state["placement"], state["attempts"]) == ("done", "inline", 1)  # one claim
     assert m.app.AsyncResult(lt.fails_first.key(t)).get(timeout=10) == value
     assert m.girder.request(lt.parent_of.s("grid.fails_first", t), timeout=5) == value  # memoized
     assert len(lt.starts("fails_first", t)) == 2
