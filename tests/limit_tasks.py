@@ -104,6 +104,14 @@ def backs_off(tag):
     return run
 
 
+@girder.task(name="grid.outlives_its_childs_limit")
+def outlives_its_childs_limit(tag):
+    """Runs ``soft_limited(0.2, tag)`` inline, well within its 1 s limit, then sleeps past it."""
+    value = soft_limited.call(0.2, tag)
+    time.sleep(1.5)
+    return value
+
+
 @girder.task(name="grid.gives_up_on_a_retry")
 def gives_up_on_a_retry(tag, x):
     """Runs ``fails_first(tag)`` first (newest first), which Celery retries in 1 s; meanwhile

@@ -116,6 +116,13 @@ def test_an_inline_child_past_the_hop_to_a_fresh_thread_is_timed_too(live, child
     assert_node_serves(live)
 
 
+def test_a_child_done_within_its_limit_leaves_no_timer_behind(live):
+    """Its parent sleeps on past the child's deadline and is not interrupted."""
+    m, lt, t = live.app_module, live.app_module.limit_tasks, tag()
+    assert m.girder.request(lt.outlives_its_childs_limit.s(t), timeout=15) == t
+    assert child_state(live, lt.soft_limited, 0.2, t)["state"] == "done"
+
+
 def test_an_inline_child_that_ignores_its_soft_limit_is_ended_by_its_hard_one(live):
     """``grid.stubborn`` catches SoftTimeLimitExceeded (0.5 s) and sleeps on: TimeLimitExceeded at 1.5 s."""
     lt, t = live.app_module.limit_tasks, tag()
