@@ -103,10 +103,11 @@ class Runner:
         self.settings = settings
         self.leases = LeaseKeeper(store, settings.lease_ms, settings.edge_ttl_ms)
         self.limits = InlineLimits(green=store.link.green)
-        #: Whether this node sends task events (``-E``), and its number of executors; set by
-        #: the worker bootstep.
+        #: Whether this node sends task events (``-E``), its number of executors and its name;
+        #: set by the worker bootstep.
         self.events = False
         self.concurrency = 0
+        self.node = ""
 
     @staticmethod
     def new_owner(node: str) -> str:
@@ -284,6 +285,15 @@ class Runner:
         """Fail an inline run whose tracer broke before the function ran."""
         error = RuntimeError(f"Celery's tracer failed before running {task.name}; see the worker log")
         return self._fail(task, key, owner, args, kwargs, error, skip_mailbox)
+
+    def fail_timed_out(self, task: Task, key: str, args: list | tuple, kwargs: dict, exc: BaseException) -> None:
+        """Fail request ``key``, whose run from its message Celery's pool ended at its hard time
+        limit (prefork kills the process that ran it), so its waiters hear of it instead of
+        waiting for its lease to lapse and running it again, to be killed again; only while the
+        record says this node runs it (an inline run that failed so has settled already)."""
+        record = self.store.record(key)
+        if record.get("state") == "running" and record.get("node") == self.node:
+            self._fail(task, key, record.get("owner", ""), args, kwargs, exc, "")
 
     def refuse_unknown(self, key: str, name: str, node: str) -> None:
         """Fail request ``key`` whose message names task ``name``, unknown on ``node``, so its

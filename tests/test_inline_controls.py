@@ -177,6 +177,25 @@ def test_a_messages_own_soft_limit_fails_it_not_its_inline_child(live):
     assert_node_serves(live)
 
 
+def test_a_messages_own_hard_limit_fails_it_and_its_waiters_hear_of_it(live):
+    """Prefork kills the process at a message's hard limit (Celery's on_timeout): girder fails the
+    request for its waiters, rather than leave it running to lapse and run again. Solo enforces none."""
+    m, lt, t = live.app_module, live.app_module.limit_tasks, tag()
+    start = time.monotonic()
+    if live.pool == "solo":
+        assert m.girder.request(lt.hard_limited.s(2, t), timeout=15) == t
+        return
+    with pytest.raises(GirderError) as info:
+        m.girder.request(lt.hard_limited.s(2, t), timeout=15)
+    assert time.monotonic() - start < 2.5
+    assert (info.value.request, info.value.exc_type) == (
+        f"grid.hard_limited(2, {t!r})",
+        "billiard.exceptions.TimeLimitExceeded",
+    )
+    assert len(lt.starts("hard_limited", t)) == 1
+    assert_node_serves(live)
+
+
 # -- retries -----------------------------------------------------------------------------------
 
 
