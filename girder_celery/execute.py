@@ -21,6 +21,7 @@ from . import keys
 from .errors import STORE_UNREACHABLE, GirderError, corrupt
 from .frame import Frame, enter, leave
 from .lease import LeaseKeeper
+from .limits import TIME_LIMITS, InlineLimits
 from .mirror import Mirror
 from .offers import Offers
 from .settings import Settings
@@ -39,11 +40,19 @@ _ANSWERED = (Verdict.DONE, Verdict.FAILED, Verdict.RUNNING)
 @dataclass
 class InlineRun:
     """Carried in an inline run's Celery request: its owner already holds the claim, and the
-    outcome is handed back here to the waiter, whose ``mailbox`` is not notified of it."""
+    outcome is handed back here to the waiter, whose ``mailbox`` is not notified of it.
+
+    Instead of an outcome a run may end with ``retry``, Celery's ``Retry`` (``self.retry()``,
+    ``autoretry_for``): the waiter runs it again after its delay, under the same claim; or with
+    ``unwind``, an enclosing run's time limit, raised in this run's frame (``limits.py``): the run
+    was given back unfinished, and the waiter re-raises it on the way to that run.
+    """
 
     owner: str
     mailbox: str
     outcome: Outcome | None = field(default=None)
+    retry: Retry | None = field(default=None)
+    unwind: BaseException | None = field(default=None)
 
 
 def encode_result(task: Task, key: str, args: list | tuple, kwargs: dict, value: Any) -> str:
@@ -93,10 +102,12 @@ class Runner:
         self.mirror = mirror
         self.settings = settings
         self.leases = LeaseKeeper(store, settings.lease_ms, settings.edge_ttl_ms)
-        #: Whether this node sends task events (``-E``), and its number of executors; set by
-        #: the worker bootstep.
+        self.limits = InlineLimits(green=store.link.green)
+        #: Whether this node sends task events (``-E``), its number of executors and its name;
+        #: set by the worker bootstep.
         self.events = False
         self.concurrency = 0
+        self.node = ""
 
     @staticmethod
     def new_owner(node: str) -> str:
@@ -195,8 +206,9 @@ class Runner:
     ) -> Any:
         """Run a claimed request and settle it in the store; returns the value or raises.
 
-        With an inline ``run`` the outcome is also left on it for the waiting frame, and
-        Celery control-flow exceptions count as failures (there is no message to retry).
+        With an inline ``run`` the outcome is also left on it for the waiting frame, its own
+        time limits are enforced (``limits.py``), a ``Retry`` is left on it for the waiter to run
+        it again, and other Celery control-flow exceptions count as failures.
         """
         token = enter(Frame(key, context.hostname or "unknown", context.root_id or key, owner))
         skip_mailbox = run.mailbox if run is not None else ""
@@ -208,7 +220,8 @@ class Runner:
         try:
             outcome, value = self._run(task, key, owner, args, kwargs, run, skip_mailbox)
         except Exception as exc:
-            if mirror:
+            # An inline run to be retried, or given back unfinished, has not failed.
+            if mirror and not (run is not None and (run.retry is not None or run.unwind is not None)):
                 self.mirror.put_failure(task, key, exc, context)
             raise
         else:
@@ -219,16 +232,35 @@ class Runner:
             self.leases.release(key)
             leave(token)
             if run is None:  # the request a message brought is done
+                self.limits.clear()
                 self.after_message()
 
     def _run(self, task, key, owner, args, kwargs, run, skip_mailbox) -> tuple[Outcome, Any]:
         outcome = None
+        timing = None if run is None else self.limits.timing(task, key)
         try:
-            value = task.run(*args, **kwargs)
+            try:
+                if timing is not None:
+                    self.limits.start(timing)
+                value = task.run(*args, **kwargs)
+            finally:
+                if timing is not None:
+                    self.limits.stop(timing)
             encoded = self._encode(task, key, args, kwargs, value)
         except Exception as exc:
-            if run is None and isinstance(exc, _CONTROL_FLOW):
+            if run is None:
+                if isinstance(exc, _CONTROL_FLOW):
+                    raise
+            elif isinstance(exc, Retry):  # its waiter runs it again once due, under this claim
+                run.retry = exc
                 raise
+            elif isinstance(exc, TIME_LIMITS) and not (timing is not None and timing.owns(exc)):
+                # An enclosing run's limit, raised in this frame: this run is given back
+                # unfinished (queued, for whoever needs it next), and the exception unwinds to
+                # that run past Celery's tracer, which takes Ignore quietly (inline.py re-raises).
+                self.store.release(key, owner, offered=False)
+                run.unwind = exc
+                raise Ignore() from exc
             outcome = self._fail(task, key, owner, args, kwargs, exc, skip_mailbox)
             raise
         else:
@@ -253,6 +285,15 @@ class Runner:
         """Fail an inline run whose tracer broke before the function ran."""
         error = RuntimeError(f"Celery's tracer failed before running {task.name}; see the worker log")
         return self._fail(task, key, owner, args, kwargs, error, skip_mailbox)
+
+    def fail_timed_out(self, task: Task, key: str, args: list | tuple, kwargs: dict, exc: BaseException) -> None:
+        """Fail request ``key``, whose run from its message Celery's pool ended at its hard time
+        limit (prefork kills the process that ran it), so its waiters hear of it instead of
+        waiting for its lease to lapse and running it again, to be killed again; only while the
+        record says this node runs it (an inline run that failed so has settled already)."""
+        record = self.store.record(key)
+        if record.get("state") == "running" and record.get("node") == self.node:
+            self._fail(task, key, record.get("owner", ""), args, kwargs, exc, "")
 
     def refuse_unknown(self, key: str, name: str, node: str) -> None:
         """Fail request ``key`` whose message names task ``name``, unknown on ``node``, so its

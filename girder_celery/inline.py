@@ -20,12 +20,16 @@ limit is never raised, and each thread's C stack carries only a bounded slice of
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import itertools
 import time
 from typing import Any
 
+import redis
 from celery import Task
 from celery.app.trace import build_tracer
+from celery.exceptions import Retry
 from celery.utils.saferepr import saferepr
 
 from .execute import InlineRun, Runner
@@ -66,6 +70,10 @@ class InlineWait(Wait):
         self.claimable: dict[str, None] = {}
         #: The sub-request the submit claimed for this waiter, to run first.
         self.claimed: str | None = None
+        #: Sub-requests run here that Celery retries: key -> (when the retry is due, monotonic,
+        #: and the retries so far). Each stays claimed by this waiter, its lease held, and runs
+        #: here again once due; meanwhile the waiter runs its others and blocks no later.
+        self.retrying: dict[str, tuple[float, int]] = {}
 
     def _submit(self, requests: list[Request]) -> list[Outcome]:
         claimant = Claimant(requests[-1].key, self.owner, self.frame.node, self.lease_ms)
@@ -96,8 +104,30 @@ class InlineWait(Wait):
         self.claimable.pop(outcome.key, None)
         super()._settle(outcome)
 
+    def _wake_at(self) -> float | None:
+        return min(due for due, _ in self.retrying.values()) if self.retrying else None
+
+    def _withdraw(self) -> None:
+        # Given up (a failure, a timeout, an enclosing run's limit): a retry not yet run is given
+        # back unfinished, and the next submit of it offers it at once.
+        for key in self.retrying:
+            self.runner.leases.release(key)
+            with contextlib.suppress(redis.RedisError):
+                self.store.release(key, self.owner, offered=False)
+        super()._withdraw()
+
+    def _due_retry(self) -> tuple[str | None, int]:
+        now = time.monotonic()
+        for key, (due, retries) in self.retrying.items():
+            if due <= now:
+                del self.retrying[key]
+                return key, retries
+        return None, 0
+
     def _run_one_inline(self) -> bool:
-        key, self.claimed = self.claimed, None
+        key, retries = self._due_retry() if self.retrying else (None, 0)
+        if key is None:
+            key, self.claimed = self.claimed, None
         while key is None and self.claimable:
             # The newest few, in one round trip; those before the one claimed (or all, if none is)
             # are running, settled or lost: the mailbox or the next check says which.
@@ -109,15 +139,33 @@ class InlineWait(Wait):
                     self.pending[other] = Verdict.RUNNING
         if key is None or key not in self.pending:
             return False
-        outcome = run_inline(self.runner, self.unique[key], self.owner, self.mailbox, self.frame)
-        self._settle(outcome)
+        run = run_inline(self.runner, self.unique[key], self.owner, self.mailbox, self.frame, retries)
+        if run.retry is not None:
+            self.retrying[key] = (time.monotonic() + retry_delay(run.retry), retries + 1)
+            self.runner.leases.hold(key, self.owner)
+        else:
+            self._settle(run.outcome)
         return True
 
 
-def run_inline(runner: Runner, request: Request, owner: str, mailbox: str, waiter: Frame) -> Outcome:
-    """Run a request this executor has claimed, as a Celery task, inline; its outcome. A deep
-    stack hops to a fresh thread, and each thread gives its connections back around the hop."""
-    return on_a_shallow_stack(_trace, runner, request, owner, mailbox, waiter, release=runner.release_thread)
+def retry_delay(retry: Retry) -> float:
+    """Seconds until a Celery ``Retry`` is due: its countdown, or its eta (naive: UTC) from now."""
+    when = retry.when
+    if isinstance(when, datetime.datetime):
+        utc = datetime.timezone.utc
+        eta = when if when.tzinfo is not None else when.replace(tzinfo=utc)
+        return max(0.0, (eta - datetime.datetime.now(utc)).total_seconds())
+    return max(0.0, float(when or 0))
+
+
+def run_inline(
+    runner: Runner, request: Request, owner: str, mailbox: str, waiter: Frame, retries: int = 0
+) -> InlineRun:
+    """Run a request this executor has claimed, as a Celery task, inline: its outcome, or the
+    ``Retry`` Celery asked for, on the ``InlineRun``. ``retries``: the retries run before this
+    one. A deep stack hops to a fresh thread, and each thread gives its connections back around
+    the hop."""
+    return on_a_shallow_stack(_trace, runner, request, owner, mailbox, waiter, retries, release=runner.release_thread)
 
 
 _tracers: dict[tuple[str, str], Any] = {}
@@ -130,7 +178,7 @@ def _tracer(task: Task, node: str) -> Any:
     return tracer
 
 
-def _trace(runner: Runner, request: Request, owner: str, mailbox: str, waiter: Frame) -> Outcome:
+def _trace(runner: Runner, request: Request, owner: str, mailbox: str, waiter: Frame, retries: int) -> InlineRun:
     task, key, node = request.task, request.key, waiter.node
     run = InlineRun(owner, mailbox)
     args, kwargs = decode_payload(request.payload)
@@ -142,6 +190,7 @@ def _trace(runner: Runner, request: Request, owner: str, mailbox: str, waiter: F
         "hostname": node,
         "delivery_info": {"exchange": "", "routing_key": "", "priority": None, "redelivered": False},
         "correlation_id": key,
+        "retries": retries,
         "girder_inline": run,
         # The tracer must not store the result: the runner mirrors it (see mirror.py).
         "ignore_result": True,
@@ -149,19 +198,25 @@ def _trace(runner: Runner, request: Request, owner: str, mailbox: str, waiter: F
     events = runner.events
     if events:
         _send_event(task, node, "task-received", key, name=task.name, args=saferepr(args), kwargs=saferepr(kwargs),
-                    root_id=waiter.root_id, parent_id=waiter.key, retries=0)  # fmt: skip
+                    root_id=waiter.root_id, parent_id=waiter.key, retries=retries)  # fmt: skip
         _send_event(task, node, "task-started", key)
     started = time.monotonic()
     _tracer(task, node)(key, args, kwargs, context)
-    outcome = run.outcome
-    if outcome is None:  # the tracer failed before our code ran
-        outcome = runner.fail_internal(task, key, owner, args, kwargs, mailbox)
+    if run.unwind is not None:  # an enclosing run's time limit: on to that run
+        raise run.unwind
+    if run.retry is not None:
+        if events:
+            _send_event(task, node, "task-retried", key, exception=saferepr(run.retry.exc), traceback="")
+        return run
+    if run.outcome is None:  # the tracer failed before our code ran
+        run.outcome = runner.fail_internal(task, key, owner, args, kwargs, mailbox)
     if events:
-        if outcome.verdict is Verdict.DONE:
-            _send_event(task, node, "task-succeeded", key, result=outcome.data, runtime=time.monotonic() - started)
+        if run.outcome.verdict is Verdict.DONE:
+            result = run.outcome.data
+            _send_event(task, node, "task-succeeded", key, result=result, runtime=time.monotonic() - started)
         else:
-            _send_event(task, node, "task-failed", key, exception=outcome.error().message)
-    return outcome
+            _send_event(task, node, "task-failed", key, exception=run.outcome.error().message)
+    return run
 
 
 def _send_event(task: Task, node: str, type_: str, key: str, **fields: Any) -> None:

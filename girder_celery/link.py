@@ -11,7 +11,9 @@ own: sent at once, their replies read by the thread's next write or pause.
 
 Anything unusual falls back to the client's own path, which reconnects, retries and reloads
 scripts: a connection error, a script Redis forgot (``NOSCRIPT``), or an unread reply that
-turns out to be an error (the call is made again: completing a settled request is a no-op). A
+turns out to be an error (the call is made again: completing a settled request is a no-op).
+An exception raised into a call between its send and its reply (a time limit's signal) drops
+the connection the same way, so no later call reads a reply that is not its own. A
 thread gives its connection back to the client's pool before it hops or ends; one that blocks
 or takes its next message keeps it, and its unread replies, until its next call. (Should an
 operator flush Redis's scripts meanwhile, that call makes the completion again; a thread that
@@ -137,6 +139,9 @@ class Link:
         except _FALL_BACK:
             self._reset(held)
             return [script(keys, args, client=self.client) for keys, args in calls]
+        except BaseException:
+            self._interrupted(held)
+            raise
 
     def _read_one(self, held: _Held) -> Any:
         try:
@@ -160,6 +165,9 @@ class Link:
         except _FALL_BACK:
             self._reset(held)
             again()
+        except BaseException:
+            self._interrupted(held, again)
+            raise
         else:
             held.unread.append(again)
 
@@ -176,6 +184,9 @@ class Link:
             self._reset(held)
             for command in commands:
                 again(command)
+        except BaseException:
+            self._interrupted(held, *(functools.partial(again, c) for c in commands))
+            raise
         else:
             held.unread.extend(functools.partial(again, c) for c in commands)
 
@@ -223,6 +234,16 @@ class Link:
                 self._loaded = False
                 again()
             held.unread.pop(0)
+
+    def _interrupted(self, held: _Held, *unsent: Callable[[], Any]) -> None:
+        """An exception cut this thread's exchange short (a time limit's signal, raised between
+        a send and its reply): a reply may be left on the socket, where the next call would take
+        it for its own. The connection is dropped, and what it left unconfirmed (with ``unsent``,
+        calls that may not have gone out) is made again through the client: each is idempotent
+        (completing a settled request is a no-op). One that fails too is left to its lease."""
+        held.unread.extend(unsent)
+        with contextlib.suppress(Exception):
+            self._reset(held)
 
     def _reset(self, held: _Held) -> None:
         """Drop a broken connection; whatever it had not confirmed is called again."""

@@ -31,7 +31,7 @@ A record answers each call with a ``Verdict`` (see there) and data; ``Outcome`` 
 | ``renew`` | renew.lua | running(owner) -> running(owner, later lease) |
 | ``complete`` | complete.lua | not settled -> done(value); waiters woken |
 | ``fail`` | fail.lua | not settled -> failed(error); waiters woken |
-| ``release`` | release.lua | running(owner) -> queued (Celery retries it) |
+| ``release`` | release.lua | running(owner) -> queued (Celery retries it, or a run is given back unfinished) |
 | ``unoffer`` | unoffer.lua | queued, offered -> queued, never offered |
 | ``hoist`` | hoist.lua | queued on a tier -> queued there and on the nearest tier above that keeps up |
 | ``forget`` | forget.lua | done, failed, corrupt -> absent (and its graph) |
@@ -321,9 +321,11 @@ class StateStore:
     def _settle_keys(self, key: str) -> tuple[str, ...]:
         return self.record_key(key), self.waiters_key(key), self.edges_key(key), self.graph_key(key), self.stats_key
 
-    def release(self, key: str, owner: str) -> bool:
-        """Give claimed ``key`` back to queued (Celery is retrying it); False if not ours."""
-        return bool(self._scripts["release"]((self.record_key(key),), (owner,)))
+    def release(self, key: str, owner: str, offered: bool = True) -> bool:
+        """Give claimed ``key`` back to queued; False if not ours. ``offered``: Celery has just
+        sent its retry message; else it is given back unfinished with no offer, and the next
+        submit of it offers it at once."""
+        return bool(self._scripts["release"]((self.record_key(key),), (owner, "1" if offered else "")))
 
     def unoffer(self, key: str, pool: str) -> bool:
         """Withdraw the offer of ``key`` on ``pool`` whose message was never sent."""

@@ -120,6 +120,10 @@ class GirderTask(celery.Task):
         runtime = self.runtime
         frame = current_frame()
         if options.get("retries") and frame is not None and frame.key == request.key:
+            if getattr(self.request, "girder_inline", None) is not None:
+                # Celery's retry of an inline run: its waiter runs it again once due, under its
+                # claim (inline.py); there is no message to send.
+                return self.AsyncResult(request.key)
             # Celery's retry of the request running here: give the claim back, so the retry
             # message is the request's next offer, not a duplicate of this run.
             runtime.store.release(request.key, frame.owner)

@@ -105,6 +105,10 @@ class Wait:
     def _before_block(self) -> None:
         """This thread is about to block on its mailbox."""
 
+    def _wake_at(self) -> float | None:
+        """When (monotonic) this waiter has something to do besides reading its mailbox, if ever."""
+        return None
+
     # -- the loop ----------------------------------------------------------------------------
 
     def _wait_pending(self, deadline: float | None) -> None:
@@ -119,6 +123,9 @@ class Wait:
                 if self._run_one_inline():
                     continue
                 until = next_check if deadline is None else min(next_check, deadline)
+                wake = self._wake_at()
+                if wake is not None:
+                    until = min(until, wake)
                 if now < until:
                     self._pop(min(until - now, MAX_BLOCK))
                 if self.pending and time.monotonic() >= next_check:

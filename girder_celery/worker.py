@@ -7,8 +7,9 @@ checks the state store at start, so a wrong URL is a clear error there rather th
 and warns if the store may evict girder's keys (an evicted running record makes its request
 run twice, against invariant 1), and installs the event-loop wakers of ``hub.py``. ``Hoister``
 runs a thread that copies offers that waited longer than ``girder_hoist_after`` up a tier (the
-seed's distributor). The handler fails a girder request whose message names a task this
-worker does not know, so its waiters hear of it (invariant 1).
+seed's distributor). The handlers fail a girder request whose message names a task this
+worker does not know, or whose run Celery's pool ended at its hard time limit (prefork kills
+the process), so its waiters hear of it (invariant 1).
 
 ``MessageCheck`` refuses malformed messages of plain tasks as girder's strategy does its own.
 """
@@ -22,6 +23,7 @@ from typing import Any
 import click
 import redis
 from celery import Celery, bootsteps, signals
+from celery.exceptions import TimeLimitExceeded
 
 from .errors import safe_url
 from .hub import wake_hub_for_queued_callbacks, wake_hub_when_requests_end
@@ -54,6 +56,7 @@ class GirderStep(bootsteps.StartStopStep):
         settings, offers = runtime.settings, runtime.offers
         runtime.runner.events = bool(worker.task_events)
         runtime.runner.concurrency = worker.concurrency
+        runtime.runner.node = worker.hostname
         # A busy executor must not sit on offers another could run (the prefetch hazard): one
         # message per executor, and with a Redis broker Celery fetches only when an executor is
         # free (RabbitMQ grants its window itself; see the README). Not under gevent or eventlet,
@@ -202,3 +205,18 @@ def install(runtime: Runtime) -> None:
             logger.warning("girder: could not fail request %s of unknown task %r", id, name, exc_info=True)
 
     signals.task_unknown.connect(on_unknown_task, weak=False)
+
+    def on_task_failure(sender: Any = None, task_id: str = "", exception: Any = None, **kwargs: Any) -> None:
+        # Celery's pool ended a girder request at its hard time limit (Request.on_timeout).
+        if getattr(sender, "runtime", None) is not runtime or not isinstance(exception, TimeLimitExceeded):
+            return
+        if not is_key(task_id):
+            return
+        try:
+            runtime.runner.fail_timed_out(
+                sender, task_id, kwargs.get("args") or (), kwargs.get("kwargs") or {}, exception
+            )
+        except redis.RedisError:
+            logger.warning("girder: could not fail request %s at its hard time limit", task_id, exc_info=True)
+
+    signals.task_failure.connect(on_task_failure, weak=False)

@@ -20,7 +20,7 @@ LAYERS = {
     1: ("link", "store", "lease", "mirror", "graph", "records"),
     2: ("offers",),
     3: ("wait",),
-    4: ("execute", "inline"),
+    4: ("execute", "inline", "limits"),
     5: ("runtime", "eager"),
     6: ("task", "worker", "hub", "messages"),
     7: ("girder", "__init__", "cli", "pytest_plugin"),

@@ -124,6 +124,35 @@ def test_a_batch_is_one_send_and_a_script_error_leaves_the_connection_in_step(st
     assert store.claim(keys[0], "n1/1/a", "n1", 1000)[0] == "claimed"
 
 
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt(signum, frame):
+    raise _Interrupt()
+
+
+def test_an_exception_between_a_send_and_its_reply_leaves_no_reply_for_the_next_call(redis_server):
+    """A signal's exception (an inline time limit's) raised while a call spins for its reply drops
+    the connection: the next call gets its own reply, and an unconfirmed completion is made again."""
+    store = StateStore(redis_server.client(db=3), prefix=f"ln-{uuid.uuid4().hex[:8]}", busy_poll=5.0)
+    key, mailbox = running(store)
+    store.complete_unawaited(key, "n1/1/a", "4", 0)
+    slow = store.client.register_script("local n = 0 for i = 1, 100000000 do n = n + 1 end return 'slow'")
+    store.client.script_load(slow.script)
+    previous = signal.signal(signal.SIGALRM, _interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)  # lands in the spin: the script runs for longer
+        with pytest.raises(_Interrupt):
+            store.link.call(slow, (), ())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert store.claim(new_key(), "n1/1/b", "n1", 1000) == ("absent", "", 0)
+    assert store.record(key)["state"] == "done"
+    assert store.client.blpop([mailbox], timeout=5) is not None
+
+
 def test_pausing_with_the_store_gone_logs_and_gives_the_connection_back(caplog):
     """A thread pausing after its completion could not be confirmed does not raise: its
     request is left to its lease and its waiters (the store is the one that went away)."""

@@ -267,6 +267,26 @@ def test_claim_first_with_nothing_claimable_changes_nothing(store):
     assert store.record(running)["owner"] == "n1/1/a" and store.record(done)["state"] == "done"
 
 
+@pytest.mark.invariant1
+def test_release_gives_a_claim_back_offered_for_a_retry_message_or_unoffered(store):
+    """release: running(owner) -> queued, offered now (Celery sent its retry message) or never
+    offered (an inline run given back unfinished: the next submit offers it at once); not ours: 0."""
+    retried, unfinished = new_key(), new_key()
+    claimed(store, retried, "n1/1/a")
+    assert not store.release(retried, "n2/1/b")
+    assert store.release(retried, "n1/1/a")
+    rec = store.record(retried)
+    assert (rec["state"], rec["offers"], "owner" in rec) == ("queued", "2", False)
+    assert int(rec["offered_at"]) > 0
+    assert submit(store, retried) == ("queued", "")
+    claimed(store, unfinished, "n1/1/a")
+    assert store.release(unfinished, "n1/1/a", offered=False)
+    rec = store.record(unfinished)
+    assert (rec["state"], rec["offered_at"], rec["offers"]) == ("queued", "0", "1")
+    assert submit(store, unfinished) == ("offer", "")
+    assert not store.release(unfinished, "n1/1/a")
+
+
 # -- renew ---------------------------------------------------------------------------------
 
 
