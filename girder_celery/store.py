@@ -33,7 +33,7 @@ A record answers each call with a ``Verdict`` (see there) and data; ``Outcome`` 
 | ``fail`` | fail.lua | not settled -> failed(error); waiters woken |
 | ``release`` | release.lua | running(owner) -> queued (Celery retries it, or a run is given back unfinished) |
 | ``unoffer`` | unoffer.lua | queued, offered -> queued, never offered |
-| ``hoist`` | hoist.lua | queued on a tier -> queued there and on the nearest tier above that keeps up |
+| ``hoist`` | hoist.lua | queued on a tier -> queued there and on the nearest tier above that can take it |
 | ``forget`` | forget.lua | done, failed, corrupt -> absent (and its graph) |
 
 "Lapsed" is running with an expired lease: its owner died, and anyone may take it over.
@@ -67,9 +67,11 @@ MAILBOX_TTL_MS = 24 * 3600 * 1000
 RECONNECT_WINDOW = 30.0
 #: A hoisting pass moves at most ``HOIST_BATCH`` offers out of each tier, and passes over a tier
 #: holding ``HOIST_BACKLOG`` offers that waited longer than ``girder_hoist_after`` (not keeping
-#: up). The batch bounds a pass's script and the copies one pass can send to a tier that is about
-#: to fall behind; it is well above what a tier's consumers take per pass, so that the copies
-#: keep pace with a wide pool (issue 12: 16 starved the nine nodes of a root pool).
+#: up), or a pool below the top whose window is full. The batch bounds a pass's script and the
+#: copies one pass can send to a tier that is about to fall behind; it is well above what a
+#: tier's consumers take per pass, so that the copies keep pace with a wide pool (issue 12: 16
+#: starved the nine nodes of a root pool). A pool's window starts at ``HOIST_BACKLOG`` and is
+#: at most ``HOIST_BATCH``.
 HOIST_BATCH = 64
 HOIST_BACKLOG = 16
 #: Of a tier whose offers cannot move (the top, or no tier above keeps up), a pass looks at only
@@ -77,6 +79,8 @@ HOIST_BACKLOG = 16
 #: node's hoister passes): a saturated grid's hoisters would otherwise read a batch of records
 #: per tier per pass, to move none of them (4 per pass were half the reads of a 12-node fan-out).
 HOIST_PRUNE = 1
+#: How long a pool's hoisting window is kept once no pass adjusts it (see hoist.lua).
+WINDOW_TTL_MS = 24 * 3600 * 1000
 
 
 class Verdict(str, Enum):
@@ -202,6 +206,9 @@ class StateStore:
 
     def offers_key(self, queue: str) -> str:
         return f"{self.prefix}:offers:{queue}"
+
+    def window_key(self, queue: str) -> str:
+        return f"{self.prefix}:window:{queue}"
 
     def edges_key(self, key: str) -> str:
         return f"{self.prefix}:waits:{key}"
@@ -345,11 +352,12 @@ class StateStore:
     def hoist(self, tiers: list[str], after_ms: int) -> list[tuple[str, str, str, str]]:
         """One pass up ``tiers`` (a node's queue, its pool, the pool's ancestors): move up to
         ``HOIST_BATCH`` offers per tier, queued there for over ``after_ms``, to the nearest tier
-        above with fewer than ``HOIST_BACKLOG`` offers that waited as long (none: they stay), or
-        only drop stale entries at the top: the ``(queue, key, name, payload)`` to publish."""
+        above that can take them: one with fewer than ``HOIST_BACKLOG`` offers that waited as
+        long and, below the top, room in its window (none: they stay); at the top only drop
+        stale entries. The ``(queue, key, name, payload)`` to publish."""
         reply = self._scripts["hoist"](
-            [self.offers_key(tier) for tier in tiers],
-            (after_ms, self.record_key(""), HOIST_BATCH, HOIST_BACKLOG, HOIST_PRUNE, *tiers),
+            [*(self.offers_key(tier) for tier in tiers), *(self.window_key(tier) for tier in tiers)],
+            (after_ms, self.record_key(""), HOIST_BATCH, HOIST_BACKLOG, HOIST_PRUNE, WINDOW_TTL_MS, *tiers),
         )
         return [tuple(reply[i : i + 4]) for i in range(0, len(reply), 4)]
 

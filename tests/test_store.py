@@ -571,3 +571,37 @@ def test_a_submit_wider_than_a_pipeline_chunk_answers_every_request_in_order(sto
     assert {o.verdict.value for o in outcomes} == {"offer"}
     assert store.client.zcard(store.offers_key("q")) == len(keys)
     assert submit(store, keys[-1])[0] == "queued"
+
+
+def test_a_pool_that_hoisted_offers_on_gets_a_smaller_window_and_the_rest_go_up(store):
+    """A pool whose own offers were hoisted on in the last period did not take what it was given:
+    its window halves, and a node's copies beyond it go to the tier above, not to wait there."""
+    store.client.hset(store.window_key("pool"), mapping={"w": 4, "in": 4, "over": 3, "at": 0})
+    due = queued_on(store, "node", 5)
+    store.client.zadd(store.offers_key("node"), {k: i for i, k in enumerate(due)})
+    moved = store.hoist(["node", "pool", "root"], 100)
+    assert [(queue, key) for queue, key, _, _ in moved] == [("pool", k) for k in due[:2]] + [
+        ("root", k) for k in due[2:]
+    ]
+    assert store.client.hmget(store.window_key("pool"), "w", "in", "over") == ["2", "2", "0"]
+    assert store.client.pttl(store.window_key("pool")) > 0
+
+
+def test_a_pool_that_took_a_window_of_offers_gets_a_larger_one(store):
+    """A pool given a whole window in the last period, none hoisted on, takes half as many more."""
+    store.client.hset(store.window_key("pool"), mapping={"w": 4, "in": 4, "over": 0, "at": 0})
+    queued_on(store, "node", 8)
+    moved = store.hoist(["node", "pool", "root"], 100)
+    assert sorted(queue for queue, _, _, _ in moved) == ["pool"] * 6 + ["root"] * 2
+    assert store.client.hget(store.window_key("pool"), "w") == "6"
+
+
+def test_offers_hoisted_out_of_a_pool_count_against_its_window(store):
+    """Each offer hoisted on out of a pool is one its nodes did not take: counted as the pool's
+    ``over``; and a pool's window waits a period before it changes again."""
+    now = redis_now_ms(store.client)
+    store.client.hset(store.window_key("pool"), mapping={"w": 16, "in": 0, "over": 0, "at": now + HOUR})
+    stuck = queued_on(store, "pool", 3)
+    moved = store.hoist(["node", "pool", "root"], 100)
+    assert sorted(key for _, key, _, _ in moved) == sorted(stuck)
+    assert store.client.hmget(store.window_key("pool"), "w", "over") == ["16", "3"]
