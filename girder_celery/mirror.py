@@ -166,15 +166,36 @@ class Mirror:
         if _is_disabled(backend):
             return
         try:
-            backend.forget(key)
             # A publication of an older copy that reached this process after its get() was
-            # answered waits in Celery's buffer and would answer the next AsyncResult(key):
-            # rpc's forget drops it, Redis's does not.
+            # answered waits in Celery's buffer, or unread on its subscription's socket, and
+            # would answer the next AsyncResult(key): rpc's forget drops it, Redis's does not.
+            # (Read first: Redis's forget cancels the subscription the socket belongs to.)
+            _read_publications(getattr(backend, "result_consumer", None))
+            backend.forget(key)
             buffered = getattr(backend, "_pending_messages", None)
             if buffered is not None:
                 buffered.take(key, None)
         except Exception:
             logger.warning("girder: could not forget %s in the result backend", key, exc_info=True)
+
+
+def _read_publications(consumer: Any) -> None:
+    """Let Celery's Redis result consumer read what its subscription has received, so that it
+    is in Celery's buffer (where ``forget`` drops it), not read later while the next run's
+    ``get()`` waits. Celery's own locked read, one message at a time, bounded; a consumer
+    without them (another backend, another Celery) is left alone."""
+    pubsub = getattr(consumer, "_pubsub", None)
+    locked, read_one = getattr(consumer, "_locked", None), getattr(consumer, "_drain_one", None)
+    if pubsub is None or locked is None or read_one is None:
+        return
+    with locked():
+        for _ in range(_MOST_PUBLICATIONS):
+            if not read_one(pubsub, 0):
+                return
+
+
+#: Most publications ``_read_publications`` reads in one go.
+_MOST_PUBLICATIONS = 1000
 
 
 def _is_disabled(backend: Any) -> bool:
