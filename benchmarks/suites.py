@@ -824,13 +824,15 @@ def _memory_figures(grid: Grid) -> list[Figure]:
     try:
         record, records = _bytes_per_record(store, f"{grid.key_prefix}:req:*")
         meta, metas = _bytes_per_record(backend, "celery-task-meta-*")
-        other = sum(1 for _ in store.scan_iter(match=f"{grid.key_prefix}:*", count=1000)) - records
+        names = store.scan_iter(match=f"{grid.key_prefix}:*", count=1000)
+        kinds = Counter(name.split(b":")[1].decode() for name in names)
+        other = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()) if kind != "req") or "none"
     finally:
         store.close()
         backend.close()
     return [
         Figure("store: bytes per memoized request", record, "B",
-               note=f"median MEMORY USAGE of a record, {records:,} records; {other} other keys of this grid's"),
+               note=f"median MEMORY USAGE of a record, {records:,} records; this grid's other keys: {other}"),
         Figure("result backend: bytes per request", meta, "B",
                note=f"median MEMORY USAGE of celery-task-meta-*, {metas:,} keys (girder's mirror and stock's)"),
     ]  # fmt: skip
