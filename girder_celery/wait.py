@@ -20,6 +20,7 @@ waiting for its sub-requests, runs them itself through the hooks ``Wait`` leaves
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import time
 from typing import Any
@@ -33,10 +34,20 @@ from .store import RECONNECT_WINDOW, Outcome, Verdict
 
 __all__ = ["Wait"]
 
+
 #: Longest single blocking pop, kept below the client's socket timeout.
 MAX_BLOCK = 10.0
 #: Fewest pending requests a periodic check submits again while others settle (``Wait._due``).
 CHECK_AT_LEAST = 100
+
+
+class _Undecodable:
+    """A settled value that did not decode: its error, raised when the answers are read."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: GirderError) -> None:
+        self.error = error
 
 
 class Wait:
@@ -49,7 +60,9 @@ class Wait:
         self.unique = {r.key: r for r in requests}
         self.timeout = offers.settings.request_timeout if timeout is None else timeout
         self.mailbox = self.store.mailbox_key(unique_id())
-        self.settled: dict[str, Outcome] = {}
+        #: key -> its answer as it settled: the value itself, or its GirderError (an Outcome
+        #: object per request would outlive the wait's need of it: issue 12).
+        self.settled: dict[str, Any] = {}
         #: key -> last verdict seen, least recently checked first (``_due``).
         self.pending: dict[str, Verdict] = {}
         self.fail_fast = True
@@ -66,7 +79,7 @@ class Wait:
         finally:
             if self.pending:
                 self._withdraw()
-        return [self._result(self.settled[r.key], r) for r in self.requests]
+        return self._answers()
 
     # -- hooks an inline waiter overrides ----------------------------------------------------
 
@@ -156,15 +169,30 @@ class Wait:
 
     def _settle(self, outcome: Outcome) -> None:
         self.pending.pop(outcome.key, None)
-        self.settled[outcome.key] = outcome
-        if self.fail_fast and outcome.verdict is not Verdict.DONE:
-            raise outcome.error(self.unique.get(outcome.key))
+        request = self.unique.get(outcome.key)
+        if outcome.verdict is Verdict.DONE:
+            try:
+                self.settled[outcome.key] = outcome.value(request)
+            except GirderError as exc:  # a value girder never wrote: raised, even in place of errors
+                self.settled[outcome.key] = _Undecodable(exc)
+            return
+        error = self.settled[outcome.key] = outcome.error(request)
+        if self.fail_fast:
+            raise error
 
     # -- results and errors ------------------------------------------------------------------
 
-    @staticmethod
-    def _result(outcome: Outcome, request: Request) -> Any:
-        return outcome.value(request) if outcome.verdict is Verdict.DONE else outcome.error(request)
+    def _answers(self) -> list[Any]:
+        """Values (or, with ``return_exceptions``, errors) in request order; a request asked
+        for twice gets a copy of its value the second time, as if decoded apart."""
+        answers, seen = [], set()
+        for request in self.requests:
+            answer = self.settled[request.key]
+            if isinstance(answer, _Undecodable):
+                raise answer.error
+            answers.append(copy.deepcopy(answer) if request.key in seen else answer)
+            seen.add(request.key)
+        return answers
 
     def _cycle(self, outcome: Outcome) -> GirderError:
         keys = outcome.data.split()

@@ -234,6 +234,8 @@ def test_requests_answers_in_order_with_duplicates(live):
     assert m.girder.requests(sigs, timeout=10) == [a + 1, b + 2, a + 1, [[a], {"k": b}], a + 1]
     assert runs(live, "grid.add", m.add.key(a, 1)) == 1
     assert m.girder.requests([], timeout=1) == []
+    first, again = m.girder.requests([m.echo.s(a, k=b), m.echo.s(a, k=b)], timeout=10)
+    assert first == again and first is not again, "a value repeated in the answers is its own copy"
 
 
 def test_requests_return_exceptions_puts_errors_in_place(live):
