@@ -216,6 +216,8 @@ class Link:
         held = getattr(self._local, "held", None)
         if held is None or held.pid != os.getpid():
             held = self._local.held = _Held(self.client.connection_pool)
+        elif held.connection is None:  # dropped by ``_reset``
+            held.connection = held.pool.get_connection()
         return held
 
     @staticmethod
@@ -246,9 +248,13 @@ class Link:
             self._reset(held)
 
     def _reset(self, held: _Held) -> None:
-        """Drop a broken connection; whatever it had not confirmed is called again."""
+        """Drop a broken connection; whatever it had not confirmed is called again. The thread's
+        next call takes a connection from the pool, which connects it as the client's own path
+        does: behind Sentinel, to the master the sentinels name now (a connection reconnecting
+        by itself would go back to the address it had, a dead or demoted master's)."""
         unread, held.unread = held.unread, []
         held.connection.disconnect()
+        held.give_back()
         for again in unread:
             again()
 
