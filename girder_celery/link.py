@@ -67,7 +67,6 @@ class _Held:
         self.pid = os.getpid()
         self.unread: list[Callable[[], Any]] = []
         self.connection = None
-        self.connection = pool.get_connection()
 
     def give_back(self) -> None:
         connection, self.connection = self.connection, None
@@ -107,8 +106,11 @@ class Link:
         self.unconfirmed = unconfirmed
         self._local = threading.local()
         # Whether Redis is known to hold the scripts: a reply that is not read at once must not
-        # be NOSCRIPT, so they are loaded before the first such call (and after Redis forgot).
+        # be NOSCRIPT, so they are loaded before the first such call, after Redis forgot, and
+        # when a thread's connection reaches another server than the one they were loaded on
+        # (``_scripts_on``): a master Sentinel promoted holds none of them.
         self._loaded = False
+        self._scripts_on: tuple | None = None
 
     def call(self, script: Script, keys: tuple, args: tuple) -> Any:
         """Run ``script`` and return its reply (after reading any replies left unread)."""
@@ -154,11 +156,11 @@ class Link:
 
     def send(self, script: Script, keys: tuple, args: tuple) -> None:
         """Run ``script`` without waiting for its reply; the thread's next call reads it."""
+        held = self._held()
         if not self._loaded:
             for known in self.scripts:
                 self.client.script_load(known.script)
-            self._loaded = True
-        held = self._held()
+            self._loaded, self._scripts_on = True, _server_of(held.connection)
         again = functools.partial(script, keys, args, client=self.client)
         try:
             _send(held, self._pack(held, script, keys, args))
@@ -216,8 +218,10 @@ class Link:
         held = getattr(self._local, "held", None)
         if held is None or held.pid != os.getpid():
             held = self._local.held = _Held(self.client.connection_pool)
-        elif held.connection is None:  # dropped by ``_reset``
+        if held.connection is None:  # new, or dropped by ``_reset``
             held.connection = held.pool.get_connection()
+            if _server_of(held.connection) != self._scripts_on:
+                self._loaded = False
         return held
 
     @staticmethod
@@ -257,6 +261,11 @@ class Link:
         held.give_back()
         for again in unread:
             again()
+
+
+def _server_of(connection: Any) -> tuple:
+    """Where ``connection`` is connected: behind Sentinel, the master it found."""
+    return getattr(connection, "host", None), getattr(connection, "port", None), getattr(connection, "path", None)
 
 
 def _pack(held: _Held, command: tuple) -> list:
