@@ -59,13 +59,15 @@ CALL_CHUNK = 1000
 
 
 class _Held:
-    """One thread's connection and the calls whose replies it has not read yet, each kept as
-    the way to make it again through the client's own path."""
+    """One thread's connection, the calls whose replies it has not read yet, each kept as the
+    way to make it again through the client's own path, and the calls it owes: those the
+    client could not make again either, the store being unreachable (a failover, say)."""
 
     def __init__(self, pool: redis.ConnectionPool) -> None:
         self.pool = pool
         self.pid = os.getpid()
         self.unread: list[Callable[[], Any]] = []
+        self.owed: list[Callable[[], Any]] = []
         self.connection = None
 
     def give_back(self) -> None:
@@ -132,6 +134,8 @@ class Link:
     def _call_chunk(self, script: Script, calls: list[tuple[tuple, tuple]]) -> list[Any]:
         held = self._held()
         try:
+            if held.connection is None or held.owed:
+                self._ready(held)
             packed = [chunk for keys, args in calls for chunk in self._pack(held, script, keys, args)]
             _send(held, packed)
             self._read_unread(held)
@@ -157,16 +161,17 @@ class Link:
     def send(self, script: Script, keys: tuple, args: tuple) -> None:
         """Run ``script`` without waiting for its reply; the thread's next call reads it."""
         held = self._held()
-        if not self._loaded:
-            for known in self.scripts:
-                self.client.script_load(known.script)
-            self._loaded, self._scripts_on = True, _server_of(held.connection)
         again = functools.partial(script, keys, args, client=self.client)
         try:
+            if held.connection is None or held.owed:
+                self._ready(held)
+            if not self._loaded:
+                for known in self.scripts:
+                    self.client.script_load(known.script)
+                self._loaded, self._scripts_on = True, _server_of(held.connection)
             _send(held, self._pack(held, script, keys, args))
         except _FALL_BACK:
-            self._reset(held)
-            again()
+            self._owe(held, again)
         except BaseException:
             self._interrupted(held, again)
             raise
@@ -180,12 +185,12 @@ class Link:
         the connection breaks before the reply is read."""
         held = self._held()
         try:
+            if held.connection is None or held.owed:
+                self._ready(held)
             self._read_unread(held)
             _send(held, [chunk for command in commands for chunk in _pack(held, command)])
         except _FALL_BACK:
-            self._reset(held)
-            for command in commands:
-                again(command)
+            self._owe(held, *(functools.partial(again, c) for c in commands))
         except BaseException:
             self._interrupted(held, *(functools.partial(again, c) for c in commands))
             raise
@@ -202,6 +207,7 @@ class Link:
         self._local.held = None
         try:
             try:
+                self._make_again(held, [])
                 self._read_unread(held)
             except _FALL_BACK:
                 self._reset(held)
@@ -218,11 +224,16 @@ class Link:
         held = getattr(self._local, "held", None)
         if held is None or held.pid != os.getpid():
             held = self._local.held = _Held(self.client.connection_pool)
-        if held.connection is None:  # new, or dropped by ``_reset``
+        return held
+
+    def _ready(self, held: _Held) -> None:
+        """Make what this thread owes, then take a connection if it has none (new, or dropped
+        by ``_reset``)."""
+        self._make_again(held, [])
+        if held.connection is None:
             held.connection = held.pool.get_connection()
             if _server_of(held.connection) != self._scripts_on:
                 self._loaded = False
-        return held
 
     @staticmethod
     def _pack(held: _Held, script: Script, keys: tuple, args: tuple) -> Any:
@@ -251,16 +262,39 @@ class Link:
         with contextlib.suppress(Exception):
             self._reset(held)
 
-    def _reset(self, held: _Held) -> None:
-        """Drop a broken connection; whatever it had not confirmed is called again. The thread's
-        next call takes a connection from the pool, which connects it as the client's own path
-        does: behind Sentinel, to the master the sentinels name now (a connection reconnecting
-        by itself would go back to the address it had, a dead or demoted master's)."""
+    def _reset(self, held: _Held, *more: Callable[[], Any]) -> None:
+        """Drop a broken connection; whatever it had not confirmed (and ``more``) is made again
+        (``_make_again``). The thread's next call takes a connection from the pool, which
+        connects it as the client's own path does: behind Sentinel, to the master the sentinels
+        name now (a connection reconnecting by itself would go back to the address it had, a
+        dead or demoted master's)."""
         unread, held.unread = held.unread, []
-        held.connection.disconnect()
-        held.give_back()
-        for again in unread:
-            again()
+        if held.connection is not None:
+            held.connection.disconnect()
+            held.give_back()
+        self._make_again(held, [*unread, *more])
+
+    @staticmethod
+    def _make_again(held: _Held, calls: list[Callable[[], Any]]) -> None:
+        """Make what ``held`` owes, then ``calls``, in order, through the client's path. Those it
+        cannot make now, the store being unreachable, stay owed, to be made before the thread's
+        next call (a completion sent as a failover begins lands on the new master, instead of
+        being left to its lease), and the error is raised."""
+        calls, held.owed = [*held.owed, *calls], []
+        for i, again in enumerate(calls):
+            try:
+                again()
+            except STORE_UNREACHABLE:
+                held.owed = calls[i:]
+                raise
+
+    def _owe(self, held: _Held, *calls: Callable[[], Any]) -> None:
+        """``_reset``, for calls whose replies nobody awaits: owed, not raised, if the store is
+        unreachable."""
+        try:
+            self._reset(held, *calls)
+        except STORE_UNREACHABLE:
+            logger.info("girder: the state store is unreachable; %d call(s) owed to it", len(held.owed))
 
 
 def _server_of(connection: Any) -> tuple:

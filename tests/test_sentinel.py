@@ -129,6 +129,27 @@ def test_the_master_killed_mid_request_every_caller_is_answered_after_the_failov
     assert_serving(g, [node])
 
 
+def test_the_master_killed_while_a_task_runs_its_sub_requests_inline(group, sentinel_grid, callers):
+    """A task waiting for four sub-requests, running them inline one after the other on the only
+    executor, when the master is SIGKILLed: the inline wait rides out the failover like a caller's,
+    and the caller gets every child's value; each request runs at most twice (the one running at
+    the kill may lose its completion and lapse), none is answered wrongly."""
+    g = sentinel_grid(group.url(), group.master_name)
+    node = g.worker("s1", "solo", 1)
+    assert_serving(g, [node])
+    m, t, n, seconds = g.app_module, tag(), 4, 0.3
+    parent = m.reentrant_tasks.sleepy_parent
+    key, children = parent.key(n, seconds, t), [m.slow.key(seconds, tag=f"{t}.{i}") for i in range(n)]
+    future = callers.call(m.girder.request, parent.s(n, seconds, t), 30)
+    wait_until(lambda: any(runs(g, "grid.slow", k) for k in children), 20, "a child to start")
+    assert group.master().client().wait(1, 5000) == 1
+    group.kill_master().wait(15)
+    value, _ = answer(future, 30)
+    assert [c["tag"] for c in value] == [f"{t}.{i}" for i in range(n)]
+    assert_runs(g, {("grid.sleepy_parent", key): (1, 2), **{("grid.slow", k): (1, 2) for k in children}})
+    assert_serving(g, [node])
+
+
 def test_a_connection_held_on_a_demoted_master_reconnects_to_the_master(group):
     """A thread's held connection (``link.py``) left on a server that is a replica now, as after
     a failover that demoted its master: the write it sends is refused (``READONLY``), which is
@@ -137,7 +158,9 @@ def test_a_connection_held_on_a_demoted_master_reconnects_to_the_master(group):
     girder = client_girder(group.url(), girder_sentinel_master=group.master_name, girder_sentinel_options=OPTIONS)
     store, master = girder.store, group.master()
     replica = next(s for s in group.servers if s is not master)
-    assert store.claim("0" * 64, "o", "n", 1000)[0].value == "absent"  # a held connection, on the master
+    for _ in range(2):  # the first loads the script (NOSCRIPT), the second holds a connection
+        assert store.claim("0" * 64, "o", "n", 1000)[0].value == "absent"
+    assert store.link._held().connection.port == master.port
     held = store.link._held()
     held.connection.disconnect()
     held.connection.connect_to(("127.0.0.1", replica.port))  # what a demoted master's connection is
