@@ -27,6 +27,7 @@ from redis.sentinel import SentinelConnectionPool
 
 from girder_celery import Girder, GirderConnectionError
 from girder_celery.testing import SentinelGroup, free_port
+from tests.access_support import acl_rules
 from tests.faults.support import Callers, answer, assert_runs, assert_serving, record, runs, tag
 from tests.harness import Grid, wait_until
 
@@ -195,6 +196,41 @@ def test_a_write_the_old_master_never_replicated_costs_a_rerun_not_a_wrong_answe
     replica.client().config_set("masterauth", PASSWORD)
     assert m.add.call(x, 1) == x + 1 and runs(g, "grid.add", m.add.key(x, 1)) == 1  # replicated: memoized
     assert m.add.call(y, 1) == y + 1 and runs(g, "grid.add", m.add.key(y, 1)) == 2  # lost: run again
+
+
+#: What girder asks a sentinel: the masters it watches (redis-py's discovery, and girder's account
+#: of why none was found).
+SENTINEL_ACL = ("+sentinel|masters",)
+
+
+def refused(client) -> list[str]:
+    return [entry["object"] for entry in client.acl_log() if entry["object"] != "client|setinfo"]
+
+
+def test_girders_acl_users_on_the_servers_and_the_sentinel_are_enough(sentinel_grid):
+    """A user with exactly the README's ACL on master and replica (ACLs are not replicated: each
+    server that may become master needs it), and a sentinel user allowed ``SENTINEL MASTERS``
+    alone: requests, inline sub-requests and ``state`` work, before and after a failover."""
+    group = SentinelGroup().start()
+    try:
+        sentinel_options = {"sentinel_kwargs": {"username": "girder-sentinel", "password": SENTINEL_PASSWORD}}
+        url = group.url().replace("sentinel://", f"sentinel://girder:{PASSWORD}@")
+        g = sentinel_grid(url, group.master_name, sentinel_options)
+        with group.sentinel() as sentinel:
+            sentinel.execute_command("ACL", "SETUSER", "girder-sentinel", "reset", "on", f">{SENTINEL_PASSWORD}",
+                                     *SENTINEL_ACL)  # fmt: skip
+        for server in group.servers:
+            server.client().execute_command("ACL", "SETUSER", "girder", *acl_rules(g.key_prefix, PASSWORD))
+        g.worker("s1", "solo", 1)
+        m, t = g.app_module, tag()
+        assert m.reentrant_tasks.fanout.call(2, 0, t) == 2
+        assert m.girder.state(m.reentrant_tasks.fanout.s(2, 0, t))["state"] == "done"
+        group.kill_master().wait(15)
+        assert m.reentrant_tasks.fanout.call(2, 0, f"{t}.after") == 2
+        with group.sentinel() as sentinel:  # nothing girder asked was refused (but redis-py's naming of itself)
+            assert refused(sentinel) == [] and refused(group.master().client()) == []
+    finally:
+        group.close()
 
 
 # -- bad configuration ---------------------------------------------------------------------------
