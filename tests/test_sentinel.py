@@ -28,7 +28,7 @@ from redis.sentinel import SentinelConnectionPool
 from girder_celery import Girder, GirderConnectionError
 from girder_celery.testing import SentinelGroup, free_port
 from tests.access_support import acl_rules
-from tests.faults.support import Callers, answer, assert_runs, assert_serving, record, runs, tag
+from tests.faults.support import answer, assert_runs, assert_serving, record, runs, tag
 from tests.harness import Grid, wait_until
 
 PASSWORD, SENTINEL_PASSWORD = "master-secret", "sentinel-secret"
@@ -47,30 +47,19 @@ def group():
 
 
 @pytest.fixture
-def callers():
-    c = Callers()
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def sentinel_grid(redis_server):
+def sentinel_grid(redis_server, grids):
     """``sentinel_grid(url, master, options)``: a grid (Redis broker) whose state store is found
-    through the sentinels of ``url``; its workers are killed at teardown."""
-    made: list[Grid] = []
+    through the sentinels of ``url``; its workers are killed at teardown (``grids``)."""
 
     def make(url: str, master: str, options: dict | None = None) -> Grid:
         g = Grid(redis_server, "redis", lease=LEASE, check=CHECK, store_url=url)
         g.env["GIRDER_TEST_SENTINEL_MASTER"] = master
         g.env["GIRDER_TEST_SENTINEL_OPTIONS"] = json.dumps(OPTIONS if options is None else options)
         g.load_app()
-        made.append(g)
+        grids.append(g)
         return g
 
-    yield make
-    for g in made:
-        g.kill()
-        g.close()
+    return make
 
 
 def client_girder(url: str, **conf) -> Girder:
