@@ -18,6 +18,11 @@ thread gives its connection back to the client's pool before it hops or ends; on
 or takes its next message keeps it, and its unread replies, until its next call. (Should an
 operator flush Redis's scripts meanwhile, that call makes the completion again; a thread that
 never calls again leaves its request to its lease, which expires, and the request is rerun.)
+A call the client cannot make again either, the store being unreachable (a restart, a Sentinel
+failover), is owed: made before anything else the thread sends once the store is back, so a
+completion sent as the store went away still lands. A broken connection is given back to the
+pool and the next call takes another, which the pool connects as the client's path does (behind
+Sentinel, to the master the sentinels name now).
 
 A thread awaiting a reply spins on the socket for up to ``girder_busy_poll`` seconds before it
 sleeps in ``recv``: on virtual machines, waking a sleeping thread when the reply lands can cost
