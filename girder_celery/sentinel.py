@@ -35,13 +35,13 @@ def master_client(settings: Settings, **kwargs: Any) -> redis.Redis:
     connections (``decode_responses``, timeouts)."""
     addresses, master = sentinel_url(settings.url)
     options = settings.sentinel_options
-    # A sentinel that does not answer is passed over for the next at once; the master's
-    # connection retries the whole discovery, with its backoff.
+    # A sentinel that does not answer is passed over for the next at once (no retries of its
+    # own): the sentinels are asked again as each new connection connects.
     own = {"socket_connect_timeout": settings.connect_timeout, "socket_timeout": settings.connect_timeout,
            "retry": Retry(NoBackoff(), 0)}  # fmt: skip
     tls = options.get("ssl", False)
     if tls:
-        kwargs.update({"ssl": True, **(tls if isinstance(tls, dict) else {})})
+        kwargs = {**kwargs, "ssl": True, **(tls if isinstance(tls, dict) else {})}
     sentinels = _Sentinel(
         addresses,
         min_other_sentinels=options.get("min_other_sentinels", 0),
