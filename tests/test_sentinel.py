@@ -26,8 +26,8 @@ from celery import Celery
 from redis.sentinel import SentinelConnectionPool
 
 from girder_celery import Girder, GirderConnectionError
-from girder_celery.testing import SentinelGroup, free_port
-from tests.access_support import acl_rules
+from girder_celery.testing import SentinelGroup, TlsFiles, free_port, redis_server_binary
+from tests.access_support import acl_rules, make_certificates, openssl_missing, tls_missing
 from tests.faults.support import answer, assert_runs, assert_serving, record, runs, tag
 from tests.harness import Grid, wait_until
 
@@ -218,6 +218,34 @@ def test_girders_acl_users_on_the_servers_and_the_sentinel_are_enough(sentinel_g
         assert m.reentrant_tasks.fanout.call(2, 0, f"{t}.after") == 2
         with group.sentinel() as sentinel:  # nothing girder asked was refused (but redis-py's naming of itself)
             assert refused(sentinel) == [] and refused(group.master().client()) == []
+    finally:
+        group.close()
+
+
+def test_tls_to_the_master_and_after_a_failover_to_the_new_one(tmp_path):
+    """Master and replica serving TLS only to clients with a certificate the test CA signed,
+    watched by the sentinel at their TLS ports: girder's ``ssl`` option reaches the master, and
+    after a failover the new one; without it, the client's plain connection is refused with a
+    clear error."""
+    if why := tls_missing(redis_server_binary()) or openssl_missing():
+        pytest.skip(why)
+    certs = make_certificates(tmp_path)
+    group = SentinelGroup(tls=TlsFiles(certs.ca, certs.server, certs.client)).start()
+    try:
+        tls = {"ssl_ca_certs": str(certs.ca), "ssl_certfile": str(certs.client[0]), "ssl_keyfile": str(certs.client[1])}
+        store = client_girder(group.url(), girder_sentinel_master=group.master_name,
+                              girder_sentinel_options={"ssl": tls}).store  # fmt: skip
+        keys = ["4" * 64, "5" * 64]
+        assert store.complete(keys[0], "owner", '"before"', 0) is True
+        assert group.master().client().wait(1, 5000) == 1
+        group.kill_master().wait(15)
+        assert store.complete(keys[1], "owner", '"after"', 0) is True
+        new = group.master().client()  # its plain port, for the test
+        assert [new.hget(store.record_key(k), "value") for k in keys] == ['"before"', '"after"']
+        plain = client_girder(group.url(), girder_sentinel_master=group.master_name)
+        refused = pytest.raises(GirderConnectionError, match="cannot reach girder's state store at sentinel://")
+        with refused, plain.store.reachable():
+            plain.store.complete(keys[0], "owner", '"x"', 0)
     finally:
         group.close()
 

@@ -9,7 +9,7 @@ It sits at the bottom of the package's layers: it imports none of girder_celery'
 """
 
 from .grid import QUIET_FLAGS, READY_KEY_ENV, READY_URL_ENV, LocalGrid, announce_ready
-from .sentinel import Failover, SentinelGroup
+from .sentinel import Failover, SentinelGroup, TlsFiles
 from .servers import (
     AMQP_URL,
     CeleryWorker,
@@ -22,6 +22,6 @@ from .servers import (
 
 __all__ = [
     "AMQP_URL", "QUIET_FLAGS", "READY_KEY_ENV", "READY_URL_ENV", "CeleryWorker", "Failover", "LocalGrid",
-    "RedisServer", "SentinelGroup", "amqp_unreachable", "announce_ready", "delete_amqp_queue", "free_port",
-    "redis_server_binary",
+    "RedisServer", "SentinelGroup", "TlsFiles", "amqp_unreachable", "announce_ready", "delete_amqp_queue",
+    "free_port", "redis_server_binary",
 ]  # fmt: skip

@@ -1,10 +1,11 @@
 """A Sentinel group for tests: a Redis master, its replica (``--replicaof``) and one
 ``redis-server --sentinel`` watching them, each a private process on a free loopback port.
 
-The sentinel's ``down-after-milliseconds`` and ``failover-timeout`` are low, so a master killed
-with SIGKILL is replaced by its replica within about a second. ``kill_master`` kills it and
-returns a ``Failover``, whose ``wait`` awaits the sentinel's ``+switch-master`` announcement
-(subscribed to before the kill, so it cannot be missed).
+With ``TlsFiles`` the master and replica serve TLS too, replicate over it, and are watched (and
+named to clients) at their TLS ports. The sentinel's ``down-after-milliseconds`` and
+``failover-timeout`` are low, so a master killed with SIGKILL is replaced by its replica within
+about a second. ``kill_master`` kills it and returns a ``Failover``, whose ``wait`` awaits the
+sentinel's ``+switch-master`` announcement (subscribed to before the kill, so it cannot be missed).
 """
 
 from __future__ import annotations
@@ -13,13 +14,24 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
 from .servers import RedisServer, answers_ping, free_port, redis_server_binary
 
-__all__ = ["Failover", "SentinelGroup"]
+__all__ = ["Failover", "SentinelGroup", "TlsFiles"]
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A TLS set-up: ``ca`` signed ``server`` (certificate, key), which master and replica
+    present, and ``client``, which the replica and the sentinel present to them."""
+
+    ca: Path
+    server: tuple[Path, Path]
+    client: tuple[Path, Path]
 
 
 class Failover:
@@ -49,7 +61,8 @@ class SentinelGroup:
     """A master, a replica and a sentinel watching them as ``master_name``.
 
     ``password`` protects master and replica (the sentinel is told it: ``auth-pass``), and
-    ``sentinel_password`` the sentinel itself (``requirepass``, which ``sentinel_kwargs`` carries).
+    ``sentinel_password`` the sentinel itself (``requirepass``, which ``sentinel_kwargs`` carries);
+    ``tls`` adds a TLS port to master and replica, the one the sentinel watches.
     """
 
     def __init__(
@@ -59,13 +72,17 @@ class SentinelGroup:
         sentinel_password: str | None = None,
         down_after_ms: int = 200,
         failover_timeout_ms: int = 1000,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.master_name = master_name
         self.password = password
         self.sentinel_password = sentinel_password
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
+        self.tls = tls
         self.servers: list[RedisServer] = []
+        #: Each server by the port the sentinel knows it at (its TLS port, with ``tls``).
+        self.by_port: dict[int, RedisServer] = {}
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="girder-sentinel-"))
         self.proc: subprocess.Popen | None = None
@@ -75,13 +92,12 @@ class SentinelGroup:
         # No delay before a full sync (5 s by default, waiting for more replicas); either may be
         # master, so both are set alike.
         args = ["--repl-diskless-sync-delay", "0", *(["--masterauth", self.password] if self.password else [])]
-        master = RedisServer(self.password, args).start(timeout)
-        self.servers.append(master)
-        self.servers.append(RedisServer(self.password, [*args, "--replicaof", "127.0.0.1", str(master.port)]).start())
+        master_port = self._start_server(args, timeout)
+        self._start_server([*args, "--replicaof", "127.0.0.1", str(master_port)], timeout)
         conf = self.dir / "sentinel.conf"
         lines = [
-            f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}",
-            f"sentinel monitor {self.master_name} 127.0.0.1 {master.port} 1",
+            f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}", *self._sentinel_tls(),
+            f"sentinel monitor {self.master_name} 127.0.0.1 {master_port} 1",
             f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
             f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
             *([f"sentinel auth-pass {self.master_name} {self.password}"] if self.password else []),
@@ -97,6 +113,28 @@ class SentinelGroup:
             raise RuntimeError(f"redis-server --sentinel did not start on port {self.port} in {timeout}s")
         self._await_replica(timeout)
         return self
+
+    def _start_server(self, args: list[str], timeout: float) -> int:
+        """Start master or replica: the port the sentinel is to know it at."""
+        tls_port, tls = free_port(), self.tls
+        if tls is not None:
+            args = [*args, "--tls-port", str(tls_port), "--tls-replication", "yes",
+                    "--tls-ca-cert-file", str(tls.ca), "--tls-cert-file", str(tls.server[0]),
+                    "--tls-key-file", str(tls.server[1]), "--tls-client-cert-file", str(tls.client[0]),
+                    "--tls-client-key-file", str(tls.client[1])]  # fmt: skip
+        server = RedisServer(self.password, args).start(timeout)
+        self.servers.append(server)
+        port = tls_port if tls is not None else server.port
+        self.by_port[port] = server
+        return port
+
+    def _sentinel_tls(self) -> list[str]:
+        # The sentinel serves no TLS itself; it talks TLS to master and replica, as a client.
+        if self.tls is None:
+            return []
+        t = self.tls
+        return ["tls-replication yes", f"tls-ca-cert-file {t.ca}", f"tls-cert-file {t.client[0]}",
+                f"tls-key-file {t.client[1]}"]  # fmt: skip
 
     def _await_replica(self, timeout: float) -> None:
         # The sentinel learns of replicas from the master's INFO, which it reads every 10 s (at
@@ -124,7 +162,7 @@ class SentinelGroup:
         """The server the sentinel names master now."""
         with self.sentinel() as sentinel:
             _, port = sentinel.sentinel_get_master_addr_by_name(self.master_name)
-        return next(server for server in self.servers if server.port == int(port))
+        return self.by_port[int(port)]
 
     def kill_master(self) -> Failover:
         """SIGKILL the master; ``Failover.wait`` awaits its replacement."""
