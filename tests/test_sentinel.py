@@ -299,9 +299,9 @@ def test_bad_configuration_is_a_clear_error_at_call_time(group, case):
     assert PASSWORD not in text and SENTINEL_PASSWORD not in text
 
 
-@pytest.mark.parametrize("case", ["unknown master", "unreachable sentinels", "sentinel:// without a master"])
+@pytest.mark.parametrize("case", list(BAD))
 def test_bad_configuration_fails_a_worker_at_start(group, redis_server, case):
-    """A worker so configured exits at start, its log saying what is wrong."""
+    """A worker so configured exits at start, its log saying what is wrong, the passwords masked."""
     config, says = BAD[case]
     url, conf = config(group)
     g = Grid(redis_server, "redis", store_url=url)
@@ -312,6 +312,7 @@ def test_bad_configuration_fails_a_worker_at_start(group, redis_server, case):
             g.start_workers(["bad"], "solo", 1, timeout=30)
         log = g.workers[0].output()
         assert all(s in log for s in says), log
+        assert PASSWORD not in log and SENTINEL_PASSWORD not in log
     finally:
         g.close()
 
