@@ -154,7 +154,7 @@ def unreachable(url: str, exc: BaseException) -> GirderConnectionError:
     client in (``exc`` says why)."""
     masked = safe_url(url)
     if isinstance(exc, redis.AuthenticationError):
-        given = "" if urlsplit(url).password else " (the URL gives no password)"
+        given = "" if urlsplit(url.split(";")[0]).password else " (the URL gives no password)"
         return GirderConnectionError(f"cannot log in to girder's state store at {masked}{given}: {exc}", url=masked)
     hint = ""
     if url.startswith("rediss://") and any(isinstance(e, ssl.SSLError) for e in _exception_chain(exc)):
@@ -187,7 +187,13 @@ def corrupt(key: str, what: str, request: str | None = None) -> GirderError:
 
 def safe_url(url: str) -> str:
     """``url`` with any password masked (a key's ``ssl_password`` too), fit for an error
-    message or a log line."""
+    message or a log line; each sentinel's part of a ``sentinel://`` URL too."""
+    if url.startswith("sentinel://"):
+        return ";".join(_safe_part(part) for part in url.split(";"))
+    return _safe_part(url)
+
+
+def _safe_part(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is not None:
         parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))

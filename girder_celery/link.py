@@ -18,6 +18,11 @@ thread gives its connection back to the client's pool before it hops or ends; on
 or takes its next message keeps it, and its unread replies, until its next call. (Should an
 operator flush Redis's scripts meanwhile, that call makes the completion again; a thread that
 never calls again leaves its request to its lease, which expires, and the request is rerun.)
+A call the client cannot make again either, the store being unreachable (a restart, a Sentinel
+failover), is owed: made before anything else the thread sends once the store is back, so a
+completion sent as the store went away still lands. A broken connection is given back to the
+pool and the next call takes another, which the pool connects as the client's path does (behind
+Sentinel, to the master the sentinels name now).
 
 A thread awaiting a reply spins on the socket for up to ``girder_busy_poll`` seconds before it
 sleeps in ``recv``: on virtual machines, waking a sleeping thread when the reply lands can cost
@@ -59,15 +64,16 @@ CALL_CHUNK = 1000
 
 
 class _Held:
-    """One thread's connection and the calls whose replies it has not read yet, each kept as
-    the way to make it again through the client's own path."""
+    """One thread's connection, the calls whose replies it has not read yet, each kept as the
+    way to make it again through the client's own path, and the calls it owes: those the
+    client could not make again either, the store being unreachable (a failover, say)."""
 
     def __init__(self, pool: redis.ConnectionPool) -> None:
         self.pool = pool
         self.pid = os.getpid()
         self.unread: list[Callable[[], Any]] = []
+        self.owed: list[Callable[[], Any]] = []
         self.connection = None
-        self.connection = pool.get_connection()
 
     def give_back(self) -> None:
         connection, self.connection = self.connection, None
@@ -107,8 +113,11 @@ class Link:
         self.unconfirmed = unconfirmed
         self._local = threading.local()
         # Whether Redis is known to hold the scripts: a reply that is not read at once must not
-        # be NOSCRIPT, so they are loaded before the first such call (and after Redis forgot).
+        # be NOSCRIPT, so they are loaded before the first such call, after Redis forgot, and
+        # when a thread's connection reaches another server than the one they were loaded on
+        # (``_scripts_on``): a master Sentinel promoted holds none of them.
         self._loaded = False
+        self._scripts_on: tuple | None = None
 
     def call(self, script: Script, keys: tuple, args: tuple) -> Any:
         """Run ``script`` and return its reply (after reading any replies left unread)."""
@@ -130,6 +139,8 @@ class Link:
     def _call_chunk(self, script: Script, calls: list[tuple[tuple, tuple]]) -> list[Any]:
         held = self._held()
         try:
+            if held.connection is None or held.owed:
+                self._ready(held)
             packed = [chunk for keys, args in calls for chunk in self._pack(held, script, keys, args)]
             _send(held, packed)
             self._read_unread(held)
@@ -154,17 +165,18 @@ class Link:
 
     def send(self, script: Script, keys: tuple, args: tuple) -> None:
         """Run ``script`` without waiting for its reply; the thread's next call reads it."""
-        if not self._loaded:
-            for known in self.scripts:
-                self.client.script_load(known.script)
-            self._loaded = True
         held = self._held()
         again = functools.partial(script, keys, args, client=self.client)
         try:
+            if held.connection is None or held.owed:
+                self._ready(held)
+            if not self._loaded:
+                for known in self.scripts:
+                    self.client.script_load(known.script)
+                self._loaded, self._scripts_on = True, _server_of(held.connection)
             _send(held, self._pack(held, script, keys, args))
         except _FALL_BACK:
-            self._reset(held)
-            again()
+            self._owe(held, again)
         except BaseException:
             self._interrupted(held, again)
             raise
@@ -178,12 +190,12 @@ class Link:
         the connection breaks before the reply is read."""
         held = self._held()
         try:
+            if held.connection is None or held.owed:
+                self._ready(held)
             self._read_unread(held)
             _send(held, [chunk for command in commands for chunk in _pack(held, command)])
         except _FALL_BACK:
-            self._reset(held)
-            for command in commands:
-                again(command)
+            self._owe(held, *(functools.partial(again, c) for c in commands))
         except BaseException:
             self._interrupted(held, *(functools.partial(again, c) for c in commands))
             raise
@@ -200,6 +212,7 @@ class Link:
         self._local.held = None
         try:
             try:
+                self._make_again(held, [])
                 self._read_unread(held)
             except _FALL_BACK:
                 self._reset(held)
@@ -217,6 +230,15 @@ class Link:
         if held is None or held.pid != os.getpid():
             held = self._local.held = _Held(self.client.connection_pool)
         return held
+
+    def _ready(self, held: _Held) -> None:
+        """Make what this thread owes, then take a connection if it has none (new, or dropped
+        by ``_reset``)."""
+        self._make_again(held, [])
+        if held.connection is None:
+            held.connection = held.pool.get_connection()
+            if _server_of(held.connection) != self._scripts_on:
+                self._loaded = False
 
     @staticmethod
     def _pack(held: _Held, script: Script, keys: tuple, args: tuple) -> Any:
@@ -245,12 +267,44 @@ class Link:
         with contextlib.suppress(Exception):
             self._reset(held)
 
-    def _reset(self, held: _Held) -> None:
-        """Drop a broken connection; whatever it had not confirmed is called again."""
+    def _reset(self, held: _Held, *more: Callable[[], Any]) -> None:
+        """Drop a broken connection; whatever it had not confirmed (and ``more``) is made again
+        (``_make_again``). The thread's next call takes a connection from the pool, which
+        connects it as the client's own path does: behind Sentinel, to the master the sentinels
+        name now (a connection reconnecting by itself would go back to the address it had, a
+        dead or demoted master's)."""
         unread, held.unread = held.unread, []
-        held.connection.disconnect()
-        for again in unread:
-            again()
+        if held.connection is not None:
+            held.connection.disconnect()
+            held.give_back()
+        self._make_again(held, [*unread, *more])
+
+    @staticmethod
+    def _make_again(held: _Held, calls: list[Callable[[], Any]]) -> None:
+        """Make what ``held`` owes, then ``calls``, in order, through the client's path. Those it
+        cannot make now, the store being unreachable, stay owed, to be made before the thread's
+        next call (a completion sent as a failover begins lands on the new master, instead of
+        being left to its lease), and the error is raised."""
+        calls, held.owed = [*held.owed, *calls], []
+        for i, again in enumerate(calls):
+            try:
+                again()
+            except STORE_UNREACHABLE:
+                held.owed = calls[i:]
+                raise
+
+    def _owe(self, held: _Held, *calls: Callable[[], Any]) -> None:
+        """``_reset``, for calls whose replies nobody awaits: owed, not raised, if the store is
+        unreachable."""
+        try:
+            self._reset(held, *calls)
+        except STORE_UNREACHABLE:
+            logger.info("girder: the state store is unreachable; %d call(s) owed to it", len(held.owed))
+
+
+def _server_of(connection: Any) -> tuple:
+    """Where ``connection`` is connected: behind Sentinel, the master it found."""
+    return getattr(connection, "host", None), getattr(connection, "port", None), getattr(connection, "path", None)
 
 
 def _pack(held: _Held, command: tuple) -> list:

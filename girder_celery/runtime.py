@@ -1,10 +1,11 @@
 """The runtime: girder's parts for one Celery app, built on first use and wired together.
 
-It holds the settings, the state store client, offers, the result-backend mirror and this
-process's runner, each handed only the collaborators it uses, and decides how a caller waits:
-outside any girder request a plain wait, inside one an inline wait (invariant 2), and with
-Celery's ``task_always_eager`` an eager run in this process (``eager.py``). The Celery
-integration (task class, bootsteps) and the public ``Girder`` sit above it.
+It holds the settings, the state store client (of a Redis URL, or of the master that Sentinel
+names: ``sentinel.py``), offers, the result-backend mirror and this process's runner, each handed
+only the collaborators it uses, and decides how a caller waits: outside any girder request a
+plain wait, inside one an inline wait (invariant 2), and with Celery's ``task_always_eager`` an
+eager run in this process (``eager.py``). The Celery integration (task class, bootsteps) and the
+public ``Girder`` sit above it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .inline import InlineWait
 from .keys import Request
 from .mirror import Mirror
 from .offers import Offers
+from .sentinel import master_client
 from .settings import Settings
 from .store import StateStore
 from .wait import Wait
@@ -47,9 +49,8 @@ class Runtime:
     @cached_property
     def store(self) -> StateStore:
         s = self.settings
-        client = redis.Redis.from_url(
-            s.url, decode_responses=True, socket_connect_timeout=s.connect_timeout, socket_timeout=30.0
-        )
+        kwargs = {"decode_responses": True, "socket_connect_timeout": s.connect_timeout, "socket_timeout": 30.0}
+        client = master_client(s, **kwargs) if s.sentinel_master else redis.Redis.from_url(s.url, **kwargs)
         return StateStore(client, s.key_prefix, s.busy_poll, s.url, s.graph_ttl_ms)
 
     @cached_property

@@ -9,16 +9,39 @@ from __future__ import annotations
 from dataclasses import MISSING, Field, dataclass, field, fields
 from functools import cached_property
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
-__all__ = ["Settings", "ms"]
+from .errors import safe_url
+
+__all__ = ["SENTINEL_OPTIONS", "Settings", "ms", "sentinel_url"]
+
+#: The keys ``girder_sentinel_options`` may have, and what each holds.
+SENTINEL_OPTIONS = {
+    "sentinel_kwargs": "the sentinels' own connections: a dict of redis-py arguments (password, username, ssl, ssl_*)",
+    "ssl": "the master's TLS: True, or a dict of redis-py's ssl_* arguments (ssl_ca_certs, ssl_certfile, ...)",
+    "min_other_sentinels": "an int: ignore a sentinel that sees fewer other sentinels than this",
+}
+#: The redis-py connection arguments ``sentinel_kwargs`` and ``ssl`` may give.
+_SSL_KWARGS = (
+    "ssl_ca_certs", "ssl_ca_path", "ssl_ca_data", "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_cert_reqs",
+    "ssl_check_hostname", "ssl_min_version", "ssl_ciphers",
+)  # fmt: skip
+_SENTINEL_KWARGS = ("username", "password", "ssl", "socket_timeout", "socket_connect_timeout", *_SSL_KWARGS)
 
 
 @dataclass(frozen=True)
 class Settings:
     """The ``girder_`` settings of a Celery app (each field is ``app.conf.girder_<field>``)."""
 
-    #: Redis URL of the state store; ``Girder(app, url=...)`` takes precedence.
+    #: Redis URL of the state store; ``Girder(app, url=...)`` takes precedence. Or its
+    #: sentinels: ``sentinel://[user:password@]host:port[/db][;sentinel://host:port...]``, the
+    #: master's user, password and database in the first (Celery's convention).
     url: str | None = None
+    #: With a ``sentinel://`` URL, the name of the master the sentinels watch (their
+    #: ``sentinel monitor NAME ...``); required there, refused with any other URL.
+    sentinel_master: str | None = None
+    #: With a ``sentinel://`` URL: ``SENTINEL_OPTIONS`` (the sentinels' password, TLS).
+    sentinel_options: dict = field(default_factory=dict)
     #: Prefix of every Redis key girder writes.
     key_prefix: str = "girder"
     #: Queue that top-level requests go to; None lets Celery's routing decide (task_routes,
@@ -71,8 +94,18 @@ class Settings:
                 "girder needs a Redis URL for its state store: pass Girder(app, url='redis://...') "
                 "or set app.conf.girder_url"
             )
-        if not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"girder_url must be a redis://, rediss:// or unix:// URL, not {self.url!r}")
+        if self.url.startswith("sentinel://"):
+            self._validate_sentinel()
+        elif not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"girder_url must be a redis://, rediss://, unix:// or sentinel:// URL, not {safe_url(self.url)!r}"
+            )
+        elif self.sentinel_master is not None or self.sentinel_options:
+            name = "girder_sentinel_master" if self.sentinel_master is not None else "girder_sentinel_options"
+            raise ValueError(
+                f"{name} is set, but girder_url {safe_url(self.url)!r} is not a sentinel:// URL: name the "
+                "sentinels (girder_url = 'sentinel://host:26379;sentinel://host2:26379'), or unset it"
+            )
         if not isinstance(self.key_prefix, str) or not self.key_prefix:
             raise ValueError(f"girder_key_prefix must be a non-empty str, not {self.key_prefix!r}")
         if self.pool is not None and (not isinstance(self.pool, str) or not self.pool):
@@ -89,6 +122,27 @@ class Settings:
         _validate_pools(self.pools)
         if not isinstance(self.volunteer, bool):
             raise ValueError(f"girder_volunteer must be True or False, not {self.volunteer!r}")
+
+    def _validate_sentinel(self) -> None:
+        if not isinstance(self.sentinel_master, str) or not self.sentinel_master:
+            raise ValueError(
+                f"girder_url {safe_url(self.url)!r} names sentinels: set girder_sentinel_master to the name of "
+                f"the master they watch (their 'sentinel monitor NAME ...'), not {self.sentinel_master!r}"
+            )
+        sentinel_url(self.url)
+        options = self.sentinel_options
+        if not isinstance(options, dict) or set(options) - set(SENTINEL_OPTIONS):
+            raise ValueError(
+                f"girder_sentinel_options must be a dict with keys among {sorted(SENTINEL_OPTIONS)}, not "
+                f"{_masked_options(options)!r}; " + "; ".join(f"{k}: {v}" for k, v in SENTINEL_OPTIONS.items())
+            )
+        _kwargs("sentinel_kwargs", options.get("sentinel_kwargs", {}), _SENTINEL_KWARGS)
+        tls = options.get("ssl", False)
+        if not isinstance(tls, bool):
+            _kwargs("ssl", tls, _SSL_KWARGS)
+        least = options.get("min_other_sentinels", 0)
+        if isinstance(least, bool) or not isinstance(least, int) or least < 0:
+            raise ValueError(f"girder_sentinel_options['min_other_sentinels'] must be an int >= 0, not {least!r}")
 
     # Cached: read on every request (the dataclass is frozen, so they never go stale).
     @cached_property
@@ -142,6 +196,52 @@ def _validate_pools(pools: Any) -> None:
                 raise ValueError(f"girder_pools has a cycle through {cur!r}")
             seen.add(cur)
             cur = pools.get(cur)
+
+
+def sentinel_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """The sentinels a ``sentinel://`` URL names, ``[(host, port)]``, and the master's connection
+    arguments it gives (``username``, ``password``, ``db``: in the first sentinel's part, and
+    any other part that repeats them must agree). ``ValueError`` names a part that is wrong."""
+    sentinels, master = [], None
+    for part in url.split(";"):
+        parts = urlsplit(part)
+        try:
+            port = parts.port or 26379
+        except ValueError:
+            port = None
+        if parts.scheme != "sentinel" or not parts.hostname or port is None or parts.query:
+            raise ValueError(
+                f"girder_url: {safe_url(part)!r} is not sentinel://[user:password@]host:port[/db]; separate "
+                "sentinels with ';' (sentinel://h1:26379;sentinel://h2:26379)"
+            )
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ValueError(f"girder_url: the database of {safe_url(part)!r} must be a number, not {path!r}")
+        given = {"username": unquote(parts.username or "") or None, "password": unquote(parts.password or "") or None}
+        given["db"] = int(path) if path else None
+        if master is None:
+            master = given
+        elif any(v is not None and v != master[k] for k, v in given.items()):
+            raise ValueError(
+                f"girder_url: {safe_url(part)!r} gives the master another user, password or database than the "
+                "first sentinel's part; give them once, in the first"
+            )
+        sentinels.append((parts.hostname, port))
+    return sentinels, {**master, "db": master["db"] or 0}
+
+
+def _kwargs(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, dict) or set(value) - set(allowed):
+        raise ValueError(
+            f"girder_sentinel_options[{name!r}] must be a dict with keys among {sorted(allowed)}, not "
+            f"{_masked_options(value)!r}"
+        )
+
+
+def _masked_options(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    return {k: "***" if "password" in str(k) else _masked_options(v) for k, v in value.items()}
 
 
 def ms(seconds: float) -> int:

@@ -1,4 +1,5 @@
-"""Fixtures: a private Redis per session, and grids of real workers on each broker.
+"""Fixtures: a private Redis per session, grids of real workers on each broker (and ``grids``,
+those a test makes itself, killed at teardown), and blocking callers in threads.
 
 Under ``CI=true`` a missing RabbitMQ fails the AMQP tests instead of skipping them.
 """
@@ -10,6 +11,7 @@ import os
 import pytest
 
 from girder_celery.testing import RedisServer, amqp_unreachable
+from tests.faults.support import Callers
 from tests.harness import Grid
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -34,6 +36,25 @@ def _check_broker(kind: str) -> None:
 def broker(request):
     _check_broker(request.param)
     return request.param
+
+
+@pytest.fixture
+def grids():
+    """The grids a test makes (``grids.append(grid)``), killed at teardown: a warm shutdown would
+    wait for whatever a failed test left running."""
+    made: list[Grid] = []
+    yield made
+    for g in made:
+        g.kill()
+        g.close()
+
+
+@pytest.fixture
+def callers():
+    """Blocking calls in threads (``tests.faults.support.Callers``)."""
+    c = Callers()
+    yield c
+    c.close()
 
 
 @pytest.fixture

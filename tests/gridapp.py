@@ -29,6 +29,8 @@ app = Celery("gridapp", broker=BROKER, backend=os.environ.get("GIRDER_TEST_BACKE
 app.conf.update(
     task_default_queue=QUEUE,
     girder_url=STORE,
+    girder_sentinel_master=os.environ.get("GIRDER_TEST_SENTINEL_MASTER") or None,
+    girder_sentinel_options=json.loads(os.environ.get("GIRDER_TEST_SENTINEL_OPTIONS", "{}")),
     girder_key_prefix=PREFIX,
     girder_lease_seconds=float(os.environ.get("GIRDER_TEST_LEASE", "30")),
     girder_check_interval=float(os.environ.get("GIRDER_TEST_CHECK", "5")),

@@ -78,6 +78,8 @@ class Grid(LocalGrid):
             "GIRDER_TEST_ACKS_LATE": "0",
             "GIRDER_TEST_REOFFER": "300",
             "GIRDER_TEST_RESULT_EXPIRES": "86400",
+            "GIRDER_TEST_SENTINEL_MASTER": "",
+            "GIRDER_TEST_SENTINEL_OPTIONS": "{}",
         }
         super().__init__(
             "tests.gridapp", redis_server.url(0), env=env, queue=queue, key_prefix=prefix, broker_url=broker_url,

@@ -48,23 +48,19 @@ def tls(access: AccessServer) -> AccessServer:
 
 
 @pytest.fixture
-def store_grid(redis_server, access) -> Iterator[Callable[[str], Grid]]:
+def store_grid(redis_server, access, grids) -> Callable[[str], Grid]:
     """``store_grid(url)``: a grid (Redis broker) whose state store is ``url`` on ``access``, where
     user ``girder`` has exactly girder's ACL on the grid's key prefix; killed at teardown."""
-    made: list[Grid] = []
 
     def make(url: str) -> Grid:
         g = Grid(redis_server, "redis", lease=1.5, check=0.5, store_url=url)
         access.grant("girder", g.key_prefix, PASSWORD)
         access.admin.acl_log_reset()
         g.load_app()
-        made.append(g)
+        grids.append(g)
         return g
 
-    yield make
-    for g in made:
-        g.kill()
-        g.close()
+    return make
 
 
 def exercise(g: Grid, access: AccessServer) -> None:

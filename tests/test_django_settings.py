@@ -18,7 +18,9 @@ from girder_celery.settings import Settings
 
 #: A value other than the default for every girder setting.
 NOT_DEFAULT = {
-    "url": "redis://127.0.0.1:6390/3",
+    "url": "sentinel://127.0.0.1:26390/3;sentinel://127.0.0.1:26391",  # the sentinel settings need one
+    "sentinel_master": "dj-master",
+    "sentinel_options": {"sentinel_kwargs": {"password": "dj"}, "min_other_sentinels": 1},
     "key_prefix": "dj",
     "pool": "desk",
     "request_timeout": 42.0,

@@ -174,6 +174,29 @@ def test_pausing_with_the_store_gone_logs_and_gives_the_connection_back(caplog):
         server.close()
 
 
+def test_a_completion_the_store_could_not_take_is_made_at_the_threads_next_call():
+    """A completion sent as the store goes away (a failover, a restart) is kept, not dropped: the
+    thread's calls while the store is away fail (their callers ride that out), and its first call
+    once the store is back makes the completion first, so the request is done rather than left
+    to its lease and run again."""
+    server = RedisServer().start()
+    try:
+        store = StateStore(server.client(), prefix="owed")
+        key, _ = running(store)
+        store.claim(new_key(), "n1/1/a", "n1", 1000)  # this thread holds a connection
+        server.stop()
+        store.complete_unawaited(key, "n1/1/a", '"kept"', 0)  # does not raise: the run is over
+        with pytest.raises(redis.ConnectionError):
+            store.claim(new_key(), "n1/1/a", "n1", 1000)
+        assert store.link._local.held.owed  # kept for the next call
+        server.start()  # empty: the completion writes the record afresh
+        assert store.claim(new_key(), "n1/1/a", "n1", 1000)[0] == "absent"
+        assert (store.record(key)["state"], store.record(key)["value"]) == ("done", '"kept"')
+        assert not store.link._local.held.owed
+    finally:
+        server.close()
+
+
 def test_a_call_spins_at_most_its_busy_poll_then_sleeps_until_the_reply():
     """A reply slower than ``busy_poll`` is still read, and the wait past the spin is asleep."""
     server = RedisServer().start()

@@ -26,7 +26,7 @@ from pathlib import Path
 import redis
 
 __all__ = [
-    "AMQP_URL", "CeleryWorker", "RedisServer", "amqp_unreachable", "delete_amqp_queue", "free_port",
+    "AMQP_URL", "CeleryWorker", "RedisServer", "amqp_unreachable", "answers_ping", "delete_amqp_queue", "free_port",
     "redis_server_binary",
 ]  # fmt: skip
 
@@ -115,18 +115,10 @@ class RedisServer:
              *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if client.ping():
-                    return self
-            except redis.ConnectionError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"redis-server ({self.binary}) did not start on port {self.port} in {timeout}s")
-            time.sleep(0.05)
+        if not answers_ping(self.proc, self.port, self.password, timeout):
+            self.stop()
+            raise RuntimeError(f"redis-server ({self.binary}) did not start on port {self.port} in {timeout}s")
+        return self
 
     def _persistence(self) -> list[str]:
         return ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
@@ -142,6 +134,22 @@ class RedisServer:
         """Stop it for good and remove its directory."""
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def answers_ping(proc: subprocess.Popen, port: int, password: str | None, timeout: float) -> bool:
+    """Whether the server ``proc`` started answers PING on ``port`` within ``timeout`` seconds
+    (polled: a starting server announces nothing to wait on)."""
+    client = redis.Redis(port=port, password=password, socket_connect_timeout=1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if client.ping():
+                return True
+        except redis.ConnectionError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 class CeleryWorker:

@@ -1,5 +1,5 @@
 """Fixtures of the fault-injection suite: fault grids (killed at teardown), private Redis servers
-a test may kill, callers in threads, and the session's recovery figures."""
+a test may kill, and the session's recovery figures (callers in threads: ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from girder_celery.testing import RedisServer
 from tests.conftest import _check_broker
-from tests.faults.support import Callers, Figures, fault_grid
+from tests.faults.support import Figures, fault_grid
 
 
 @pytest.fixture(scope="session")
@@ -19,29 +19,17 @@ def figures():
 
 
 @pytest.fixture
-def callers():
-    c = Callers()
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def make_fault_grid(redis_server):
+def make_fault_grid(redis_server, grids):
     """``make_fault_grid(broker, lease=, check=, store=, broker_server=, reoffer=)``: see
-    ``support.fault_grid``. Its workers are killed at teardown (a warm shutdown would wait for
-    whatever a failed test left running)."""
-    made = []
+    ``support.fault_grid``. Its workers are killed at teardown (``grids``)."""
 
     def make(broker: str = "redis", **options):
         _check_broker(broker)
         grid = fault_grid(redis_server, broker, **options)
-        made.append(grid)
+        grids.append(grid)
         return grid
 
-    yield make
-    for grid in made:
-        grid.kill()
-        grid.close()
+    return make
 
 
 @pytest.fixture
