@@ -14,13 +14,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .errors import GirderConnectionError, GirderError, GirderNoGraph, GirderTimeout
+    from .errors import GirderCancelled, GirderConnectionError, GirderError, GirderNoGraph, GirderTimeout
     from .girder import Girder
     from .keys import request_key
     from .task import GirderTask
 
 __all__ = [
     "Girder",
+    "GirderCancelled",
     "GirderConnectionError",
     "GirderError",
     "GirderNoGraph",
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 #: The module each public name comes from.
 _HOMES = {
     "Girder": "girder",
+    "GirderCancelled": "errors",
     "GirderConnectionError": "errors",
     "GirderError": "errors",
     "GirderNoGraph": "errors",

@@ -3,7 +3,9 @@
 ``celery -A proj girder state KEY`` prints what the state store knows of a request
 (``Girder.state``) as JSON; ``celery -A proj girder forget KEY`` drops a memoized value or
 error (``Girder.forget``), ``forget --task NAME [--version V]`` every one of a task
-(``Girder.forget_task``); ``celery -A proj girder offers QUEUE`` lists the offers waiting on a
+(``Girder.forget_task``); ``cancel KEY`` cancels a request in flight and its sub-requests that
+nobody else waits for (``Girder.cancel``: exit code 0 when it cancelled something, 1 when the
+request is settled already); ``celery -A proj girder offers QUEUE`` lists the offers waiting on a
 queue, oldest first, with their age by Redis's clock (what the hoister copies up a tier once
 older than ``girder_hoist_after``). ``graph KEY`` prints or draws the graph of a request
 (``Girder.graph``: JSON, Graphviz's DOT, one HTML page, or SVG with Graphviz's ``dot``),
@@ -104,6 +106,26 @@ def forget(ctx: click.Context, key: str | None, task_name: str | None, version: 
         click.echo(f"forgot {key}")
     else:
         click.echo(f"{key} has no memoized value or error (absent, queued or running): nothing forgotten")
+
+
+@girder.command()
+@click.argument("key")
+@click.pass_context
+def cancel(ctx: click.Context, key: str) -> None:
+    """Cancel request KEY and its sub-requests that no other live request waits for."""
+    found = _girder_of(ctx)
+    key = _key(found, key)
+    cancelled = _reachable(found.cancel, key)
+    if cancelled:
+        click.echo(f"cancelled {key} and {len(cancelled) - 1} sub-request(s) of it")
+        for each in cancelled:
+            click.echo(f"  {each}")
+        return
+    known = _reachable(found.state, key)["state"]
+    if known == "absent":
+        raise BadInput(f"{key} is not a request the state store knows: nothing to cancel")
+    click.echo(f"{key} is {known}: nothing to cancel", err=True)
+    ctx.exit(1)
 
 
 @girder.command()

@@ -18,10 +18,21 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-__all__ = ["CORRUPT", "GirderConnectionError", "GirderError", "GirderNoGraph", "GirderTimeout", "corrupt"]
+__all__ = [
+    "CANCELLED",
+    "CORRUPT",
+    "GirderCancelled",
+    "GirderConnectionError",
+    "GirderError",
+    "GirderNoGraph",
+    "GirderTimeout",
+    "corrupt",
+]
 
 #: The ``exc_type`` of the ``GirderError`` for a corrupt record.
 CORRUPT = "girder_celery.CorruptRecord"
+#: The ``exc_type`` of a cancelled request's error (``GirderCancelled``), as cancel.lua stores it.
+CANCELLED = "girder_celery.GirderCancelled"
 
 
 class GirderError(Exception):
@@ -90,8 +101,9 @@ class GirderError(Exception):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GirderError:
-        """Rebuild an error stored by :meth:`to_dict`."""
-        return cls(
+        """Rebuild an error stored by :meth:`to_dict` (a cancellation as a ``GirderCancelled``)."""
+        kind = GirderCancelled if data.get("exc_type") == CANCELLED else cls
+        return kind(
             data.get("message", ""),
             key=data.get("key"),
             request=data.get("request"),
@@ -130,6 +142,15 @@ class GirderTimeout(GirderError, TimeoutError):
     def __init__(self, message: str, *, key: str, state: str | None, request: str | None = None):
         super().__init__(message, key=key, request=request)
         self.state = state
+
+
+class GirderCancelled(GirderError):
+    """The request was cancelled (``girder.cancel``, or a revoke of its key), or the tree of a
+    request it belonged to was; ``key`` and ``request`` name it. Never memoized."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        kwargs.setdefault("exc_type", CANCELLED)
+        super().__init__(message, **kwargs)
 
 
 class GirderConnectionError(GirderError, ConnectionError):

@@ -2,7 +2,7 @@
 
 It builds the app's ``Runtime`` (settings, state store, offers, mirror, runner), makes the task
 base class and decorator, and answers the public calls: ``request(s)``, ``state``, ``forget``,
-``offers``, ``forget_task``, and the reports: ``graph``, ``progress``, ``stats``, ``active``.
+``offers``, ``forget_task``, ``cancel``, and the reports: ``graph``, ``progress``, ``stats``, ``active``.
 Installing it adds the worker bootsteps and the unknown-task handler, so ``celery -A proj worker``
 needs no extra flags.
 """
@@ -16,6 +16,7 @@ import redis
 from celery import Celery, Signature
 
 from . import graph, records
+from .cancel import cancel
 from .errors import GirderError, corrupt
 from .keys import Request, check_key
 from .runtime import Runtime
@@ -147,12 +148,13 @@ class Girder:
         """What the store knows of a request: ``state`` (absent, queued, running, done,
         failed), ``owner``, ``node``, ``ran_by``, ``attempts``, ``offers``, ``pool``,
         ``request``, the ``created_at``/``offered_at``/``started_at``/``finished_at``
-        timestamps (seconds since the epoch), and where it ran: ``placement`` (``inline`` in
-        a waiter, ``local`` from the queue it was offered on, ``hoisted`` from a copy sent up
-        a tier), ``claimed_via`` (that queue), ``hoists`` (copies made) and ``parent`` (the
-        request it was first asked for by, or claimed inline by; None at top level). A corrupt record
-        raises a ``GirderError`` naming the key and what is wrong. In eager mode
-        (``task_always_eager``) it reports the in-process memo instead (placement ``eager``)."""
+        timestamps (seconds since the epoch; ``cancelled_at`` too, for a cancelled request),
+        and where it ran: ``placement`` (``inline`` in a waiter, ``local`` from the queue it was
+        offered on, ``hoisted`` from a copy sent up a tier), ``claimed_via`` (that queue),
+        ``hoists`` (copies made) and ``parent`` (the request it was first asked for by, or
+        claimed inline by; None at top level). A corrupt record raises a ``GirderError`` naming
+        the key and what is wrong. In eager mode (``task_always_eager``) it reports the
+        in-process memo instead (placement ``eager``)."""
         key = self.key_of(sig_or_key)
         if self.app.conf.task_always_eager:
             return self.runtime.eager.state(key)
@@ -165,6 +167,23 @@ class Girder:
                 kind = self.store.client.type(self.store.record_key(key))
                 raise corrupt(key, f"its key holds a {kind}, not a hash") from None
         return _describe(key, record)
+
+    def cancel(self, sig_or_key: Signature | str) -> list[str]:
+        """Cancel a request in flight and every sub-request of it that no other live request
+        waits for: the keys cancelled, the request's first (empty if it was not queued or
+        running: settled, or unknown to the store).
+
+        Their waiters get a ``GirderCancelled`` at once; queued ones never run; running ones
+        stop at their next girder call at the latest, and a run from its own message on a
+        prefork node is terminated (the node lives on). A sub-request another live request waits
+        for goes on for it. Nothing is memoized: the same request made afterwards runs afresh.
+        Celery's ``revoke`` of a girder key does the same. In eager mode nothing is in flight
+        elsewhere: it cancels nothing.
+        """
+        key = self.key_of(sig_or_key)
+        if self.app.conf.task_always_eager:
+            return []
+        return cancel(self.runtime, key)
 
     def offers(self, queue: str, limit: int = 20) -> tuple[int, int, list[tuple[str, int, str | None]]]:
         """The offers waiting on ``queue`` (a node queue or a pool): how many, Redis's clock in
@@ -271,7 +290,7 @@ def _describe(key: str, record: dict[str, str]) -> dict[str, Any]:
     out["pool"] = record.get("pool") or None
     for field in ("attempts", "offers", "hoists"):
         out[field] = _number(key, record, field) or 0
-    for field in ("created_at", "offered_at", "started_at", "finished_at", "lease_until"):
+    for field in ("created_at", "offered_at", "started_at", "finished_at", "lease_until", "cancelled_at"):
         ms = _number(key, record, field)
         out[field] = ms / 1000 if ms else None
     return out

@@ -3,7 +3,9 @@
 ``InlineWait`` is a running request waiting for its sub-requests: it never blocks on unclaimed
 work (invariant 2), it claims the newest of its own pending sub-requests that is still queued
 and runs it here, and blocks only when every one left is running on a live executor. It runs
-nothing but its own sub-requests (invariant 3).
+nothing but its own sub-requests (invariant 3). Its mailbox and the owner token of its claims
+name the request it waits for, so ``cancel.lua`` tells who waits for what; a cancelled run
+stops here, at its next submit (answered ``cancelled``) or as its wait hears of it.
 
 An inline run goes through Celery's own tracer, so it has a real request context
 (``self.request.id`` is the key, with ``parent_id``, ``root_id`` and ``hostname``), fires
@@ -32,6 +34,7 @@ from celery.app.trace import build_tracer
 from celery.exceptions import Retry
 from celery.utils.saferepr import saferepr
 
+from .errors import GirderCancelled
 from .execute import InlineRun, Runner
 from .frame import Frame, on_a_shallow_stack
 from .keys import Request, decode_payload
@@ -50,7 +53,10 @@ class InlineWait(Wait):
     def __init__(
         self, runner: Runner, requests: list[Request], timeout: float | None, frame: Frame, requester: str | None = None
     ) -> None:
-        super().__init__(runner.offers, requests, timeout)
+        #: The request these are sub-requests of: the frame's, or "" for a message's answer
+        #: (``Runtime.answer``), which no request waits for, so it records no waits-for edges.
+        self.requester = frame.key if requester is None else requester
+        super().__init__(runner.offers, requests, timeout, self.requester)
         #: Where sub-requests without a pool of their own are offered: this node's queue.
         self.queue = runner.offers.node_queue(frame.node)
         # On a node whose only executor is this waiter, a message on its own queue could only
@@ -59,10 +65,8 @@ class InlineWait(Wait):
         self.send_offers = runner.concurrency != 1 or any(r.pool and r.pool != self.queue for r in requests)
         self.runner = runner
         self.frame = frame
-        #: The request these are sub-requests of: the frame's, or "" for a message's answer
-        #: (``Runtime.answer``), which no request waits for, so it records no waits-for edges.
-        self.requester = frame.key if requester is None else requester
-        self.owner = runner.new_owner(frame.node)
+        #: Its claims' token names the request it runs them for (cancel.lua reads who waits).
+        self.owner = f"{runner.new_owner(frame.node)}>{self.requester}"
         self.lease_ms = runner.leases.lease_ms
         #: Sub-requests last seen queued, oldest first (a dict as an ordered set); a claim scan
         #: takes the newest and drops each it looks at, so N sub-requests cost O(N) in scans in
@@ -77,16 +81,20 @@ class InlineWait(Wait):
 
     def _submit(self, requests: list[Request]) -> list[Outcome]:
         claimant = Claimant(requests[-1].key, self.owner, self.frame.node, self.lease_ms)
-        offer, requester, queue = self.send_offers, self.requester, self.queue
-        return self.offers.submit(requests, self.mailbox, offer, requester, claimant, queue=queue)
+        offer, requester, owner = self.send_offers, self.requester, self.frame.owner
+        return self.offers.submit(
+            requests, self.mailbox, offer, requester, claimant, queue=self.queue, requester_owner=owner
+        )
 
     def _resubmit(self, reoffer: bool) -> list[Outcome]:
         # Whatever became claimable again (an expired lease, a lost record, an offer dropped in
         # an outage) is run here, not offered: this executor is free for it right now.
         due = self._due(reoffer)
         due_requests = [self.unique[k] for k in due]
-        requester, queue = self.requester, self.queue
-        return self.offers.submit(due_requests, self.mailbox, False, requester, queue=queue, recheck=True)
+        requester, queue, owner = self.requester, self.queue, self.frame.owner
+        return self.offers.submit(
+            due_requests, self.mailbox, False, requester, queue=queue, recheck=True, requester_owner=owner
+        )
 
     def _before_block(self) -> None:
         self.runner.mirror.flush()  # no copy buffered here waits on this executor's block
@@ -99,6 +107,12 @@ class InlineWait(Wait):
                 self.claimed = outcome.key
             elif (verdict is Verdict.QUEUED or verdict is Verdict.OFFER) and outcome.key in self.pending:
                 self.claimable[outcome.key] = None
+            elif verdict is Verdict.CANCELLED:  # this run was cancelled: it stops here
+                raise GirderCancelled("cancelled while it ran", key=self.requester)
+
+    def _stray(self, outcome: Outcome) -> None:
+        if outcome.key == self.requester and outcome.verdict is Verdict.FAILED:  # cancelled (cancel.lua)
+            raise outcome.error()
 
     def _settle(self, outcome: Outcome) -> None:
         self.claimable.pop(outcome.key, None)

@@ -47,20 +47,23 @@ class Offers:
         reoffer: bool = False,
         queue: str | None = None,
         recheck: bool = False,
+        requester_owner: str = "",
     ) -> list[Outcome]:
         """Submit to the store in one round trip; publish an offer for each new request.
 
-        ``requester`` and ``claimant`` are for sub-requests, ``recheck`` for a waiter's periodic
-        check (see ``StateStore.submit``); ``reoffer`` offers again at once each request still
-        queued, however recently offered; ``queue`` is where requests without a pool of their
-        own go (a waiter's node queue).
+        ``requester`` (with the owner token of its run, ``requester_owner``) and ``claimant`` are
+        for sub-requests, ``recheck`` for a waiter's periodic check (see ``StateStore.submit``);
+        ``reoffer`` offers again at once each request still queued, however recently offered;
+        ``queue`` is where requests without a pool of their own go (a waiter's node queue).
         """
         s = self.settings
         queues = [queue if queue and not r.pool else self.queue_for(r) for r in requests]
         reoffer_after_ms = 0 if reoffer else s.reoffer_after_ms
         with self.store.reachable():
             items = [(r.key, r.payload, r.task.name, r.readable, q) for r, q in zip(requests, queues)]
-            outcomes = self.store.submit(items, mailbox, reoffer_after_ms, requester, s.edge_ttl_ms, claimant, recheck)
+            outcomes = self.store.submit(
+                items, mailbox, reoffer_after_ms, requester, s.edge_ttl_ms, claimant, recheck, requester_owner
+            )
         if offer:
             for request, queue, outcome in zip(requests, queues, outcomes):
                 if outcome.verdict is Verdict.OFFER:

@@ -19,9 +19,13 @@ Keys, all under the prefix:
 - ``<prefix>:stats``: per-task counters since a reset, a hash of ``runs:<name>``, ``ms:<name>``,
   ``failures:<name>``, ``hits:<name>`` and ``since`` (ms);
 - ``<prefix>:offers:<queue>``: the offers waiting on a queue, a zset of keys by offer time;
-- ``<prefix>:mailbox:<id>``: one waiter's notifications, a list of ``<verdict>:<key>:<data>``.
+- ``<prefix>:mailbox:<id>``: one waiter's notifications, a list of ``<verdict>:<key>:<data>``;
+  a running request's waiter's ``<id>`` is ``<its key>/<nonce>``, and the owner token of the
+  sub-requests it claims ends in ``><its key>``, so cancel.lua tells who waits for what.
 
 States of a record: absent -> queued -> running(owner, lease) -> done(value) | failed(error).
+A cancelled request is failed, not memoized, with ``cancelled_at`` and ``cancelled_owner`` (the
+run it stopped, whose late outcome is dropped).
 A record answers each call with a ``Verdict`` (see there) and data; ``Outcome`` carries both.
 
 | method | script | transition |
@@ -35,6 +39,7 @@ A record answers each call with a ``Verdict`` (see there) and data; ``Outcome`` 
 | ``unoffer`` | unoffer.lua | queued, offered -> queued, never offered |
 | ``hoist`` | hoist.lua | queued on a tier -> queued there and on the nearest tier above that can take it |
 | ``forget`` | forget.lua | done, failed, corrupt -> absent (and its graph) |
+| ``cancel`` | cancel.lua | queued, running -> failed (cancelled, not memoized), and sub-requests nobody else awaits |
 
 "Lapsed" is running with an expired lease: its owner died, and anyone may take it over.
 
@@ -81,6 +86,8 @@ HOIST_BACKLOG = 16
 HOIST_PRUNE = 1
 #: How long a pool's hoisting window is kept once no pass adjusts it (see hoist.lua).
 WINDOW_TTL_MS = 24 * 3600 * 1000
+#: Most requests one cancel fails (a bound on its script's run; the rest go on).
+CANCEL_LIMIT = 10_000
 
 
 class Verdict(str, Enum):
@@ -100,6 +107,8 @@ class Verdict(str, Enum):
     FAILED = "failed"
     #: submit: refused, it (transitively) waits for its requester (data: the cycle's keys).
     CYCLE = "cycle"
+    #: submit: refused, the requester's run was cancelled. cancel: it cancelled (data: the keys).
+    CANCELLED = "cancelled"
     #: claim, forget: the store has no record of it (forgotten, expired or lost).
     ABSENT = "absent"
     #: submit, claim, forget: a record girder never writes (data: what is wrong); forget drops it.
@@ -178,7 +187,7 @@ class StateStore:
         graph_ttl_ms: how long a request's graph is kept after it settles (``girder_graph_ttl``).
     """
 
-    SCRIPTS = ("submit", "claim", "renew", "complete", "fail", "forget", "hoist", "unoffer", "release")
+    SCRIPTS = ("submit", "claim", "renew", "complete", "fail", "forget", "hoist", "unoffer", "release", "cancel")
 
     def __init__(
         self,
@@ -239,6 +248,7 @@ class StateStore:
         edge_ttl_ms: int = 0,
         claimant: Claimant | None = None,
         recheck: bool = False,
+        requester_owner: str = "",
     ) -> list[Outcome]:
         """Submit requests given as ``(key, payload, name, readable, pool)``, in one round trip.
 
@@ -246,18 +256,21 @@ class StateStore:
         request that is not settled. A ``requester`` (the key of the running request making
         these) gets waits-for edges to each, and a cycle is answered ``cycle``, and each goes
         into its graph; ``claimant`` claims the request it names for an inline run. A done
-        answer counts as a cache hit unless this is a waiter's ``recheck``. See ``lua/submit.lua``.
+        answer counts as a cache hit unless this is a waiter's ``recheck``. A requester whose run
+        (``requester_owner``) was cancelled is answered ``cancelled``. See ``lua/submit.lua``.
         """
         waits, offers, graphs = self.edges_key(""), self.offers_key(""), self.graph_key("")
         edges, graph = self.edges_key(requester), self.graph_key(requester)
+        requester_record = self.record_key(requester)
         hits = "" if recheck else "1"
 
         def call(key: str, payload: str, name: str, readable: str, pool: str) -> tuple[tuple, tuple]:
             claimer = claimant if claimant is not None and claimant.key == key else _NO_CLAIMANT
             return (
-                (self.record_key(key), self.waiters_key(key), edges, offers + pool, graph, self.stats_key),
+                (self.record_key(key), self.waiters_key(key), edges, offers + pool, graph, self.stats_key,
+                 requester_record),
                 (payload, name, readable, pool, mailbox, reoffer_after_ms, key, requester, waits, edge_ttl_ms,
-                 claimer.owner, claimer.node, claimer.lease_ms, offers, graphs, hits),
+                 claimer.owner, claimer.node, claimer.lease_ms, offers, graphs, hits, requester_owner),
             )  # fmt: skip
 
         replies = self.link.call_many(self._scripts["submit"], (call(*item) for item in items))
@@ -348,6 +361,17 @@ class StateStore:
             return []
         calls = [((self.record_key(key), self.graph_key(key)), ()) for key in keys]
         return [_verdict(v) for v in self.link.call_many(self._scripts["forget"], calls)]
+
+    def cancel(
+        self, key: str, why: str, why_sub: str, ttl_ms: int, limit: int = CANCEL_LIMIT
+    ) -> tuple[Verdict, list[str], list[tuple[str, str]]]:
+        """Cancel ``key`` (if queued or running) and its sub-requests that no other live request
+        waits for, their errors' messages ``why`` and ``why_sub``, kept ``ttl_ms``: ``(verdict,
+        the keys cancelled, [(key, node)] of those running from their own messages)``, the verdict
+        ``cancelled``, or the record's state (``done``, ``failed``, ``absent``) or ``corrupt``."""
+        args = (key, f"{self.prefix}:", ttl_ms, MAILBOX_TTL_MS, self.graph_ttl_ms, why, why_sub, limit)
+        verdict, cancelled, running = self._scripts["cancel"]((self.record_key(key),), args)
+        return _verdict(verdict), list(cancelled), list(zip(running[::2], running[1::2]))
 
     def hoist(self, tiers: list[str], after_ms: int) -> list[tuple[str, str, str, str]]:
         """One pass up ``tiers`` (a node's queue, its pool, the pool's ancestors): move up to

@@ -28,7 +28,7 @@ from .keys import Request
 from .runtime import Runtime
 from .store import Verdict
 
-__all__ = ["GIRDER_OPTIONS", "GirderTask", "validate_options"]
+__all__ = ["GIRDER_OPTIONS", "GirderTask", "refuse_timing", "validate_options"]
 
 #: Celery's builtin tasks that call a task directly for each item of a list.
 _MAP_TASKS = ("celery.map", "celery.starmap")
@@ -128,6 +128,7 @@ class GirderTask(celery.Task):
             # message is the request's next offer, not a duplicate of this run.
             runtime.store.release(request.key, frame.owner)
             return super().apply_async(args, kwargs, request.key, producer, link, link_error, shadow, **options)
+        refuse_timing(self.name, options)
         if task_id is not None and task_id != request.key:
             if keys.is_key(task_id):  # another request's key: it must answer only its own value
                 raise ValueError(
@@ -191,8 +192,26 @@ class GirderTask(celery.Task):
         return result[0]
 
 
+#: ``apply_async`` options a girder request refuses (see ``refuse_timing``).
+_REFUSED_TIMING = ("expires", "countdown", "eta")
+
+
+def refuse_timing(name: str, options: dict[str, Any]) -> None:
+    """Refuse ``expires``, ``countdown`` and ``eta`` for a girder request: it is memoized and
+    shared, so one caller's expiry or delay would drop or hold every caller's request, and its
+    offers are copied and sent again (hoisted, re-offered, claimed inline) with no delay."""
+    for option in _REFUSED_TIMING:
+        if options.get(option) is not None:
+            raise ValueError(
+                f"{name}: a girder request takes no {option}= (it is shared by every caller of the same "
+                "request): use girder.cancel(key) or revoke() to stop one, and timeout= to bound a wait"
+            )
+
+
 def validate_options(options: dict[str, Any]) -> None:
     """Refuse an unknown ``@girder.task`` option, or a bad value of one of girder's own."""
+    if options.get("expires") is not None:
+        raise TypeError("girder.task takes no expires=: a girder request never expires (girder.cancel stops one)")
     for name in options:
         if name not in _DECORATOR_OPTIONS and name not in GIRDER_OPTIONS and not hasattr(GirderTask, name):
             raise TypeError(

@@ -53,13 +53,14 @@ class _Undecodable:
 class Wait:
     """A caller outside any girder request, waiting for a list of requests."""
 
-    def __init__(self, offers: Offers, requests: list[Request], timeout: float | None) -> None:
+    def __init__(self, offers: Offers, requests: list[Request], timeout: float | None, requester: str = "") -> None:
         self.offers = offers
         self.store = offers.store
         self.requests = requests
         self.unique = {r.key: r for r in requests}
         self.timeout = offers.settings.request_timeout if timeout is None else timeout
-        self.mailbox = self.store.mailbox_key(unique_id())
+        #: A running request's waiter's mailbox is named after it (cancel.lua reads who waits).
+        self.mailbox = self.store.mailbox_key(f"{requester}/{unique_id()}" if requester else unique_id())
         #: key -> its answer as it settled: the value itself, or its GirderError (an Outcome
         #: object per request would outlive the wait's need of it: issue 12).
         self.settled: dict[str, Any] = {}
@@ -115,6 +116,10 @@ class Wait:
         """Run one pending request here if possible; True if it did. Top level never does."""
         return False
 
+    def _stray(self, outcome: Outcome) -> None:
+        """A notification of a request this waiter no longer waits for (cancel.lua tells a
+        running request's waiter of its own cancellation this way)."""
+
     def _before_block(self) -> None:
         """This thread is about to block on its mailbox."""
 
@@ -157,6 +162,8 @@ class Wait:
         for outcome in self.store.pop_mailbox(self.mailbox, max(block, 0.01), len(self.pending)):
             if outcome.key in self.pending:
                 self._settle(outcome)
+            else:
+                self._stray(outcome)
 
     def _absorb(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:

@@ -9,7 +9,8 @@ run twice, against invariant 1), and installs the event-loop wakers of ``hub.py`
 runs a thread that copies offers that waited longer than ``girder_hoist_after`` up a tier (the
 seed's distributor). The handlers fail a girder request whose message names a task this
 worker does not know, or whose run Celery's pool ended at its hard time limit (prefork kills
-the process), so its waiters hear of it (invariant 1).
+the process), so its waiters hear of it (invariant 1). Celery's ``revoke`` command cancels a girder
+request instead of blocking its key (``cancel.py``).
 
 ``MessageCheck`` refuses malformed messages of plain tasks as girder's strategy does its own.
 """
@@ -25,6 +26,7 @@ import redis
 from celery import Celery, bootsteps, signals
 from celery.exceptions import TimeLimitExceeded
 
+from .cancel import install_revoke
 from .errors import safe_url
 from .hub import wake_hub_for_queued_callbacks, wake_hub_when_requests_end
 from .keys import is_key
@@ -188,6 +190,7 @@ def install(runtime: Runtime) -> None:
     app.steps["worker"].add(GirderStep)
     app.steps["worker"].add(Hoister)
     app.steps["consumer"].add(MessageCheck)
+    install_revoke(runtime)
     app.user_options["worker"].add(
         click.Option(
             ["--girder-pool"],

@@ -7,6 +7,8 @@ Under ``CI=true`` a missing RabbitMQ fails the AMQP tests instead of skipping th
 from __future__ import annotations
 
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -127,3 +129,19 @@ def _fast_stop(g: Grid) -> None:
     running (some sleep for seconds), and teardown checks nothing."""
     g.kill()
     g.close()
+
+
+@pytest.fixture
+def bg():
+    """Run blocking calls (client waits) in threads: ``bg(fn, *args)`` gives a Future of
+    ``(ok, value_or_exception, finished_at)``. Every such call has its own timeout."""
+    pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="test-bg")
+
+    def timed(fn, args, kwargs):
+        try:
+            return True, fn(*args, **kwargs), time.monotonic()
+        except BaseException as exc:
+            return False, exc, time.monotonic()
+
+    yield lambda fn, *args, **kwargs: pool.submit(timed, fn, args, kwargs)
+    pool.shutdown(wait=True, cancel_futures=True)

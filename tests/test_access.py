@@ -66,8 +66,8 @@ def store_grid(redis_server, access, grids) -> Callable[[str], Grid]:
 def exercise(g: Grid, access: AccessServer) -> None:
     """Every flow of girder on one worker, each answered right: a request with sub-requests and
     theirs, a memoized hit, a failure with its cause, a cycle, Celery's delay().get(), a lease
-    renewed, a timeout that withdraws its waiter, an offer nobody takes, a retry, the reports, state
-    and forget."""
+    renewed, a timeout that withdraws its waiter, an offer nobody takes (then cancelled), a retry, the
+    reports, state and forget."""
     m, t = g.app_module, uuid.uuid4().hex[:8]
     fanout = m.reentrant_tasks.fanout
     assert m.girder.request(fanout.s(3, 2, t), timeout=30) == 6
@@ -84,6 +84,7 @@ def exercise(g: Grid, access: AccessServer) -> None:
         m.girder.request(m.add.s(t, "?"), pool=nobody, timeout=0.3)
     total, now_ms, oldest = m.girder.offers(nobody)
     assert total == 1 and now_ms > 0 and oldest[0][0] == m.add.key(t, "?") and "grid.add" in oldest[0][2]
+    assert m.girder.cancel(m.add.s(t, "?")) == [m.add.key(t, "?")] and m.girder.offers(nobody)[0] == 0
     assert m.girder.request(m.retrying.s(t), timeout=15) == 2
     _reports(m, fanout.s(3, 2, t))
     assert m.girder.forget(fanout.s(3, 2, t)) and m.girder.state(fanout.s(3, 2, t))["state"] == "absent"

@@ -22,7 +22,7 @@ LAYERS = {
     3: ("wait",),
     4: ("execute", "inline", "limits"),
     5: ("runtime", "eager"),
-    6: ("task", "worker", "hub", "messages"),
+    6: ("task", "worker", "hub", "messages", "cancel"),
     7: ("girder", "__init__", "cli", "pytest_plugin"),
 }
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}

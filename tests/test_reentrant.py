@@ -15,7 +15,7 @@ import re
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import pytest
 
@@ -36,22 +36,6 @@ every_pool = pytest.mark.parametrize(
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def bg():
-    """Run blocking calls (client waits) in threads: ``bg(fn, *args)`` gives a Future of
-    ``(ok, value_or_exception, finished_at)``. Every such call has its own timeout."""
-    pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="test-bg")
-
-    def timed(fn, args, kwargs):
-        try:
-            return True, fn(*args, **kwargs), time.monotonic()
-        except BaseException as exc:
-            return False, exc, time.monotonic()
-
-    yield lambda fn, *args, **kwargs: pool.submit(timed, fn, args, kwargs)
-    pool.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from girder_celery.store import HOIST_BACKLOG, HOIST_BATCH, HOIST_PRUNE, MAILBOX_TTL_MS, Outcome, StateStore
+from girder_celery.errors import CANCELLED, GirderCancelled
+from girder_celery.store import HOIST_BACKLOG, HOIST_BATCH, HOIST_PRUNE, MAILBOX_TTL_MS, Claimant, Outcome, StateStore
 from girder_celery.testing import RedisServer
 from tests.core_support import redis_now_ms, wait_redis_past
 from tests.harness import wait_until
@@ -605,3 +606,127 @@ def test_offers_hoisted_out_of_a_pool_count_against_its_window(store):
     moved = store.hoist(["node", "pool", "root"], 100)
     assert sorted(key for _, key, _, _ in moved) == sorted(stuck)
     assert store.client.hmget(store.window_key("pool"), "w", "over") == ["16", "3"]
+
+
+# -- cancel --------------------------------------------------------------------------------
+# Who is cancelled, who is kept, who hears of it, which runs are to be terminated, and that a
+# cancelled run's late outcome changes nothing.
+
+
+def waiter_mailbox(store: StateStore, requester: str) -> str:
+    """An inline waiter's mailbox, named after its request (inline.py)."""
+    return store.mailbox_key(f"{requester}/{uuid.uuid4().hex}")
+
+
+def run_of(store: StateStore, key: str, owner: str = "", lease: int = HOUR) -> str:
+    """Submit ``key`` and claim it, as from its own message unless ``owner`` says otherwise."""
+    store.submit([item(key, pool="q")], "", HOUR)
+    owner = owner or f"n1/1/{key[:8]}"
+    assert store.claim(key, owner, "n1", lease)[0] == "claimed"
+    return owner
+
+
+def request_of(store: StateStore, requester: str, keys: list[str], mailbox: str | None = None) -> str:
+    """``requester`` (running) asks for ``keys`` with its waiter's mailbox; the mailbox."""
+    mailbox = mailbox or waiter_mailbox(store, requester)
+    store.submit([item(k, pool="q") for k in keys], mailbox, HOUR, requester=requester, edge_ttl_ms=HOUR)
+    return mailbox
+
+
+def cancel_of(store: StateStore, key: str):
+    return store.cancel(key, "cancelled (test)", f"cancelled with {key}", HOUR)
+
+
+def state_of(store: StateStore, key: str) -> str:
+    return store.record(key).get("state", "absent")
+
+
+def test_a_tree_is_cancelled_with_a_diamond_inside_and_every_waiter_hears(store):
+    """r waits for a and b, which both wait for c: all four go, and r's caller and a's and b's
+    waiters hear of it; a and b run from messages on n1, so they are to be terminated, with r."""
+    r, a, b, c = (new_key() for _ in range(4))
+    caller = mailbox(store)
+    store.submit([item(r, pool="q")], caller, HOUR)
+    run_of(store, r)
+    request_of(store, r, [a, b])
+    run_of(store, a), run_of(store, b)
+    box_a, box_b = request_of(store, a, [c]), request_of(store, b, [c])
+    verdict, cancelled, running = cancel_of(store, r)
+    assert verdict == "cancelled" and cancelled[0] == r and sorted(cancelled) == sorted([r, a, b, c])
+    assert sorted(running) == sorted([(r, "n1"), (a, "n1"), (b, "n1")])
+    assert {state_of(store, k) for k in (r, a, b, c)} == {"failed"}
+    error = json.loads(store.record(r)["error"])
+    assert (error["exc_type"], error["message"], error["key"]) == (CANCELLED, "cancelled (test)", r)
+    (heard,) = store.pop_mailbox(caller, 0.1, 10)
+    assert (heard.key, heard.verdict) == (r, "failed") and isinstance(heard.error(), GirderCancelled)
+    assert [o.key for o in store.pop_mailbox(box_a, 0.1, 10)] == [c]
+    assert [o.key for o in store.pop_mailbox(box_b, 0.1, 10)] == [c]
+    assert store.record(r)["memo"] == "0"
+    assert cancel_of(store, r)[0] == "failed"  # nothing twice
+
+
+def test_a_sub_request_another_live_request_or_a_caller_waits_for_is_kept(store):
+    """s is awaited by live request x, t by a caller outside any request, u only by a request whose
+    lease lapsed: s and t are kept (r's waiter leaves s's waiters, hearing of r itself), u goes."""
+    r, x, dead, s, t, u = (new_key() for _ in range(6))
+    run_of(store, r), run_of(store, x), run_of(store, dead, lease=50)
+    box_r = request_of(store, r, [s, t, u])
+    request_of(store, x, [s])
+    store.submit([item(t, pool="q")], mailbox(store), HOUR)
+    request_of(store, dead, [u])
+    wait_redis_past(store.client, int(store.record(dead)["lease_until"]))
+    verdict, cancelled, _ = cancel_of(store, r)
+    assert sorted(cancelled) == sorted([r, u])
+    assert (state_of(store, s), state_of(store, t), state_of(store, u)) == ("queued", "queued", "failed")
+    heard = store.pop_mailbox(box_r, 0.1, 10)
+    assert sorted(o.key for o in heard) == sorted([u, r])  # u's cancellation, and its own
+    assert box_r not in store.client.smembers(store.waiters_key(s))
+
+
+def test_inline_runs_are_told_by_their_owner_and_a_stack_running_a_kept_one_is_not_terminated(store):
+    """r (from its message) runs a inline, which runs s inline; x also waits for s. Cancelling r
+    cancels a, keeps s, and terminates nothing: s runs on r's process, for x."""
+    r, a, s, x = (new_key() for _ in range(4))
+    run_of(store, r), run_of(store, x)
+    r_owner = store.record(r)["owner"]
+    inline_a = f"n1/1/w1>{r}"
+    store.submit(
+        [item(a, pool="q")], "", HOUR, requester=r, edge_ttl_ms=HOUR, claimant=Claimant(a, inline_a, "n1", HOUR)
+    )
+    inline_s = f"n1/1/w2>{a}"
+    store.submit(
+        [item(s, pool="q")], "", HOUR, requester=a, edge_ttl_ms=HOUR, claimant=Claimant(s, inline_s, "n1", HOUR)
+    )
+    request_of(store, x, [s])
+    verdict, cancelled, running = cancel_of(store, r)
+    assert sorted(cancelled) == sorted([r, a]) and running == []
+    assert state_of(store, s) == "running"
+    # a's run is refused its next sub-request, and its late outcome changes nothing; r's too
+    (refused,) = store.submit(
+        [item(new_key(), pool="q")], "", HOUR, requester=a, edge_ttl_ms=HOUR, requester_owner=inline_a
+    )
+    assert refused.verdict == "cancelled"
+    assert not store.complete(a, inline_a, "1", 0)
+    assert not store.fail(r, r_owner, json.dumps({"message": "late"}), False, 0)
+    assert json.loads(store.record(a)["error"])["exc_type"] == CANCELLED
+
+
+def test_a_cancelled_request_is_not_memoized_and_a_queued_ones_offer_is_withdrawn(store):
+    q = new_key()
+    store.submit([item(q, pool="q")], mailbox(store), HOUR)
+    assert store.client.zscore(store.offers_key("q"), q) is not None
+    assert cancel_of(store, q)[1] == [q]
+    assert store.client.zscore(store.offers_key("q"), q) is None
+    assert store.claim(q, "n2/1/z", "n2", HOUR)[0] == "failed"  # an offer of it is skipped
+    (again,) = store.submit([item(q, pool="q")], "", HOUR)
+    assert again.verdict == "offer" and "cancelled_owner" not in store.record(q)
+
+
+def test_cancel_of_what_is_not_in_flight_changes_nothing(store):
+    done, absent = new_key(), new_key()
+    owner = run_of(store, done)
+    assert store.complete(done, owner, "1", 0)
+    assert cancel_of(store, done) == ("done", [], [])
+    assert cancel_of(store, absent) == ("absent", [], [])
+    store.client.set(store.record_key(absent), "x")
+    assert cancel_of(store, absent)[0] == "corrupt"

@@ -17,19 +17,20 @@
 -- ARGV[6]  mailbox not to notify (the inline runner's own, which has the value), or ""
 -- ARGV[7]  graph TTL (ms)
 --
--- Transition: anything but done or memoized failed  ->  done(value); its waits-for edges go.
+-- Transition: anything but done, memoized failed or this run's cancellation (cancel.lua)  ->
+-- done(value); its waits-for edges go.
 -- A key that is not a hash (a corrupt record) is replaced.
 -- Each waiter's mailbox receives "done:<key>:<value>".
 -- Returns 1 stored, 0 already settled (nothing written).
 
 local rec = KEYS[1]
-local f = redis.pcall('HMGET', rec, 'state', 'memo', 'name', 'started_at')
+local f = redis.pcall('HMGET', rec, 'state', 'memo', 'name', 'started_at', 'cancelled_owner')
 if f.err then
   -- Not a hash: a corrupt record, replaced by this outcome (which is the key's own).
   redis.call('DEL', rec)
   f = {}
 end
-if f[1] == 'done' or (f[1] == 'failed' and f[2] == '1') then
+if f[1] == 'done' or (f[1] == 'failed' and (f[2] == '1' or f[5] == ARGV[2])) then
   return 0
 end
 local t = redis.call('TIME')

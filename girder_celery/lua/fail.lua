@@ -21,13 +21,14 @@
 -- ARGV[8]  "1" to fail it only if nobody has claimed it (still queued), else ""
 -- ARGV[9]  graph TTL (ms)
 --
--- Transition: anything but done or memoized failed  ->  failed(error); its waits-for edges go.
+-- Transition: anything but done, memoized failed or this run's cancellation (cancel.lua)  ->
+-- failed(error); its waits-for edges go.
 -- A key that is not a hash (a corrupt record) is replaced, unless ARGV[8] is "1".
 -- Each waiter's mailbox receives "failed:<key>:<error>".
 -- Returns 1 stored, 0 already settled (nothing written).
 
 local rec = KEYS[1]
-local f = redis.pcall('HMGET', rec, 'state', 'memo', 'name', 'started_at')
+local f = redis.pcall('HMGET', rec, 'state', 'memo', 'name', 'started_at', 'cancelled_owner')
 if f.err then
   -- Not a hash: a corrupt record, replaced by this outcome (which is the key's own).
   if ARGV[8] == '1' then
@@ -36,7 +37,7 @@ if f.err then
   redis.call('DEL', rec)
   f = {}
 end
-if f[1] == 'done' or (f[1] == 'failed' and f[2] == '1') or (ARGV[8] == '1' and f[1] ~= 'queued') then
+if f[1] == 'done' or (f[1] == 'failed' and (f[2] == '1' or f[5] == ARGV[2])) or (ARGV[8] == '1' and f[1] ~= 'queued') then
   return 0
 end
 local t = redis.call('TIME')

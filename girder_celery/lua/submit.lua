@@ -4,7 +4,8 @@
 -- request (the requester) records the edge requester -> request in the waits-for graph and is
 -- refused if that edge closes a cycle; the requester may also claim it here, to run it inline.
 -- It also records the edge in the requester's graph, which outlives the run (girder.graph), and
--- counts a cache hit in the per-task stats.
+-- counts a cache hit in the per-task stats. A requester whose run was cancelled (cancel.lua) is
+-- answered "cancelled" and requests nothing: that is where a cancelled run stops at the latest.
 --
 -- KEYS[1]   request record        <prefix>:req:<key>        hash
 -- KEYS[2]   waiter set            <prefix>:waiters:<key>    set of mailbox names
@@ -13,6 +14,7 @@
 -- KEYS[5]   requester's graph     <prefix>:graph:<requester> hash child key -> "r" (requested)
 --                                 or "c" (answered from the store); unused without one
 -- KEYS[6]   per-task stats        <prefix>:stats            hash: "hits:<task name>" += 1 per hit
+-- KEYS[7]   requester's record    <prefix>:req:<requester>  hash (unused without one)
 -- ARGV[1]   payload: the canonical arguments (JSON)
 -- ARGV[2]   task name
 -- ARGV[3]   readable request, e.g. "proj.tasks.divide(1, 0)"
@@ -29,6 +31,7 @@
 -- ARGV[14]  "<prefix>:offers:", to drop an older offer from the queue that holds it
 -- ARGV[15]  "<prefix>:graph:", to drop the graph of an earlier run of a request started afresh
 -- ARGV[16]  "1" to count a done answer as a cache hit, "" not to (a waiter's periodic re-check)
+-- ARGV[17]  the owner token of the requester's run, or ""
 --
 -- Transitions:
 --   absent | failed (not memoized) | running with an expired lease  ->  queued
@@ -46,6 +49,7 @@
 --   {"failed", error}     the memoized error (JSON); nothing registered
 --   {"cycle", keys}       it (transitively) waits for the requester: space-separated keys of
 --                         the cycle, requester first and last; nothing changed
+--   {"cancelled", ""}     the requester's run (ARGV[17]) was cancelled; nothing changed
 --   {"corrupt", what}     the record is not one girder writes (not a hash, an unknown state,
 --                         a lease_until or offered_at that is not a number): what is wrong;
 --                         nothing changed (forget.lua clears it)
@@ -57,6 +61,9 @@ if f.err then
   return {'corrupt', 'its key holds a ' .. redis.call('TYPE', rec).ok .. ', not a hash'}
 end
 local requester = ARGV[8]
+if requester ~= '' and ARGV[17] ~= '' and redis.call('HGET', KEYS[7], 'cancelled_owner') == ARGV[17] then
+  return {'cancelled', ''}
+end
 
 -- The edge requester -> request in the requester's graph: the first submit of it says how it was
 -- answered, "c" from the store, "r" otherwise (later re-checks change nothing).
@@ -140,7 +147,7 @@ end
 if state ~= 'queued' then
   -- absent, failed (not memoized) or running on an expired lease: (re)start from queued.
   redis.call('HDEL', rec, 'owner', 'node', 'lease_until', 'started_at', 'finished_at', 'error', 'memo', 'placement',
-    'claimed_via', 'subs')
+    'claimed_via', 'subs', 'cancelled_at', 'cancelled_owner')
   redis.call('DEL', ARGV[15] .. ARGV[7])
   redis.call('PERSIST', rec)
   redis.call('HSET', rec, 'state', 'queued', 'payload', ARGV[1], 'name', ARGV[2],
