@@ -173,8 +173,9 @@ class Mirror:
             _read_publications(getattr(backend, "result_consumer", None))
             backend.forget(key)
             buffered = getattr(backend, "_pending_messages", None)
-            if buffered is not None:
-                buffered.take(key, None)
+            if buffered is not None:  # every one buffered for the key (take hands over one at a time)
+                while buffered.take(key, None) is not None:
+                    pass
         except Exception:
             logger.warning("girder: could not forget %s in the result backend", key, exc_info=True)
 
