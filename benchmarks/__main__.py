@@ -61,6 +61,16 @@ Suite ``fanout``: tiers (one, then two, then four nodes of the same pool)
     parallel efficiency (speed-up / nodes, target >= 90% at 2 nodes), the share of children run
     remotely, and the figure against zero-overhead work (serial work / nodes).
 
+Suite ``tree``: many nodes (twelve ``-c 1`` nodes: four pools of three under a root pool)
+    A fan-out of 2,000 children of 50 ms from the root pool, the same sleeps as a stock Celery
+    ``group``, the seed's bogosity scaled up (``bogosity(50, j, 4, 5, salt)`` for 120 jobs) and 120
+    plain 50 ms tasks, and 5 s of the grid idle, interleaved run by run. Per scenario: efficiency
+    against the ideal makespan, where the fan-out's children ran (its parent's node, its pool,
+    beyond) and how many hoisted copies each had, and per request the Redis commands and scripts
+    (``INFO commandstats``), Redis's time in them, the CPU of the workers and of redis-server
+    (``/proc``); idle, the hoisters' scripts per second; at the end, bytes per memoized record and
+    per result-backend copy, and the grid's other keys by kind.
+
     Re-entrant suites time ``--runs`` runs per scenario (after an untimed warm-up run), one per
     round, each run with a fresh salt so nothing is memoized, and print every derived figure with
     how it was derived, rounded against girder (costs up, efficiencies down).
