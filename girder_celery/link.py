@@ -277,6 +277,10 @@ class Link:
         if held.connection is not None:
             held.connection.disconnect()
             held.give_back()
+        # The server may have restarted, its scripts gone with it: the next send loads them
+        # first, or its reply (NOSCRIPT) would only be read, and the call made, at the thread's
+        # next call, which an idle node may not make before the request's lease expires.
+        self._loaded = False
         self._make_again(held, [*unread, *more])
 
     @staticmethod

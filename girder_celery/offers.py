@@ -36,6 +36,8 @@ class Offers:
         self.settings = settings
         self.store = store
         self._node_prefix = f"{settings.key_prefix}.node."
+        #: Whether the hoister's last pass failed (its next failure is logged without a traceback).
+        self._hoisting_failed = False
 
     def submit(
         self,
@@ -157,7 +159,8 @@ class Offers:
     def hoist(self, tiers: list[str]) -> None:
         """One pass up ``tiers`` (node queue, pool, ancestors): copy the offers that waited
         longer than ``girder_hoist_after`` to the nearest tier above that keeps up. A Redis or
-        broker error is logged and the next pass tries again."""
+        broker error is logged, the first of a run of them with its traceback (the passes come
+        twenty times a second), and the next pass tries again."""
         try:
             for queue, key, name, payload in self.store.hoist(tiers, self.settings.hoist_after_ms):
                 try:
@@ -166,5 +169,13 @@ class Offers:
                     logger.warning("girder: not hoisting %s[%s]: its payload does not decode", name, key)
                     continue
                 self.publish(name, key, args, kwargs, queue)
-        except Exception:
-            logger.warning("girder: hoisting failed; will retry", exc_info=True)
+        except Exception as exc:
+            if self._hoisting_failed:
+                logger.debug("girder: hoisting failed again: %s", exc)
+            else:
+                logger.warning("girder: hoisting failed; will retry every pass", exc_info=True)
+            self._hoisting_failed = True
+        else:
+            if self._hoisting_failed:
+                logger.info("girder: hoisting works again")
+            self._hoisting_failed = False

@@ -234,6 +234,12 @@ class StateStore:
         user's ACL, or by a full store that evicts nothing) a ``GirderError`` saying which."""
         return self._reachable
 
+    @property
+    def reached(self) -> bool:
+        """Whether this process has reached the store before: an unreachable store is then an
+        outage (a restart, a failover) to ride out, not a wrong ``girder_url`` to report at once."""
+        return self._reachable.reached
+
     def connection_error(self, exc: BaseException) -> GirderConnectionError:
         return unreachable(self.url, exc)
 
@@ -441,16 +447,19 @@ class StateStore:
 
 class _Reachable:
     """``StateStore.reachable``: a plain class, as it is on every caller's path (a generator
-    context manager costs a microsecond)."""
+    context manager costs a microsecond). ``reached``: whether a call made for a caller has
+    ever succeeded in this process."""
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.reached = False
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if exc_type is None:
+            self.reached = True
             return
         if issubclass(exc_type, STORE_UNREACHABLE):
             raise unreachable(self.url, exc) from exc

@@ -6,9 +6,10 @@ outcome there, so the value arrives with the wake-up, and one pop takes every ou
 there (a waiter that ran sub-requests inline finds the others' piled up). Every block is
 bounded: each ``check_interval`` the waiter re-submits what is still pending, which re-offers
 a request that was lost (absent, an expired lease, an offer older than ``reoffer_after``) and
-re-registers it after a Redis restart. A Redis error mid-wait is retried for a bounded window,
-never hangs, and the first re-submit after it offers again whatever is still queued: a node that
-took an offer while the store was unreachable may have had to drop it. A sub-request that waits,
+re-registers it after a Redis restart. A Redis error mid-wait, or at the first submit once this
+process has reached the store, is retried for a bounded window, never hangs, and the first
+re-submit after it offers again whatever is still queued: a node that took an offer while the
+store was unreachable may have had to drop it. A sub-request that waits,
 transitively, for its requester is refused by the submit script as a cycle (invariant 5), and
 the waiter raises an error naming it. A corrupt record answers its ``GirderError`` (see
 ``store.py``) like a failure.
@@ -75,12 +76,27 @@ class Wait:
         self.fail_fast = not return_exceptions
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
-            self._absorb(self._submit(list(self.unique.values())))
-            self._wait_pending(deadline)
+            failing_since = self._first_submit()
+            self._wait_pending(deadline, failing_since)
         finally:
             if self.pending:
                 self._withdraw()
         return self._answers()
+
+    def _first_submit(self) -> float | None:
+        """Submit every request; None, or when the store was found unreachable. A store this
+        process has reached before is away for an outage (a restart, a failover), which a wait
+        rides out like one that begins later: the submit may even have landed, its reply lost.
+        Every request then counts as queued until the first check after the store's return
+        submits them all again. A store never reached is reported at once: a wrong URL."""
+        try:
+            self._absorb(self._submit(list(self.unique.values())))
+        except (*STORE_UNREACHABLE, GirderConnectionError):
+            if not self.store.reached:
+                raise
+            self.pending = dict.fromkeys(self.unique, Verdict.QUEUED)
+            return time.monotonic()
+        return None
 
     # -- hooks an inline waiter overrides ----------------------------------------------------
 
@@ -129,10 +145,11 @@ class Wait:
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def _wait_pending(self, deadline: float | None) -> None:
+    def _wait_pending(self, deadline: float | None, failing_since: float | None = None) -> None:
+        """Until nothing is pending; ``failing_since``: the store has been unreachable since
+        then, so the first check is due at once."""
         interval = self.offers.settings.check_interval
-        next_check = time.monotonic() + interval
-        failing_since: float | None = None
+        next_check = time.monotonic() + (interval if failing_since is None else 0.0)
         while self.pending:
             now = time.monotonic()
             if deadline is not None and now >= deadline:

@@ -24,6 +24,7 @@ from girder_celery import Girder
 from girder_celery.link import Link, _await_reply
 from girder_celery.store import StateStore
 from girder_celery.testing import RedisServer
+from tests.harness import wait_until
 
 
 @pytest.fixture
@@ -193,6 +194,27 @@ def test_a_completion_the_store_could_not_take_is_made_at_the_threads_next_call(
         assert store.claim(new_key(), "n1/1/a", "n1", 1000)[0] == "absent"
         assert (store.record(key)["state"], store.record(key)["value"]) == ("done", '"kept"')
         assert not store.link._local.held.owed
+    finally:
+        server.close()
+
+
+def test_the_first_completion_after_the_store_restarted_empty_lands_at_once():
+    """A thread that loaded the scripts, then met the store restarted empty (its next call broke
+    and fell back), loads them again before its next send: the completion it sends then runs at
+    once, instead of failing as an unknown script and waiting for the thread's next call."""
+    server = RedisServer().start()
+    try:
+        store = StateStore(server.client(), prefix="restart")
+        confirmed, _ = running(store)
+        store.complete_unawaited(confirmed, "n1/1/a", "1", 0)  # loads the scripts
+        key, _ = running(store)
+        server.stop()
+        server.start()  # empty: no records, no scripts
+        assert store.claim(new_key(), "n1/1/a", "n1", 1000)[0] == "absent"  # broke, fell back
+        store.complete_unawaited(key, "n1/1/a", '"landed"', 0)  # writes the record afresh
+        # Read on another connection, with no further call of this thread to make it again.
+        wait_until(lambda: store.record(key).get("state") == "done", 5, "the completion to land")
+        assert store.record(key)["value"] == '"landed"'
     finally:
         server.close()
 

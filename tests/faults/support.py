@@ -98,6 +98,13 @@ def runs(grid: Grid, task_name: str, key: str) -> int:
     return int(grid.redis_server.client().get(grid.app_module.runs_key(task_name, key)) or 0)
 
 
+def queued_messages(grid: Grid) -> int:
+    """Messages waiting in the grid's queue on its broker (either kind), by the broker."""
+    app = grid.app_module.app
+    with app.connection_for_write() as connection:
+        return connection.default_channel.queue_declare(grid.queue, passive=True).message_count
+
+
 def running_on(grid: Grid, keys: Iterable[str], node: str) -> set[str]:
     """Which of ``keys`` are running on ``node`` now, by the store."""
     return {k for k in keys if (rec := record(grid, k)).get("state") == "running" and rec.get("node") == node}

@@ -8,7 +8,8 @@ session's Redis keeps the broker, the run counters and gates, which must outlive
 request A (``grid.gated``) running and request B (``grid.add``) queued behind it when the store
 goes; during the outage A's function returns and the node takes B's offer. Both callers must be
 answered within ``BOUND`` of the store's return, A run at most twice (its first completion may be
-lost with the store), B once, and the node must serve afterwards.
+lost with the store), B once, and the node must serve afterwards. A call made while the store
+is away, by a process that reached it before, rides the outage out the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tests.faults.support import (
     assert_runs,
     assert_serving,
     freeze,
+    queued_messages,
     record,
     runs,
     tag,
@@ -58,6 +60,9 @@ class Scenario:
         self.b_created = wait_until(
             lambda: (rec := record(grid, self.b_key)).get("state") == "queued" and rec["created_at"], 10, "B queued"
         )
+        # B's offer on the broker: its caller has read the submit's reply and published it (a
+        # fault between the two is the next test's).
+        wait_until(lambda: queued_messages(grid) == 1, 10, "B's offer published")
 
     def during_outage(self, fault_at: float, outage: float) -> None:
         """A's function returns and the node takes B's offer while the store is away; the
@@ -89,7 +94,9 @@ def grid_on_private_store(make_fault_grid, store):
 @pytest.mark.invariant1
 def test_the_store_killed_and_restarted_empty_mid_request(make_fault_grid, private_redis, callers, figures):
     """The store killed mid-request and restarted empty, round after round: the waiters submit
-    again what the store lost, and every request is answered within a check or two of its return."""
+    again what the store lost, and every request is answered within a check or two of its return.
+    The node's hoister, which fails each pass of an outage, logs each outage once with its
+    traceback, and its recovery."""
     store = private_redis()
     grid, node = grid_on_private_store(make_fault_grid, store)
     for _ in range(ROUNDS_EMPTY):
@@ -98,6 +105,33 @@ def test_the_store_killed_and_restarted_empty_mid_request(make_fault_grid, priva
         s.during_outage(time.monotonic(), OUTAGE)
         store.start()
         figures.add("store restarted empty -> answer", s.after_return(time.monotonic()), STORE_RETURN)
+    assert_serving(grid, [node])
+    log = node.output()
+    assert log.count("girder: hoisting failed; will retry") == ROUNDS_EMPTY
+    assert log.count("girder: hoisting works again") == ROUNDS_EMPTY
+
+
+@pytest.mark.invariant1
+def test_a_call_made_while_the_store_is_away_rides_out_the_outage(make_fault_grid, private_redis, callers, figures):
+    """A process that has reached the store before calls while it is away (killed): an outage,
+    not a wrong URL, so the call rides it out as a wait under way does, and is answered within a
+    check or two of the store's return; the request runs once."""
+    store = private_redis()
+    grid, node = grid_on_private_store(make_fault_grid, store)
+    m, x = grid.app_module, int(uuid.uuid4().int % 10**9)
+    key = m.add.key(x, 1)
+    store.stop()
+    called = time.monotonic()
+    future = callers.call(m.girder.request, m.add.s(x, 1), OUTAGE + BOUND + 5)
+    time.sleep(max(0.0, called + OUTAGE - time.monotonic()))  # the outage itself
+    assert not future.done()  # still riding it out, not refused
+    store.start()
+    back = time.monotonic()
+    value, answered = answer(future, 30)
+    assert value == x + 1
+    assert answered - back < BOUND, f"answered {answered - back:.2f}s after the store returned (bound {BOUND}s)"
+    figures.add("call made in an outage -> answer", answered - back, STORE_RETURN)
+    assert_runs(grid, {("grid.add", key): (1, 1)})
     assert_serving(grid, [node])
 
 
