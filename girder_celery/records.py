@@ -90,10 +90,12 @@ def active(store: StateStore) -> list[dict[str, Any]]:
     left; below 0 once lapsed) by Redis's clock."""
     out = []
     with store.reachable():
-        seconds, micros = store.client.time()
-        now_ms = seconds * 1000 + micros // 1000
         for batch in record_keys(store):
-            for key, record in zip(batch, _read(store, batch, _ACTIVE)):
+            records = _read(store, batch, _ACTIVE)
+            # Redis's clock after the read, so no request read started after it (a negative age).
+            seconds, micros = store.client.time()
+            now_ms = seconds * 1000 + micros // 1000
+            for key, record in zip(batch, records):
                 if record.get("state") == "running":
                     out.append(_running(key, record, now_ms))
     return sorted(out, key=lambda r: -r["age"])
