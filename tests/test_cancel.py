@@ -80,6 +80,9 @@ def test_a_cancelled_tree_stops_its_runs_keeps_a_shared_child_and_runs_afresh(tr
     wait_until(lambda: state_of(g, shared) == "running", 15, "sibling to run shared")
     root = bg(m.girder.request, ct.root.s(t), timeout=60, pool=root_pool)
     wait_until(lambda: state_of(g, running) == "running", 15, "root to run its step inline")
+    # Its function started, not only its claim: else a cancel in between stops it before its
+    # first mark, and the run counted below as its second would be its first.
+    wait_until(lambda: ct.marks("running", t, "start") == 1, 15, "the step's function to start")
     assert state_of(g, queued) == "queued"
 
     since = time.monotonic()
