@@ -10,6 +10,7 @@ blocked for long, each batch read in one pipelined round trip.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,16 +28,12 @@ _ACTIVE = ("state", "request", "name", "node", "owner", "parent", "placement", "
 
 
 def record_keys(store: StateStore) -> Iterator[list[str]]:
-    """The keys of the store's records, a ``SCAN`` batch at a time."""
-    head = store.record_key("")
-    pattern = glob_escape(head) + "*"
-    cursor = 0
-    while True:
-        cursor, found = store.client.scan(cursor, match=pattern, count=SCAN_BATCH)
-        if found:
-            yield [name[len(head) :] for name in found]
-        if cursor == 0:
-            return
+    """The keys of the store's records, a ``SCAN`` batch at a time (of every master, on a
+    Redis Cluster)."""
+    pattern = glob_escape(store.record_key("").partition("{")[0]) + "{*"
+    names = store.client.scan_iter(match=pattern, count=SCAN_BATCH)
+    while batch := list(itertools.islice(names, SCAN_BATCH)):
+        yield [store.key_of(name) for name in batch]
 
 
 def stats(store: StateStore) -> dict[str, Any]:

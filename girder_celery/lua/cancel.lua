@@ -1,6 +1,6 @@
 -- cancel: fail a request in flight and every sub-request of it that no other live request
 -- waits for, with a cancellation that is not memoized, and wake all their waiters (invariants 1, 4).
--- Who waits for what: a running request's waits-for edges (<prefix>:waits:<key>) name the
+-- Who waits for what: a running request's waits-for edges (<prefix>:waits:{<key>}) name the
 -- sub-requests it waits for; a sub-request's waiter set names the mailboxes waiting for it, and
 -- an inline waiter's mailbox is "<prefix>:mailbox:<its request's key>/<id>" (a caller outside
 -- any request has no key in its mailbox's name); a sub-request run inline is waited for by the
@@ -11,15 +11,19 @@
 -- Every cancelled record remembers its owner ("cancelled_owner"): that run's late complete or
 -- fail changes nothing, and its next submit of a sub-request is answered "cancelled" (submit.lua).
 --
--- KEYS[1]  the request's record  <prefix>:req:<key>  hash (the others are reached by the walk)
+-- A single Redis only: on a Redis Cluster the walk reaches other slots, and cancel.py walks
+-- from the client instead, cancelling each request with cancelled.lua.
+--
+-- KEYS[1]  the request's record  <prefix>:req:{<key>}  hash (the others are reached by the walk)
 -- ARGV[1]  the request's key
--- ARGV[2]  "<prefix>:", to reach records, edges, waiter sets, graphs, offers and stats
+-- ARGV[2]  "<prefix>:", to reach records, edges, waiter sets, graphs and stats
 -- ARGV[3]  TTL (ms) of a cancelled record (girder_error_ttl); 0 keeps it forever
 -- ARGV[4]  mailbox TTL (ms)
 -- ARGV[5]  graph TTL (ms)
 -- ARGV[6]  the message of the request's cancellation
 -- ARGV[7]  the message of its sub-requests' cancellations
 -- ARGV[8]  most requests to cancel in one call
+-- ARGV[9]  "<prefix>:offers:{..}:", to reach the offers of a queue
 --
 -- Transition: queued | running  ->  failed(cancelled, not memoized), for the request and the
 -- sub-requests nobody else waits for; their offers are withdrawn, their edges dropped. Each
@@ -35,8 +39,11 @@ local root, p = ARGV[1], ARGV[2]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
+local function name(kind, k)
+  return p .. kind .. ':{' .. k .. '}'
+end
 local function fields(k)
-  return redis.pcall('HMGET', p .. 'req:' .. k, 'state', 'owner', 'lease_until', 'offered_on', 'name', 'request',
+  return redis.pcall('HMGET', name('req', k), 'state', 'owner', 'lease_until', 'offered_on', 'name', 'request',
     'node')
 end
 local function in_flight(f)
@@ -53,14 +60,14 @@ end
 
 local cancelled, order = {[root] = f}, {root}
 local function live(r)
-  local g = redis.pcall('HMGET', p .. 'req:' .. r, 'state', 'lease_until')
+  local g = redis.pcall('HMGET', name('req', r), 'state', 'lease_until')
   return not g.err and g[1] == 'running' and (tonumber(g[2]) or 0) > now
 end
 local function waits_outside(r)
   return not cancelled[r] and live(r)
 end
 local function held(c, g)
-  for _, mailbox in ipairs(redis.call('SMEMBERS', p .. 'waiters:' .. c)) do
+  for _, mailbox in ipairs(redis.call('SMEMBERS', name('waiters', c))) do
     local r = string.match(mailbox, ':mailbox:(%x+)/')
     if r == nil or waits_outside(r) then
       return true
@@ -74,7 +81,7 @@ end
 local limit, candidates, frontier = tonumber(ARGV[8]), {}, {root}
 repeat
   for _, k in ipairs(frontier) do
-    for _, c in ipairs(redis.call('SMEMBERS', p .. 'waits:' .. k)) do
+    for _, c in ipairs(redis.call('SMEMBERS', name('waits', k))) do
       if not cancelled[c] and candidates[c] == nil then
         local g = fields(c)
         if in_flight(g) then
@@ -94,12 +101,12 @@ until #frontier == 0
 
 local errors, terminate = {}, {}
 for i, k in ipairs(order) do
-  local g, rec = cancelled[k], p .. 'req:' .. k
+  local g, rec = cancelled[k], name('req', k)
   local err = cjson.encode({message = (i == 1) and ARGV[6] or ARGV[7], key = k, request = g[6] or k,
     exc_type = 'girder_celery.GirderCancelled', causes = {}})
   errors[k] = err
   if g[4] then
-    redis.call('ZREM', p .. 'offers:' .. g[4], k)
+    redis.call('ZREM', ARGV[9] .. g[4], k)
   end
   local owner = g[1] == 'running' and g[2] or ''
   redis.call('HDEL', rec, 'lease_until', 'offered_on')
@@ -110,15 +117,15 @@ for i, k in ipairs(order) do
   else
     redis.call('PERSIST', rec)
   end
-  redis.call('DEL', p .. 'waits:' .. k)
-  local graph = p .. 'graph:' .. k
+  redis.call('DEL', name('waits', k))
+  local graph = name('graph', k)
   if redis.call('PEXPIRE', graph, ARGV[5]) == 1 then
     redis.call('HSET', rec, 'subs', redis.call('HLEN', graph))
   end
   if g[5] then
     redis.call('HINCRBY', p .. 'stats', 'failures:' .. g[5], 1)
   end
-  local waiters = p .. 'waiters:' .. k
+  local waiters = name('waiters', k)
   for _, mailbox in ipairs(redis.call('SMEMBERS', waiters)) do
     redis.call('RPUSH', mailbox, 'failed:' .. k .. ':' .. err)
     redis.call('PEXPIRE', mailbox, ARGV[4])
@@ -133,7 +140,7 @@ end
 -- a stack running one inline is not terminated (the kept run goes on there, for its waiters).
 local told = {}
 for c, g in pairs(candidates) do
-  local waiters = p .. 'waiters:' .. c
+  local waiters = name('waiters', c)
   for _, mailbox in ipairs(redis.call('SMEMBERS', waiters)) do
     local r = string.match(mailbox, ':mailbox:(%x+)/')
     if r and cancelled[r] then
