@@ -1,10 +1,10 @@
 """The runtime: girder's parts for one Celery app, built on first use and wired together.
 
 It holds the settings, the state store client (of a Redis URL, of the master that Sentinel
-names: ``sentinel.py``, or of a Redis Cluster: ``cluster.py``), offers, the result-backend mirror and this process's runner, each handed
-only the collaborators it uses, and decides how a caller waits: outside any girder request a
-plain wait, inside one an inline wait (invariant 2), and with Celery's ``task_always_eager`` an
-eager run in this process (``eager.py``). The Celery integration (task class, bootsteps) and the
+names: ``sentinel.py``, or of a Redis Cluster: ``cluster.py``), offers, the result-backend
+mirror and this process's runner, each handed only the collaborators it uses, and decides how a
+caller waits: outside any girder request a plain wait, inside one an inline wait (invariant 2),
+and with Celery's ``task_always_eager`` an eager run in this process (``eager.py``). The Celery integration (task class, bootsteps) and the
 public ``Girder`` sit above it.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 import redis
 from celery import Celery
 
-from .eager import Eager
 from .cluster import cluster_client
+from .eager import Eager
 from .execute import Runner
 from .frame import Frame, current_frame
 from .inline import InlineWait

@@ -24,7 +24,7 @@ A record answers each call with a ``Verdict`` (see there) and data; ``Outcome`` 
 | ``unoffer`` | unoffer.lua | queued, offered -> queued, never offered |
 | ``hoist`` | hoist.lua (hoisted.lua) | queued on a tier -> queued there and on the nearest tier above that takes it |
 | ``forget`` | forget.lua | done, failed, corrupt -> absent (and its graph) |
-| ``cancel`` | cancel.lua | queued, running -> failed (cancelled, not memoized), and sub-requests nobody else awaits |
+| ``cancel`` | cancelled.lua | queued, running -> failed (cancelled, not memoized), and sub-requests nobody needs |
 
 In parentheses: the script of a cluster's split (below).
 
@@ -47,6 +47,7 @@ from . import waitsfor
 from .errors import STORE_UNREACHABLE, GirderConnectionError, refused, unreachable
 from .reads import Reads, glob_escape, int_field
 from .slots import slots_of
+from .tree import CANCEL_LIMIT, cancel_tree
 from .verdicts import NO_CLAIMANT, Claimant, Outcome, Verdict, verdict_of
 
 __all__ = ["RECONNECT_WINDOW", "Claimant", "Outcome", "StateStore", "Verdict", "glob_escape", "int_field"]
@@ -73,8 +74,6 @@ HOIST_BACKLOG = 16
 HOIST_PRUNE = 1
 #: How long a pool's hoisting window is kept once no pass adjusts it (see hoist.lua).
 WINDOW_TTL_MS = 24 * 3600 * 1000
-#: Most requests one cancel fails (a bound on its script's run; the rest go on).
-CANCEL_LIMIT = 10_000
 
 
 def _load(name: str) -> str:
@@ -94,8 +93,8 @@ class StateStore(Reads):
     """
 
     SCRIPTS = (
-        "submit", "claim", "renew", "complete", "fail", "forget", "hoist", "unoffer", "release", "cancel", "edge",
-        "hoisted",
+        "submit", "claim", "renew", "complete", "fail", "forget", "hoist", "unoffer", "release", "cancelled",
+        "edge", "hoisted",
     )  # fmt: skip
 
     def __init__(
@@ -373,11 +372,10 @@ class StateStore(Reads):
         """Cancel ``key`` (if queued or running) and its sub-requests that no other live request
         waits for, their errors' messages ``why`` and ``why_sub``, kept ``ttl_ms``: ``(verdict,
         the keys cancelled, [(key, node)] of those running from their own messages)``, the verdict
-        ``cancelled``, or the record's state (``done``, ``failed``, ``absent``) or ``corrupt``."""
-        args = (key, f"{self.prefix}:", ttl_ms, MAILBOX_TTL_MS, self.graph_ttl_ms, why, why_sub, limit,
-                self.offers_key(""))  # fmt: skip
-        verdict, cancelled, running = self._scripts["cancel"]((self.record_key(key),), args)
-        return verdict_of(verdict), list(cancelled), list(zip(running[::2], running[1::2]))
+        ``cancelled``, or the record's state (``done``, ``failed``, ``absent``) or ``corrupt``.
+        See ``tree.py``."""
+        script, ttls = self._scripts["cancelled"], (ttl_ms, MAILBOX_TTL_MS, self.graph_ttl_ms)
+        return cancel_tree(self.client, self.slots, script, self, key, (why, why_sub), ttls, limit)
 
     def hoist(self, tiers: list[str], after_ms: int) -> list[tuple[str, str, str, str]]:
         """One pass up ``tiers`` (a node's queue, its pool, the pool's ancestors): move up to
