@@ -4,8 +4,8 @@ It holds the settings, the state store client (of a Redis URL, of the master tha
 names: ``sentinel.py``, or of a Redis Cluster: ``cluster.py``), offers, the result-backend
 mirror and this process's runner, each handed only the collaborators it uses, and decides how a
 caller waits: outside any girder request a plain wait, inside one an inline wait (invariant 2),
-and with Celery's ``task_always_eager`` an eager run in this process (``eager.py``). The Celery integration (task class, bootsteps) and the
-public ``Girder`` sit above it.
+and with Celery's ``task_always_eager`` an eager run in this process (``eager.py``). The Celery
+integration (task class, bootsteps) and the public ``Girder`` sit above it.
 """
 
 from __future__ import annotations
