@@ -17,22 +17,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "girder_celery"
 #: Layer of each module, ground up.
 LAYERS = {
     0: ("keys", "errors", "settings", "frame", "testing", "render"),
-    1: (
-        "link",
-        "store",
-        "lease",
-        "mirror",
-        "graph",
-        "records",
-        "sentinel",
-        "cluster",
-        "slots",
-        "layout",
-        "reads",
-        "verdicts",
-        "waitsfor",
-        "tree",
-    ),
+    1: ("link", "store", "lease", "mirror", "graph", "records", "sentinel", "cluster", "slots", "layout", "reads",
+        "verdicts", "waitsfor", "tree"),  # fmt: skip
     2: ("offers",),
     3: ("wait",),
     4: ("execute", "inline", "limits"),
