@@ -18,14 +18,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "girder_celery"
 LAYERS = {
     0: ("keys", "errors", "settings", "frame", "testing", "render"),
     1: ("link", "store", "lease", "mirror", "graph", "records", "sentinel", "cluster", "slots", "layout", "reads",
-        "verdicts", "waitsfor", "tree"),  # fmt: skip
+        "verdicts", "waitsfor", "tree"),
     2: ("offers",),
     3: ("wait",),
     4: ("execute", "inline", "limits"),
     5: ("runtime", "eager"),
     6: ("task", "worker", "hub", "messages", "cancel"),
     7: ("girder", "__init__", "cli", "pytest_plugin"),
-}
+}  # fmt: skip
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
 
 
