@@ -79,7 +79,8 @@ def test_a_cancelled_tree_stops_its_runs_keeps_a_shared_child_and_runs_afresh(tr
     sibling = bg(m.girder.request, ct.sibling.s(t), timeout=60, pool=sibling_pool)
     wait_until(lambda: state_of(g, shared) == "running", 15, "sibling to run shared")
     root = bg(m.girder.request, ct.root.s(t), timeout=60, pool=root_pool)
-    wait_until(lambda: state_of(g, running) == "running", 15, "root to run its step inline")
+    wait_until(lambda: ct.marks("running", t, "start") == 1, 15, "root to run its step inline")
+    assert state_of(g, running) == "running"
     assert state_of(g, queued) == "queued"
 
     since = time.monotonic()

@@ -1,0 +1,280 @@
+"""Girder's state store on a Redis Cluster (issue 15, item 1): ``girder_url = "redis+cluster://..."``.
+
+One cluster of three masters for the module (``girder_celery.testing.ClusterGroup``), and every
+grid of the module keeps its state store there (``Grid.default_store``): the broker, the result
+backend and the run counters stay on the session's Redis. The tests of the core, re-entrant,
+tiers and cancel suites named below run as they are, on the cluster; beside them: records of
+different requests on every master, no CROSSSLOT (nor any other script error) on any master
+after all of that, and each bad configuration a clear error at call time and at worker start.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import redis
+from celery import Celery
+
+from girder_celery import Girder, GirderConnectionError
+from girder_celery.testing import ClusterGroup, RedisServer, free_port
+from tests import test_cancel, test_core_e2e, test_reentrant, test_tiers
+from tests.conftest import POOLS, _fast_stop
+from tests.harness import Grid, repointed
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    group = ClusterGroup().start()
+    yield group
+    group.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _on_the_cluster(cluster):
+    """Every grid of this module keeps its state store on the cluster."""
+    Grid.default_store = cluster.url()
+    yield
+    Grid.default_store = None
+
+
+@pytest.fixture
+def broker():
+    return "redis"
+
+
+@pytest.fixture(scope="module")
+def _cluster_live(redis_server, _on_the_cluster):
+    g = Grid(redis_server, "redis")
+    g.load_app()
+    g.pool = "prefork"
+    g.node = g.worker("live", "prefork", POOLS["prefork"])
+    yield g
+    _fast_stop(g)
+
+
+@pytest.fixture
+def live(_cluster_live):
+    """The core suite's shared grid (one prefork worker), on the cluster, re-pointed at."""
+    if _cluster_live.node.proc.poll() is not None:
+        pytest.fail(f"the shared worker died:\n{_cluster_live.node.output()[-5000:]}")
+    return repointed(_cluster_live)
+
+
+# -- the store is a cluster's --------------------------------------------------------------------
+
+
+def test_the_store_is_the_cluster_and_records_spread_over_every_master(live, cluster):
+    """A client and a worker on the cluster: 60 requests, their records on each of the three
+    masters, every value right."""
+    m = live.app_module
+    assert isinstance(m.girder.store.client, redis.RedisCluster)
+    t = uuid.uuid4().hex[:8]
+    assert m.girder.requests([m.echo.s(i, t) for i in range(60)], timeout=60) == [[[i, t], {}] for i in range(60)]
+    prefix = m.girder.store.record_key("").partition("{")[0]
+    counts = [len(list(s.client().scan_iter(match=prefix + "*", count=1000))) for s in cluster.servers]
+    assert all(c > 0 for c in counts), counts
+    assert sum(counts) >= 60
+
+
+# -- the suites, on the cluster ------------------------------------------------------------------
+
+CORE = [
+    "test_every_spelling_of_a_call_runs_once",
+    "test_requests_answers_in_order_with_duplicates",
+    "test_requests_return_exceptions_puts_errors_in_place",
+    "test_delay_uses_the_key_as_task_id_and_the_result_backend_answers",
+    "test_a_done_request_is_answered_without_any_message",
+    "test_state_and_forget_through_a_request_lifecycle",
+    "test_identical_requests_from_many_processes_run_once",
+    "test_duplicate_delivery_of_a_running_request_never_runs_it_twice",
+    "test_celery_autoretry_runs_the_request_again",
+]
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_core(live, name):
+    getattr(test_core_e2e, name)(live)
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_core_a_killed_workers_request_is_reoffered_and_completed_elsewhere(make_grid, pool):
+    test_core_e2e.test_a_killed_workers_request_is_reoffered_and_completed_elsewhere(make_grid, (pool, POOLS[pool]))
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo", "threads"])
+def test_reentrant_fan_out(grid, pool):
+    test_reentrant.test_fan_out_of_50_children_with_3_grandchildren_each_runs_every_request_once(grid, pool)
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_reentrant_the_clojure_deadlock(grid, pool, bg, gate):
+    test_reentrant.test_the_clojure_deadlock_completes_on_one_executor(grid, pool, bg, gate)
+
+
+def test_reentrant_error_chains(grid):
+    test_reentrant.test_ratio_errors_carry_the_chain_through_sub_requests(grid, "solo")
+
+
+def test_reentrant_a_request_requesting_itself_fails_fast(grid):
+    test_reentrant.test_a_request_requesting_itself_fails_fast_naming_the_cycle(grid, "prefork")
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_reentrant_a_cycle_across_two_nodes_fails_fast(grid, pool, bg, gate):
+    test_reentrant.test_a_cycle_across_two_nodes_fails_fast_naming_the_cycle(grid, pool, bg, gate)
+
+
+def test_reentrant_a_chain_of_2000_nested_sub_requests(grid):
+    test_reentrant.test_a_chain_of_2000_nested_sub_requests_completes(grid, "solo")
+
+
+def test_reentrant_two_parents_share_one_run_of_a_child(grid, bg, gate):
+    test_reentrant.test_two_parents_requesting_the_same_child_at_once_share_one_run(grid, bg, gate)
+
+
+def test_reentrant_the_seeds_bogosity_workload(grid):
+    test_reentrant.test_the_seeds_bogosity_workload_on_two_nodes(grid)
+
+
+def test_tiers_an_overburdened_node_gets_help(grid):
+    test_tiers.test_an_overburdened_node_gets_help_from_an_idle_one(grid)
+
+
+def test_tiers_nested_pools(tiers):
+    test_tiers.test_nested_pools_a_fan_out_in_a_gets_help_from_b(tiers)
+
+
+def test_tiers_no_starvation_with_two_pools(tiers):
+    test_tiers.test_no_starvation_with_two_pools_the_reentrant_workloads_complete(tiers)
+
+
+def test_cancel_a_tree(grid, bg):
+    grid.worker("p1", "prefork", 2)
+    grid.pools, grid.pool = (None, None), "prefork"
+    test_cancel.test_a_cancelled_tree_stops_its_runs_keeps_a_shared_child_and_runs_afresh(grid, bg)
+
+
+gate = test_reentrant.gate
+tiers = test_tiers.tiers
+
+
+def test_graph_and_reports_on_the_cluster(live):
+    """The reports read every master: a request's graph, its progress, stats, active, forget_task."""
+    m, t = live.app_module, uuid.uuid4().hex[:8]
+    assert m.reentrant_tasks.fanout.call(4, 0, t) == 4
+    girder = m.girder
+    key = m.reentrant_tasks.fanout.key(4, 0, t)
+    graph = girder.graph(key)
+    assert len(graph["nodes"]) == 5 and len(graph["edges"]) == 4
+    assert girder.progress(key)["done"] == 5
+    stats = girder.stats()
+    assert stats["records"] >= 5 and stats["tasks"]["grid.leaf"]["executions"] >= 4
+    assert girder.active() == []
+    girder.reset_stats()
+    assert girder.stats()["tasks"] == {}
+
+
+# -- nothing crossed a slot ----------------------------------------------------------------------
+
+
+def test_no_master_raised_crossslot_nor_any_script_error(cluster):
+    """After everything above (run last of the suites in this module): no master answered
+    CROSSSLOT, every script call that failed was a NOSCRIPT (a script's first call on a master,
+    before it is loaded there), and no other command of girder's failed or was refused (but
+    redis-py's CLIENT SETINFO, which Redis 7.0 does not know)."""
+    for server in cluster.servers:
+        with server.client() as client:
+            errors, commands = client.info("errorstats"), client.info("commandstats")
+        assert "errorstat_CROSSSLOT" not in errors, errors
+        evalsha = commands["cmdstat_evalsha"]
+        assert evalsha["failed_calls"] + evalsha["rejected_calls"] == errors["errorstat_NOSCRIPT"]["count"], evalsha
+        failing = {name for name, stat in commands.items() if stat.get("failed_calls") or stat.get("rejected_calls")}
+        assert failing <= {"cmdstat_evalsha", "cmdstat_client|setinfo"}, {n: commands[n] for n in failing}
+
+
+# -- bad configuration ---------------------------------------------------------------------------
+
+
+def client_girder(url: str) -> Girder:
+    app = Celery(f"cluster-client-{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.update(girder_url=url, girder_connect_timeout=2.0)
+    return Girder(app)
+
+
+def one() -> int:
+    return 1
+
+
+@pytest.fixture(scope="module")
+def plain_redis():
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+BAD = {
+    "a cluster URL naming a server that is not a cluster node": (
+        lambda plain: f"redis+cluster://127.0.0.1:{plain.port}",
+        ["is not a cluster node", "a single Redis takes a redis:// URL"],
+    ),
+    "seeds none of which can be reached": (
+        lambda plain: f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}",
+        ["cannot be reached", "Connection refused"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_configuration_is_a_clear_error_at_call_time(plain_redis, case):
+    url, says = BAD[case][0](plain_redis), BAD[case][1]
+    girder = client_girder(url)
+    started = time.monotonic()
+    with pytest.raises(GirderConnectionError) as info:
+        girder.request(girder.task(name="cluster.one")(one).s(), timeout=10)
+    assert time.monotonic() - started < 10
+    assert all(s in str(info.value) for s in says), str(info.value)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_configuration_fails_a_worker_at_start(plain_redis, redis_server, case):
+    url, says = BAD[case][0](plain_redis), BAD[case][1]
+    g = Grid(redis_server, "redis", store_url=url)
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            g.start_workers(["bad"], "solo", 1, timeout=30)
+        log = g.workers[0].output()
+        assert all(s in log for s in says), log
+    finally:
+        g.close()
+
+
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("redis+cluster://", "is not host:port"),
+        ("redis+cluster://h1:1,h2", "'h2' is not host:port"),
+        ("redis+cluster://h1:1/3", "database 0 only"),
+        ("redis+cluster://h1:1?ssl_ca_certs=x", "unknown parameter 'ssl_ca_certs'"),
+        ("rediss+cluster://h1:1?nope=1", "unknown parameter 'nope'"),
+        ("redis+clusters://h1:1", "must be a redis://"),
+    ],
+)
+def test_settings_refuse_a_bad_cluster_url(url, says):
+    with pytest.raises(ValueError) as info:
+        client_girder(url).settings  # noqa: B018 - read to validate
+    assert says in str(info.value), str(info.value)
+
+
+def test_settings_read_the_seeds_and_their_credentials():
+    from girder_celery.settings import cluster_url
+
+    url = "rediss+cluster://girder:p%40ss@h1:7000,h2:7001/0?ssl_ca_certs=%2Fca.crt&ssl_check_hostname=false"
+    assert cluster_url(url) == (
+        [("h1", 7000), ("h2", 7001)],
+        {"username": "girder", "password": "p@ss", "ssl": True, "ssl_ca_certs": "/ca.crt", "ssl_check_hostname": False},
+    )
+    assert client_girder(url).settings.cluster
