@@ -33,12 +33,20 @@ class Reads(Layout):
     def offers(self, queue: str, limit: int) -> tuple[int, int, list[tuple[str, int]]]:
         """The offers waiting on ``queue``: how many, Redis's clock (ms) and the ``limit``
         oldest as ``(key, offered at ms)``, in one round trip."""
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self._master_of(self.offers_key(queue)).pipeline(transaction=False)
         pipe.zcard(self.offers_key(queue))
         pipe.time()
         pipe.zrange(self.offers_key(queue), 0, limit - 1, withscores=True)
         total, (seconds, micros), oldest = pipe.execute()
         return total, seconds * 1000 + micros // 1000, [(key, int(at)) for key, at in oldest]
+
+    def _master_of(self, name: str) -> redis.Redis:
+        """The client of the master holding key ``name``: the client itself on a single Redis
+        (a cluster's pipeline refuses TIME, which names no key; its master's clock is the one
+        the scripts of that slot read)."""
+        if isinstance(self.client, redis.RedisCluster):
+            return self.client.get_redis_connection(self.client.get_node_from_key(name))
+        return self.client
 
     def requests_of(self, keys: list[str]) -> list[str | None]:
         """The readable request of each key (None where unknown), for messages."""
