@@ -39,8 +39,8 @@ def record_keys(store: StateStore) -> Iterator[list[str]]:
 def stats(store: StateStore) -> dict[str, Any]:
     """Per task since the last reset (``since``, seconds since the epoch, None if never reset):
     ``executions``, ``cache_hits``, ``failures``, ``run_seconds`` (total) and
-    ``mean_run_seconds``; and the store's ``records`` and ``memory_bytes`` (the whole server's;
-    None where its ACL refuses ``INFO``)."""
+    ``mean_run_seconds``; and the store's ``records`` and ``memory_bytes`` (the whole server's,
+    every master's on a Redis Cluster; None where its ACL refuses ``INFO``)."""
     with store.reachable():
         counters = store.client.hgetall(store.stats_key)
         records = sum(len(batch) for batch in record_keys(store))
@@ -65,6 +65,9 @@ def stats(store: StateStore) -> dict[str, Any]:
 
 def _memory(store: StateStore) -> int | None:
     try:
+        if isinstance(store.client, redis.RedisCluster):  # every master's, summed
+            found = store.client.info("memory", target_nodes=redis.RedisCluster.PRIMARIES)
+            return sum(info.get("used_memory", 0) for info in found.values())
         return store.client.info("memory").get("used_memory")
     except redis.exceptions.NoPermissionError:  # an ACL without INFO (see the README)
         return None

@@ -174,6 +174,7 @@ def test_graph_and_reports_on_the_cluster(live):
     assert girder.progress(key)["done"] == 5
     stats = girder.stats()
     assert stats["records"] >= 5 and stats["tasks"]["grid.leaf"]["executions"] >= 4
+    assert stats["memory_bytes"] > 3 * 500_000  # every master's
     assert girder.active() == []
     girder.reset_stats()
     assert girder.stats()["tasks"] == {}
