@@ -56,9 +56,11 @@ def refuse_cycles(
     """Step 3: ``outcomes`` with each request that waits, transitively, for ``requester``
     answered ``cycle`` (its data: the cycle's keys, requester first and last, as submit.lua
     answers); and the commands that withdraw such a request's edge and waiter."""
+    starts = [o.key for o in outcomes if o.verdict is Verdict.RUNNING]
+    edges = _edges_from(client, layout, starts, requester) if starts else {}
     answered, withdraw = [], []
     for outcome in outcomes:
-        path = _walk(client, layout, outcome.key, requester) if outcome.verdict is Verdict.RUNNING else None
+        path = _path(edges, outcome.key, requester) if outcome.verdict is Verdict.RUNNING else None
         if path is None:
             answered.append(outcome)
             continue
@@ -69,21 +71,36 @@ def refuse_cycles(
     return answered, withdraw
 
 
-def _walk(client: Any, layout: Layout, start: str, requester: str) -> list[str] | None:
-    """The path from ``start`` to ``requester`` along the edges, breadth first (one pipelined
-    read per level), or None if there is none within ``MAX_WALK`` requests."""
-    came_from: dict[str, str | None] = {start: None}
-    frontier = [start]
-    while frontier and requester not in came_from and len(came_from) <= MAX_WALK:
+def _edges_from(client: Any, layout: Layout, starts: list[str], requester: str) -> dict[str, list[str]]:
+    """The waits-for edges out of every request reachable from ``starts`` (``MAX_WALK`` at
+    most), read breadth first, one pipelined read per level for all of them; the requester's own
+    are not read (a path ends there)."""
+    edges: dict[str, list[str]] = {}
+    frontier = list(dict.fromkeys(starts))
+    while frontier and len(edges) < MAX_WALK:
         pipe = client.pipeline(transaction=False)
         for node in frontier:
             pipe.smembers(layout.edges_key(node))
         reading, frontier = frontier, []
-        for node, nexts in zip(reading, pipe.execute()):
-            for key in sorted(nexts):
+        for node, found in zip(reading, pipe.execute()):
+            edges[node] = sorted(found)
+            frontier += [k for k in edges[node] if k not in edges and k != requester and k not in frontier]
+    return edges
+
+
+def _path(edges: dict[str, list[str]], start: str, requester: str) -> list[str] | None:
+    """The path from ``start`` to ``requester`` along ``edges`` (breadth first: a shortest one),
+    or None if there is none."""
+    came_from: dict[str, str | None] = {start: None}
+    frontier = [start]
+    while frontier and requester not in came_from:
+        reached = []
+        for node in frontier:
+            for key in edges.get(node, ()):
                 if key not in came_from:
                     came_from[key] = node
-                    frontier.append(key)
+                    reached.append(key)
+        frontier = reached
     if requester not in came_from:
         return None
     path, node = [], requester
