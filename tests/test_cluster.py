@@ -293,6 +293,23 @@ def test_the_readme_lists_the_cluster_acl_the_test_grants():
     assert acl_setuser_line(cluster=True) in (test_access.ROOT / "README.md").read_text()
 
 
+def test_a_worker_checks_the_eviction_policy_of_every_master(cluster, caplog):
+    """A master that may evict girder's keys is warned of, by name, among masters that do not."""
+    from girder_celery.worker import check_eviction
+
+    evicting = cluster.servers[1]
+    with evicting.client() as client:
+        client.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        with caplog.at_level("WARNING", logger="girder_celery.worker"):
+            check_eviction(cluster.client(), cluster.url())
+    finally:
+        with evicting.client() as client:
+            client.config_set("maxmemory-policy", "noeviction")
+    warned = [r.getMessage() for r in caplog.records if "maxmemory-policy allkeys-lru" in r.getMessage()]
+    assert len(warned) == 1 and f"127.0.0.1:{evicting.port}" in warned[0], warned
+
+
 # -- nothing crossed a slot ----------------------------------------------------------------------
 
 
