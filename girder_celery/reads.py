@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 
+from .errors import STORE_UNREACHABLE
 from .layout import Layout
 from .verdicts import Outcome, notified
 
@@ -66,7 +67,11 @@ class Reads(Layout):
         if self._blmpop:
             try:
                 reply = self.client.blmpop(block, 1, mailbox, direction="LEFT", count=most)
-            except redis.ResponseError:  # unknown before Redis 7 (or refused by an ACL): pop one at a time
+            except redis.RedisError as exc:
+                # Unknown before Redis 7 (a cluster's client says so itself), or refused by an
+                # ACL: pop one at a time. A store out of reach is raised.
+                if isinstance(exc, STORE_UNREACHABLE):
+                    raise
                 self._blmpop = False
             else:
                 return reply[1] if reply else []

@@ -6,6 +6,7 @@ replicas, and awaited until every node says ``cluster_state:ok``.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -26,6 +27,25 @@ def redis_cli_binary() -> str:
     return found
 
 
+def _bus_port_free() -> int:
+    """A free port whose cluster bus port (itself + 10000, before Redis 7's ``cluster-port``) is
+    free too, and in range."""
+    for _ in range(100):
+        port = free_port()
+        if port <= 55535 and _free(port + 10000):
+            return port
+    raise RuntimeError("found no free port with a free cluster bus port (+10000)")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 class ClusterGroup:
     """``masters`` cluster-enabled Redis servers joined into one cluster covering every slot.
 
@@ -33,10 +53,10 @@ class ClusterGroup:
     """
 
     def __init__(self, masters: int = 3, password: str | None = None, node_timeout_ms: int = 1000) -> None:
-        # The cluster bus port of its own: the default, port + 10000, is out of range for most
-        # free ports.
         args = ["--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms)]
-        self.servers = [RedisServer(password, [*args, "--cluster-port", str(free_port())]) for _ in range(masters)]
+        self.servers = [RedisServer(password, args) for _ in range(masters)]
+        for server in self.servers:
+            server.port = _bus_port_free()
         self.password = password
 
     def start(self, timeout: float = 30) -> ClusterGroup:
