@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "girder_celery"
 LAYERS = {
     0: ("keys", "errors", "settings", "frame", "testing", "render"),
     1: ("link", "store", "lease", "mirror", "graph", "records", "sentinel", "cluster", "slots", "layout", "reads",
-        "verdicts", "waitsfor", "tree"),
+        "tiers", "verdicts", "waitsfor", "tree"),
     2: ("offers",),
     3: ("wait",),
     4: ("execute", "inline", "limits"),
