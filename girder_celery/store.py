@@ -22,7 +22,7 @@ A record answers each call with a ``Verdict`` (see there) and data; ``Outcome`` 
 | ``fail`` | fail.lua | not settled -> failed(error); waiters woken |
 | ``release`` | release.lua | running(owner) -> queued (Celery retries it, or a run is given back unfinished) |
 | ``unoffer`` | unoffer.lua | queued, offered -> queued, never offered |
-| ``hoist`` (``tiers.py``) | hoist.lua (hoisted.lua) | queued on a tier -> queued there and on the nearest tier above that takes it |
+| ``hoist`` (tiers.py) | hoist.lua (hoisted.lua) | queued on a tier -> queued there and on the nearest tier above it |
 | ``forget`` | forget.lua | done, failed, corrupt -> absent (and its graph) |
 | ``cancel`` | cancelled.lua | queued, running -> failed (cancelled, not memoized), and sub-requests nobody needs |
 
