@@ -47,20 +47,24 @@ class Layout:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.stats_key = f"{prefix}:stats"
+        #: What the names of records, edges and graphs begin with, before the hash tag ``{<key>}``.
+        self.record_prefix = f"{prefix}:req:"
+        self.edges_prefix = f"{prefix}:waits:"
+        self.graph_prefix = f"{prefix}:graph:"
         self._tiers = f"{prefix}:offers:{{{prefix}:tiers}}:"
         self._windows = f"{prefix}:window:{{{prefix}:tiers}}:"
 
     def record_key(self, key: str) -> str:
-        return f"{self.prefix}:req:{{{key}}}"
+        return f"{self.record_prefix}{{{key}}}"
 
     def waiters_key(self, key: str) -> str:
         return f"{self.prefix}:waiters:{{{key}}}"
 
     def edges_key(self, key: str) -> str:
-        return f"{self.prefix}:waits:{{{key}}}"
+        return f"{self.edges_prefix}{{{key}}}"
 
     def graph_key(self, key: str) -> str:
-        return f"{self.prefix}:graph:{{{key}}}"
+        return f"{self.graph_prefix}{{{key}}}"
 
     def offers_key(self, queue: str) -> str:
         return self._tiers + queue

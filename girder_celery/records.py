@@ -30,7 +30,7 @@ _ACTIVE = ("state", "request", "name", "node", "owner", "parent", "placement", "
 def record_keys(store: StateStore) -> Iterator[list[str]]:
     """The keys of the store's records, a ``SCAN`` batch at a time (of every master, on a
     Redis Cluster)."""
-    pattern = glob_escape(store.record_key("").partition("{")[0]) + "{*"
+    pattern = glob_escape(store.record_prefix) + "{*"
     names = store.client.scan_iter(match=pattern, count=SCAN_BATCH)
     while batch := list(itertools.islice(names, SCAN_BATCH)):
         yield [store.key_of(name) for name in batch]

@@ -140,7 +140,7 @@ class StateStore(Tiers):
         if not self.slots.single:
             return self._submit_in_parts(items, mailbox, reoffer_after_ms, requester, edge_ttl_ms, claimant, recheck,
                                          requester_owner)  # fmt: skip
-        waits, offers = self.edges_key("").partition("{")[0], self.offers_key("")
+        waits, offers = self.edges_prefix, self.offers_key("")
         edges, graph = self.edges_key(requester), self.graph_key(requester)
         requester_record = self.record_key(requester)
         hits = "" if recheck else "1"

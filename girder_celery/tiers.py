@@ -45,7 +45,7 @@ class Tiers(Reads):
         above that can take them: one with fewer than ``HOIST_BACKLOG`` offers that waited as
         long and, below the top, room in its window (none: they stay); at the top only drop
         stale entries. The ``(queue, key, name, payload)`` to publish."""
-        records = self.record_key("").partition("{")[0] if self.slots.single else ""
+        records = self.record_prefix if self.slots.single else ""
         reply = self._scripts["hoist"](
             [*(self.offers_key(tier) for tier in tiers), *(self.window_key(tier) for tier in tiers)],
             (after_ms, records, HOIST_BATCH, HOIST_BACKLOG, HOIST_PRUNE, WINDOW_TTL_MS, *tiers),

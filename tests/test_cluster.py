@@ -77,7 +77,7 @@ def test_the_store_is_the_cluster_and_records_spread_over_every_master(live, clu
     assert isinstance(m.girder.store.client, redis.RedisCluster)
     t = uuid.uuid4().hex[:8]
     assert m.girder.requests([m.echo.s(i, t) for i in range(60)], timeout=60) == [[[i, t], {}] for i in range(60)]
-    prefix = m.girder.store.record_key("").partition("{")[0]
+    prefix = m.girder.store.record_prefix
     counts = [len(list(s.client().scan_iter(match=prefix + "*", count=1000))) for s in cluster.servers]
     assert all(c > 0 for c in counts), counts
     assert sum(counts) >= 60
