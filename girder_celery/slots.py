@@ -8,12 +8,20 @@ operation over several slots is split into one call per slot (see where each is 
 ``store.py`` and ``waitsfor.py``, for why each split is still correct). What a transition leaves
 to do in other slots (an offer's index entry, a notification, a counter) comes back in its reply
 and is sent by ``effects`` without awaiting a reply, after the transition itself: the record is
-the truth, and what follows it is an index, a wake-up or a count.
+the truth, and what follows it is an index, a wake-up or a count. Cache hits, counted in the
+per-task stats, are summed in the process and sent together by a thread of its own every
+``COUNT_EVERY`` (and as the process ends), so a cache hit stays one script call and no send to
+the stats hash's master; ``girder.stats`` reads them that much late.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,7 +31,12 @@ from redis.crc import key_slot
 
 from .link import Link, green_sockets
 
-__all__ = ["ClusterSlots", "Slots", "slots_of"]
+__all__ = ["COUNT_EVERY", "ClusterSlots", "Slots", "slots_of"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between the sends of a process's counts, on a Redis Cluster.
+COUNT_EVERY = 0.2
 
 
 class Slots:
@@ -55,6 +68,10 @@ class Slots:
     def _again(self, command: tuple) -> None:
         self.client.execute_command(*command)
 
+    def count(self, counts: list[tuple[str, str, int]]) -> None:
+        """Add each ``(hash, field, n)`` to its counter (``HINCRBY``)."""
+        self.effects([("HINCRBY", name, field, n) for name, field, n in counts])
+
     def idle(self) -> None:
         self.link.idle()
 
@@ -71,6 +88,9 @@ class ClusterSlots(Slots):
         self._links: dict[str, Link] = {}
         self._lock = threading.Lock()
         self.green = green_sockets()
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._counting_pid: int | None = None
+        atexit.register(self._send_counts)
 
     def slot(self, name: str) -> int:
         return key_slot(name.encode())
@@ -107,7 +127,32 @@ class ClusterSlots(Slots):
         for link, mine in by_link.values():
             link.send_commands(mine, self._again)
 
+    def count(self, counts: list[tuple[str, str, int]]) -> None:
+        """Sum the counts in this process, for its counting thread to send."""
+        with self._lock:
+            if self._counting_pid != os.getpid():  # a forked child inherits no thread: start its own
+                self._counting_pid = os.getpid()
+                threading.Thread(target=self._keep_counting, name="girder-counts", daemon=True).start()
+            for name, field, n in counts:
+                self._counts[(name, field)] += n
+
+    def _keep_counting(self) -> None:
+        pid = os.getpid()
+        while self._counting_pid == pid:
+            time.sleep(COUNT_EVERY)
+            try:
+                self._send_counts()
+            except Exception:  # counts are reports: the next round sends what comes next
+                logger.warning("girder: could not send the per-task counts", exc_info=True)
+
+    def _send_counts(self) -> None:
+        with self._lock:
+            counts, self._counts = self._counts, Counter()
+        if counts:
+            self.effects([("HINCRBY", name, field, n) for (name, field), n in counts.items()])
+
     def idle(self) -> None:
+        self._send_counts()
         for link in list(self._links.values()):
             link.idle()
 

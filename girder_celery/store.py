@@ -188,7 +188,7 @@ class StateStore(Tiers):
             )  # fmt: skip
 
         replies = self.slots.call_many(self._scripts["submit"], (call(*item) for item in items))
-        outcomes, effects = [], []
+        outcomes, effects, counts = [], [], []
         for (key, _, name, _, pool), (verdict, data, *index) in zip(items, replies):
             outcome = Outcome(key, verdict_of(verdict), data or "")
             outcomes.append(outcome)
@@ -197,12 +197,14 @@ class StateStore(Tiers):
                 effects.append(("ZREM", self.offers_key(older), key))
             if offered_at:
                 effects.append(("ZADD", self.offers_key(pool), offered_at, key))
-            if outcome.settled and hits:
-                effects.append(("HINCRBY", self.stats_key, f"hits:{name}", 1))
+            if outcome.settled and hits:  # summed in the process (a hit must stay one round trip)
+                counts.append((self.stats_key, f"hits:{name}", 1))
         if requester:
             outcomes, withdrawn = waitsfor.refuse_cycles(self.client, self, requester, outcomes, mailbox)
             effects += withdrawn + waitsfor.graph_effects(self, requester, outcomes)
         self.slots.effects(effects)
+        if counts:
+            self.slots.count(counts)
         return outcomes
 
     def claim(self, key: str, owner: str, node: str, lease_ms: int, via: str = "") -> tuple[Verdict, str, int]:

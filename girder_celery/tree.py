@@ -156,7 +156,7 @@ def _effects(walk: _Walk, layout: Layout, errors: dict, replies: dict, done: lis
         _, queue, name, *mailboxes = replies[k]
         if queue:
             effects.append(("ZREM", layout.offers_key(queue), k))
-        if name:
+        if name:  # a cancel is rare: counted at once, as an effect
             effects.append(("HINCRBY", layout.stats_key, f"failures:{name}", 1))
         effects += _told(mailboxes, f"failed:{k}:{errors[k]}", mailbox_ttl)
     told = set()

@@ -24,7 +24,7 @@ from girder_celery.testing import ClusterGroup, RedisServer, free_port
 from tests import test_access, test_cancel, test_core_e2e, test_reentrant, test_store, test_tiers
 from tests.access_support import CLUSTER_RULES, acl_rules, acl_setuser_line
 from tests.conftest import POOLS, _fast_stop
-from tests.harness import Grid, repointed
+from tests.harness import Grid, repointed, wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -242,6 +242,8 @@ def test_graph_and_reports_on_the_cluster(live):
     assert stats["records"] >= 5 and stats["tasks"]["grid.leaf"]["executions"] >= 4
     assert stats["memory_bytes"] > 3 * 500_000  # every master's
     assert girder.active() == []
+    assert m.reentrant_tasks.fanout.call(4, 0, t) == 4  # a cache hit, counted within COUNT_EVERY
+    wait_until(lambda: girder.stats()["tasks"]["grid.fanout"]["cache_hits"] >= 1, 5, "the hit to be counted")
     girder.reset_stats()
     assert girder.stats()["tasks"] == {}
 
