@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -137,27 +138,32 @@ class StateStore(Tiers):
         answer counts as a cache hit unless this is a waiter's ``recheck``. A requester whose run
         (``requester_owner``) was cancelled is answered ``cancelled``. See ``lua/submit.lua``.
         """
-        if not self.slots.single:
-            return self._submit_in_parts(items, mailbox, reoffer_after_ms, requester, edge_ttl_ms, claimant, recheck,
-                                         requester_owner)  # fmt: skip
-        waits, offers = self.edges_prefix, self.offers_key("")
-        edges, graph = self.edges_key(requester), self.graph_key(requester)
-        requester_record = self.record_key(requester)
         hits = "" if recheck else "1"
+        if not self.slots.single:
+            return self._submit_in_parts(items, mailbox, reoffer_after_ms, requester, edge_ttl_ms, claimant, hits,
+                                         requester_owner)  # fmt: skip
+        calls = self._submit_calls(items, mailbox, reoffer_after_ms, requester, edge_ttl_ms, claimant, hits,
+                                   requester_owner)  # fmt: skip
+        replies = self.slots.call_many(self._scripts["submit"], calls)
+        return [Outcome(item[0], verdict_of(v), d or "") for item, (v, d) in zip(items, replies)]
 
-        def call(key: str, payload: str, name: str, readable: str, pool: str) -> tuple[tuple, tuple]:
+    def _submit_calls(self, items, mailbox, reoffer_after_ms, requester, edge_ttl_ms, claimant, hits,
+                      requester_owner) -> Iterator[tuple[tuple, tuple]]:  # fmt: skip
+        """submit.lua's ``(keys, args)`` for each of ``items``: every key on a single Redis (one
+        slot), the request's own alone on a Redis Cluster."""
+        single = self.slots.single
+        waits, offers = (self.edges_prefix, self.offers_key("")) if single else ("", "")
+        requesters = (self.edges_key(requester), self.graph_key(requester), self.record_key(requester))
+        for key, payload, name, readable, pool in items:
             claimer = claimant if claimant is not None and claimant.key == key else NO_CLAIMANT
-            return (
-                (self.record_key(key), self.waiters_key(key), self.graph_key(key), edges, graph, requester_record,
-                 offers + pool, self.stats_key),
+            own = (self.record_key(key), self.waiters_key(key), self.graph_key(key))
+            yield (
+                (*own, *requesters, offers + pool, self.stats_key) if single else own,
                 (payload, name, readable, pool, mailbox, reoffer_after_ms, key, requester, waits, edge_ttl_ms,
                  claimer.owner, claimer.node, claimer.lease_ms, offers, hits, requester_owner),
             )  # fmt: skip
 
-        replies = self.slots.call_many(self._scripts["submit"], (call(*item) for item in items))
-        return [Outcome(item[0], verdict_of(v), d or "") for item, (v, d) in zip(items, replies)]
-
-    def _submit_in_parts(self, items, mailbox, reoffer_after_ms, requester, edge_ttl_ms, claimant, recheck,
+    def _submit_in_parts(self, items, mailbox, reoffer_after_ms, requester, edge_ttl_ms, claimant, hits,
                          requester_owner) -> list[Outcome]:  # fmt: skip
         """``submit`` on a Redis Cluster, where a request's keys, its requester's, the offers
         and the stats are in different slots: the requester's edges first (``waitsfor.py``),
@@ -177,17 +183,9 @@ class StateStore(Tiers):
         keys, edge, owner = [item[0] for item in items], self._scripts["edge"], requester_owner
         if requester and not waitsfor.write_edges(self.slots, edge, self, requester, keys, owner, edge_ttl_ms):
             return [Outcome(key, Verdict.CANCELLED, "") for key in keys]
-        hits = "" if recheck else "1"
-
-        def call(key: str, payload: str, name: str, readable: str, pool: str) -> tuple[tuple, tuple]:
-            claimer = claimant if claimant is not None and claimant.key == key else NO_CLAIMANT
-            return (
-                (self.record_key(key), self.waiters_key(key), self.graph_key(key)),
-                (payload, name, readable, pool, mailbox, reoffer_after_ms, key, requester, "", edge_ttl_ms,
-                 claimer.owner, claimer.node, claimer.lease_ms, "", hits, requester_owner),
-            )  # fmt: skip
-
-        replies = self.slots.call_many(self._scripts["submit"], (call(*item) for item in items))
+        calls = self._submit_calls(items, mailbox, reoffer_after_ms, requester, edge_ttl_ms, claimant, hits,
+                                   requester_owner)  # fmt: skip
+        replies = self.slots.call_many(self._scripts["submit"], calls)
         outcomes, effects, counts = [], [], []
         for (key, _, name, _, pool), (verdict, data, *index) in zip(items, replies):
             outcome = Outcome(key, verdict_of(verdict), data or "")
