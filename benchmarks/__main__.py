@@ -6,6 +6,8 @@ Run from the repository root::
     python -m benchmarks --json out.json  # also write every figure as JSON
     python -m benchmarks --suite bogosity --broker redis    # one suite, one broker
     python -m benchmarks --broker redis --hits 300 --cold 100 --runs 5   # quicker
+    python -m benchmarks --suite roundtrip --suite bogosity --store redis --store cluster
+        # each suite on a single Redis, then on a Redis Cluster of three masters, in one run
 
 What it starts
     A private ``redis-server`` on a free port (db 0: girder's state store, db 1: the Redis broker,
@@ -75,6 +77,13 @@ Suite ``tree``: many nodes (twelve ``-c 1`` nodes: four pools of three under a r
     round, each run with a fresh salt so nothing is memoized, and print every derived figure with
     how it was derived, rounded against girder (costs up, efficiencies down).
 
+State stores (``--store``, repeatable; default ``redis``)
+    ``redis``: db 0 of the private ``redis-server``. ``cluster``: a Redis Cluster of three masters
+    on free loopback ports (``girder_celery.testing.ClusterGroup``), started once for the run;
+    the broker and the result backend stay on the private Redis. Given both, each suite runs on
+    the single Redis and then on the cluster, with fresh workers each, and a closing table gives
+    each scenario's median on both, the difference per call and the ratio cluster / single.
+
 Adding scenarios
     A suite is a function ``(grid, options) -> list[Scenario] | Plan`` registered with
     ``@suite(...)`` in ``benchmarks/suites.py``, naming how many worker nodes it needs;
@@ -94,7 +103,7 @@ import time
 from importlib import metadata
 from typing import Any
 
-from girder_celery.testing import AMQP_URL, RedisServer, amqp_unreachable
+from girder_celery.testing import AMQP_URL, ClusterGroup, RedisServer, amqp_unreachable
 
 from .grid import BROKER_DB, Grid
 from .runner import Plan, format_figures, format_table, run_plan
@@ -111,6 +120,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="broker(s) to run on (repeatable; default both)",
     )
     p.add_argument("--suite", action="append", choices=sorted(SUITES), help="suite(s) to run (default all)")
+    p.add_argument(
+        "--store",
+        action="append",
+        choices=["redis", "cluster"],
+        help="girder's state store(s): a single Redis, a Redis Cluster of 3 masters (repeatable; default redis)",
+    )
     p.add_argument("--pool", default="solo", help="worker pool, the same for girder and stock (default solo)")
     p.add_argument("--concurrency", type=int, default=1, help="worker concurrency (default 1)")
     p.add_argument("--hits", type=int, default=1000, help="timed cache-hit round trips (default 1000)")
@@ -160,7 +175,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     brokers = args.broker or ["redis", "amqp"]
     suites = [SUITES[name] for name in (args.suite or list(SUITES))]
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(), "runs": []}
+    stores = args.store or ["redis"]
     redis_server = RedisServer().start()
+    cluster = ClusterGroup().start() if "cluster" in stores else None
     try:
         report["versions"] = _versions(redis_server)
         print("girder-celery benchmarks  " + "  ".join(f"{k} {v}" for k, v in report["versions"].items()))
@@ -176,19 +193,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 url = redis_server.url(BROKER_DB)
             for s in suites:
-                report["runs"].append(run_suite(redis_server, broker, url, s, args))
+                for store in stores:
+                    store_url = cluster.url() if store == "cluster" else None
+                    report["runs"].append(run_suite(redis_server, broker, url, s, args, store_url))
     finally:
+        if cluster is not None:
+            cluster.close()
         redis_server.close()
+    if len(stores) > 1:
+        print(format_store_comparison(report["runs"]))
     return report
 
 
-def run_suite(redis_server: RedisServer, broker: str, url: str, s, args: argparse.Namespace) -> dict[str, Any]:
-    grid = Grid(redis_server, broker, url, args.pool, args.concurrency)
+def format_store_comparison(runs: list[dict[str, Any]]) -> str:
+    """Each scenario's median on the single Redis and on the cluster, per call: the difference and
+    the ratio cluster / single (a scenario's median is per call: a round trip, a run)."""
+    by = {(r["broker"], r["suite"], r.get("store")): r for r in runs if "scenarios" in r}
+    lines = ["\nstate store: Redis Cluster (3 masters) against a single Redis, medians per call"]
+    lines.append(f"  {'broker/suite/scenario':<44} {'single ms':>10} {'cluster ms':>11} {'diff ms':>9} {'ratio':>7}")
+    for (broker, suite, store), single in by.items():
+        other = by.get((broker, suite, "cluster"))
+        if store != "redis" or other is None:
+            continue
+        for name, fig in single["scenarios"].items():
+            theirs = other["scenarios"].get(name)
+            if theirs is None:
+                continue
+            a, b = fig["median_ms"], theirs["median_ms"]
+            ratio = f"{b / a:.2f}x" if a else "-"
+            lines.append(f"  {broker + '/' + suite + '/' + name:<44} {a:>10.3f} {b:>11.3f} {b - a:>9.3f} {ratio:>7}")
+    return "\n".join(lines)
+
+
+def run_suite(
+    redis_server: RedisServer, broker: str, url: str, s, args: argparse.Namespace, store_url: str | None = None
+) -> dict[str, Any]:
+    grid = Grid(redis_server, broker, url, args.pool, args.concurrency, store_url)
+    store = "cluster" if store_url else "redis"
     try:
         grid.start_nodes(s.nodes)
         flags = grid.shown_flags()
-        print(f"\n[{broker}] suite {s.name}: {s.description}")
-        print(f"  broker {_safe(url)}, backend redis db 2, state store redis db 0")
+        print(f"\n[{broker}, {store}] suite {s.name}: {s.description}")
+        where = f"a Redis Cluster ({store_url})" if store_url else "redis db 0"
+        print(f"  broker {_safe(url)}, backend redis db 2, state store {where}")
         if s.nodes:  # else the suite starts its own, and says how
             print(f"  {s.nodes} worker(s): celery -A benchmarks.benchapp worker {flags}")
         t0 = time.monotonic()
@@ -197,13 +244,14 @@ def run_suite(redis_server: RedisServer, broker: str, url: str, s, args: argpars
             plan = Plan(plan)
         results, figures, notes = run_plan(plan, args.rounds)
         elapsed = time.monotonic() - t0
-        print(format_table(f"  {broker} / {s.name}  ({elapsed:.1f}s; ratios rounded up)", results))
+        print(format_table(f"  {broker} / {store} / {s.name}  ({elapsed:.1f}s; ratios rounded up)", results))
         for note in notes:
             print(f"  {note}")
         if figures:
             print(format_figures(figures))
         return {
             "broker": broker,
+            "store": store,
             "broker_url": _safe(url),
             "suite": s.name,
             "nodes": s.nodes,

@@ -24,13 +24,22 @@ class Grid(LocalGrid):
     """Identical workers (``-P pool -c concurrency``) on one broker, and the client-side app module
     (``app_module``) configured to match them."""
 
-    def __init__(self, redis_server: RedisServer, broker: str, broker_url: str, pool: str, concurrency: int) -> None:
+    def __init__(
+        self,
+        redis_server: RedisServer,
+        broker: str,
+        broker_url: str,
+        pool: str,
+        concurrency: int,
+        store_url: str | None = None,
+    ) -> None:
         tag = uuid.uuid4().hex[:8]
         queue, prefix = f"girder-bench-{tag}", f"gb-{tag}"
         env = {
             "GIRDER_BENCH_BROKER": broker_url,
             "GIRDER_BENCH_BACKEND": redis_server.url(BACKEND_DB),
-            "GIRDER_BENCH_STORE": redis_server.url(STORE_DB),
+            # The state store: the private Redis's db 0, or a Redis Cluster's seeds (--store cluster).
+            "GIRDER_BENCH_STORE": store_url or redis_server.url(STORE_DB),
             "GIRDER_BENCH_QUEUE": queue,
             "GIRDER_BENCH_PREFIX": prefix,
         }

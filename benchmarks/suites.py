@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import redis
+
 from .dag import bogosity_dag, critical_path, level_formula, optimal_slots
 from .grid import BACKEND_DB, STORE_DB, Grid
 from .runner import Figure, Plan, Result, Scenario
@@ -111,7 +113,10 @@ def roundtrip(grid: Grid, options: argparse.Namespace) -> list[Scenario]:
 
     # For context: what one round trip to the state store costs right now (this machine's
     # loopback latency moves between runs, and a cache hit is one such round trip).
+    # On a Redis Cluster: one master's (a key's) client, as a script call reaches one master.
     store = m.girder.store.client
+    if isinstance(store, redis.RedisCluster):
+        store = store.get_redis_connection(store.get_node_from_key(m.girder.store.record_key("0")))
 
     def ping() -> None:
         _check(store.ping(), True, "PING")
@@ -817,7 +822,6 @@ def _median_bytes(client, names: list, sample: int = 200) -> float:
 def _memory_figures(grid: Grid) -> list[Figure]:
     """Bytes per memoized request in the state store and in the result backend, and what else
     the store holds once every request and its waiters are done."""
-    import redis
 
     store, backend = (redis.Redis.from_url(grid.redis_server.url(db)) for db in (STORE_DB, BACKEND_DB))
     try:
@@ -865,7 +869,6 @@ def _start_tree(grid: Grid, options: argparse.Namespace) -> dict[str, int]:
 )
 def tree(grid: Grid, options: argparse.Namespace) -> Plan:
     """Where parallel efficiency goes as nodes are added: hoisting up two tiers, commands per request."""
-    import redis
     from celery import group
 
     m = grid.app_module

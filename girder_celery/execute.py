@@ -102,7 +102,7 @@ class Runner:
         self.mirror = mirror
         self.settings = settings
         self.leases = LeaseKeeper(store, settings.lease_ms, settings.edge_ttl_ms)
-        self.limits = InlineLimits(green=store.link.green)
+        self.limits = InlineLimits(green=store.green)
         #: Whether this node sends task events (``-E``), its number of executors and its name;
         #: set by the worker bootstep.
         self.events = False
@@ -320,7 +320,7 @@ class Runner:
     def after_message(self) -> None:
         """The message this thread ran is done: its copies go out now, unawaited, and it keeps
         its connections for the next message. A greenlet ends with its message: it releases them."""
-        if self.store.link.green:
+        if self.store.green:
             self.release_thread()
         else:
             self.mirror.flush()

@@ -146,6 +146,7 @@ class InlineWait(Wait):
             # The newest few, in one round trip; those before the one claimed (or all, if none is)
             # are running, settled or lost: the mailbox or the next check says which.
             batch = list(itertools.islice(reversed(self.claimable), CLAIM_BATCH))
+            batch = batch[: self.store.claim_span(batch)]  # on a Redis Cluster, one slot's
             key, _ = self.store.claim_first(batch, self.owner, self.frame.node, self.lease_ms)
             for other in batch[: batch.index(key) + 1 if key else None]:
                 del self.claimable[other]

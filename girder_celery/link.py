@@ -22,7 +22,10 @@ A call the client cannot make again either, the store being unreachable (a resta
 failover), is owed: made before anything else the thread sends once the store is back, so a
 completion sent as the store went away still lands. A broken connection is given back to the
 pool and the next call takes another, which the pool connects as the client's path does (behind
-Sentinel, to the master the sentinels name now).
+Sentinel, to the master the sentinels name now). On a Redis Cluster each master has a link of its
+own (``slots.py``), and its client's path is the cluster client's: a call its master answers
+``MOVED`` or ``ASK`` (a failover, a resharding), or ``TRYAGAIN``/``CLUSTERDOWN``, did not run, and
+is made again there alone, which follows the redirection and refreshes the slot map.
 
 A thread awaiting a reply spins on the socket for up to ``girder_busy_poll`` seconds before it
 sleeps in ``recv``: on virtual machines, waking a sleeping thread when the reply lands can cost
@@ -53,11 +56,14 @@ except ImportError:  # redis-py then packs in Python
 
 from .errors import STORE_UNREACHABLE
 
-__all__ = ["Link"]
+__all__ = ["Link", "green_sockets"]
 
 logger = logging.getLogger(__name__)
 
 _FALL_BACK = (*STORE_UNREACHABLE, redis.exceptions.NoScriptError, OSError)
+#: A cluster node's answer to a call it did not run: the call is made again through the cluster's
+#: client, which follows it.
+_REDIRECTED = (redis.exceptions.AskError, redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
 #: Most script calls ``call_many`` sends before reading their replies: a submit of 100,000
 #: requests packed at once held about 2 KB per request in commands and replies (issue 12).
 CALL_CHUNK = 1000
@@ -96,6 +102,8 @@ class Link:
         scripts: the scripts sent unawaited, loaded before the first such send.
         busy_poll: seconds to spin for an awaited reply before sleeping (0: never).
         unconfirmed: what a reply that cannot be read leaves unconfirmed, for the log.
+        fallback: the client whose own path makes a call again (default ``client``; on a
+            Redis Cluster, the cluster's client, ``client`` being one master's).
     """
 
     def __init__(
@@ -104,11 +112,13 @@ class Link:
         scripts: list[Script],
         busy_poll: float = 0.0,
         unconfirmed: str = "a completion; the state store is unreachable",
+        fallback: Any = None,
     ) -> None:
         self.client = client
+        self.fallback = client if fallback is None else fallback
         self.scripts = scripts
         #: Whether this process's sockets are green (gevent, eventlet).
-        self.green = _green_sockets()
+        self.green = green_sockets()
         self.busy_poll = 0.0 if self.green else busy_poll
         self.unconfirmed = unconfirmed
         self._local = threading.local()
@@ -136,6 +146,13 @@ class Link:
                 raise reply  # a script's error, raised once every reply has been read
         return replies
 
+    def _redirected(self, script: Script, call: tuple[tuple, tuple], reply: Any) -> Any:
+        """``reply``, or, if a cluster node did not run the call (``MOVED``, ...), the reply of
+        the call made again through the cluster's client."""
+        if isinstance(reply, _REDIRECTED):
+            return script(*call, client=self.fallback)
+        return reply
+
     def _call_chunk(self, script: Script, calls: list[tuple[tuple, tuple]]) -> list[Any]:
         held = self._held()
         try:
@@ -146,10 +163,10 @@ class Link:
             self._read_unread(held)
             if self.busy_poll:
                 _await_reply(held.connection, self.busy_poll)
-            return [self._read_one(held) for _ in calls]
+            return [self._redirected(script, call, self._read_one(held)) for call in calls]
         except _FALL_BACK:
             self._reset(held)
-            return [script(keys, args, client=self.client) for keys, args in calls]
+            return [script(keys, args, client=self.fallback) for keys, args in calls]
         except BaseException:
             self._interrupted(held)
             raise
@@ -166,7 +183,7 @@ class Link:
     def send(self, script: Script, keys: tuple, args: tuple) -> None:
         """Run ``script`` without waiting for its reply; the thread's next call reads it."""
         held = self._held()
-        again = functools.partial(script, keys, args, client=self.client)
+        again = functools.partial(script, keys, args, client=self.fallback)
         try:
             if held.connection is None or held.owed:
                 self._ready(held)
@@ -332,7 +349,7 @@ def _await_reply(connection: Any, seconds: float) -> None:
         pass
 
 
-def _green_sockets() -> bool:
+def green_sockets() -> bool:
     """Whether gevent or eventlet has patched the socket module of this process."""
     gevent = sys.modules.get("gevent.monkey")
     if gevent is not None and gevent.is_module_patched("socket"):

@@ -10,6 +10,7 @@ blocked for long, each batch read in one pipelined round trip.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,23 +28,19 @@ _ACTIVE = ("state", "request", "name", "node", "owner", "parent", "placement", "
 
 
 def record_keys(store: StateStore) -> Iterator[list[str]]:
-    """The keys of the store's records, a ``SCAN`` batch at a time."""
-    head = store.record_key("")
-    pattern = glob_escape(head) + "*"
-    cursor = 0
-    while True:
-        cursor, found = store.client.scan(cursor, match=pattern, count=SCAN_BATCH)
-        if found:
-            yield [name[len(head) :] for name in found]
-        if cursor == 0:
-            return
+    """The keys of the store's records, a ``SCAN`` batch at a time (of every master, on a
+    Redis Cluster)."""
+    pattern = glob_escape(store.record_prefix) + "{*"
+    names = store.client.scan_iter(match=pattern, count=SCAN_BATCH)
+    while batch := list(itertools.islice(names, SCAN_BATCH)):
+        yield [store.key_of(name) for name in batch]
 
 
 def stats(store: StateStore) -> dict[str, Any]:
     """Per task since the last reset (``since``, seconds since the epoch, None if never reset):
     ``executions``, ``cache_hits``, ``failures``, ``run_seconds`` (total) and
-    ``mean_run_seconds``; and the store's ``records`` and ``memory_bytes`` (the whole server's;
-    None where its ACL refuses ``INFO``)."""
+    ``mean_run_seconds``; and the store's ``records`` and ``memory_bytes`` (the whole server's,
+    every master's on a Redis Cluster; None where its ACL refuses ``INFO``)."""
     with store.reachable():
         counters = store.client.hgetall(store.stats_key)
         records = sum(len(batch) for batch in record_keys(store))
@@ -68,6 +65,9 @@ def stats(store: StateStore) -> dict[str, Any]:
 
 def _memory(store: StateStore) -> int | None:
     try:
+        if isinstance(store.client, redis.RedisCluster):  # every master's, summed
+            found = store.client.info("memory", target_nodes=redis.RedisCluster.PRIMARIES)
+            return sum(info.get("used_memory", 0) for info in found.values())
         return store.client.info("memory").get("used_memory")
     except redis.exceptions.NoPermissionError:  # an ACL without INFO (see the README)
         return None

@@ -1,11 +1,11 @@
 """The runtime: girder's parts for one Celery app, built on first use and wired together.
 
-It holds the settings, the state store client (of a Redis URL, or of the master that Sentinel
-names: ``sentinel.py``), offers, the result-backend mirror and this process's runner, each handed
-only the collaborators it uses, and decides how a caller waits: outside any girder request a
-plain wait, inside one an inline wait (invariant 2), and with Celery's ``task_always_eager`` an
-eager run in this process (``eager.py``). The Celery integration (task class, bootsteps) and the
-public ``Girder`` sit above it.
+It holds the settings, the state store client (of a Redis URL, of the master that Sentinel
+names: ``sentinel.py``, or of a Redis Cluster: ``cluster.py``), offers, the result-backend
+mirror and this process's runner, each handed only the collaborators it uses, and decides how a
+caller waits: outside any girder request a plain wait, inside one an inline wait (invariant 2),
+and with Celery's ``task_always_eager`` an eager run in this process (``eager.py``). The Celery
+integration (task class, bootsteps) and the public ``Girder`` sit above it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from .cluster import cluster_client
 from .eager import Eager
 from .execute import Runner
 from .frame import Frame, current_frame
@@ -50,7 +51,12 @@ class Runtime:
     def store(self) -> StateStore:
         s = self.settings
         kwargs = {"decode_responses": True, "socket_connect_timeout": s.connect_timeout, "socket_timeout": 30.0}
-        client = master_client(s, **kwargs) if s.sentinel_master else redis.Redis.from_url(s.url, **kwargs)
+        if s.sentinel_master:
+            client = master_client(s, **kwargs)
+        elif s.cluster:
+            client = cluster_client(s, **kwargs)
+        else:
+            client = redis.Redis.from_url(s.url, **kwargs)
         return StateStore(client, s.key_prefix, s.busy_poll, s.url, s.graph_ttl_ms)
 
     @cached_property

@@ -13,7 +13,10 @@ from urllib.parse import unquote, urlsplit
 
 from .errors import safe_url
 
-__all__ = ["SENTINEL_OPTIONS", "Settings", "ms", "sentinel_url"]
+__all__ = ["CLUSTER_SCHEMES", "SENTINEL_OPTIONS", "Settings", "cluster_url", "ms", "sentinel_url"]
+
+#: The schemes of a Redis Cluster's ``girder_url``: its seed nodes, in plain text or TLS.
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 #: The keys ``girder_sentinel_options`` may have, and what each holds.
 SENTINEL_OPTIONS = {
@@ -35,7 +38,9 @@ class Settings:
 
     #: Redis URL of the state store; ``Girder(app, url=...)`` takes precedence. Or its
     #: sentinels: ``sentinel://[user:password@]host:port[/db][;sentinel://host:port...]``, the
-    #: master's user, password and database in the first (Celery's convention).
+    #: master's user, password and database in the first (Celery's convention). Or a Redis
+    #: Cluster's seed nodes: ``redis+cluster://[user:password@]host:port[,host:port...]``
+    #: (``rediss+cluster://`` for TLS, with redis-py's ``ssl_*`` URL parameters).
     url: str | None = None
     #: With a ``sentinel://`` URL, the name of the master the sentinels watch (their
     #: ``sentinel monitor NAME ...``); required there, refused with any other URL.
@@ -96,9 +101,10 @@ class Settings:
             )
         if self.url.startswith("sentinel://"):
             self._validate_sentinel()
-        elif not self.url.startswith(("redis://", "rediss://", "unix://")):
+        elif not self.url.startswith(("redis://", "rediss://", "unix://", *(f"{s}://" for s in CLUSTER_SCHEMES))):
             raise ValueError(
-                f"girder_url must be a redis://, rediss://, unix:// or sentinel:// URL, not {safe_url(self.url)!r}"
+                "girder_url must be a redis://, rediss://, unix://, sentinel:// or redis+cluster:// URL, not "
+                f"{safe_url(self.url)!r}"
             )
         elif self.sentinel_master is not None or self.sentinel_options:
             name = "girder_sentinel_master" if self.sentinel_master is not None else "girder_sentinel_options"
@@ -106,8 +112,12 @@ class Settings:
                 f"{name} is set, but girder_url {safe_url(self.url)!r} is not a sentinel:// URL: name the "
                 "sentinels (girder_url = 'sentinel://host:26379;sentinel://host2:26379'), or unset it"
             )
-        if not isinstance(self.key_prefix, str) or not self.key_prefix:
-            raise ValueError(f"girder_key_prefix must be a non-empty str, not {self.key_prefix!r}")
+        if self.cluster:
+            cluster_url(self.url)
+        if not isinstance(self.key_prefix, str) or not self.key_prefix or set(self.key_prefix) & set("{}"):
+            raise ValueError(
+                f"girder_key_prefix must be a non-empty str without braces (hash tags), not {self.key_prefix!r}"
+            )
         if self.pool is not None and (not isinstance(self.pool, str) or not self.pool):
             raise ValueError(f"girder_pool must be a queue name or None, not {self.pool!r}")
         for name in ("lease_seconds", "error_ttl", "check_interval", "reoffer_after", "connect_timeout", "graph_ttl"):
@@ -143,6 +153,11 @@ class Settings:
         least = options.get("min_other_sentinels", 0)
         if isinstance(least, bool) or not isinstance(least, int) or least < 0:
             raise ValueError(f"girder_sentinel_options['min_other_sentinels'] must be an int >= 0, not {least!r}")
+
+    @property
+    def cluster(self) -> bool:
+        """Whether ``url`` names a Redis Cluster's seed nodes."""
+        return self.url.split("://", 1)[0] in CLUSTER_SCHEMES
 
     # Cached: read on every request (the dataclass is frozen, so they never go stale).
     @cached_property
@@ -228,6 +243,38 @@ def sentinel_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
             )
         sentinels.append((parts.hostname, port))
     return sentinels, {**master, "db": master["db"] or 0}
+
+
+def cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """The seed nodes a ``redis+cluster://`` (or ``rediss+cluster://``) URL names, ``[(host,
+    port)]``, and the connection arguments it gives every node (``username``, ``password``,
+    ``ssl`` and the ``ssl_*`` URL parameters). ``ValueError`` names what is wrong."""
+    scheme, _, rest = url.partition("://")
+    form = f"{scheme}://[user:password@]host:port[,host:port...]"
+    netloc, _, query = rest.partition("?")
+    netloc, _, path = netloc.partition("/")
+    if path.strip("/") not in ("", "0"):
+        raise ValueError(f"girder_url {safe_url(url)!r}: a Redis Cluster has database 0 only, not {path!r}")
+    auth, _, hosts = netloc.rpartition("@")
+    seeds = []
+    for part in hosts.split(","):
+        host, _, port = part.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"girder_url {safe_url(url)!r}: {part!r} is not host:port; the seeds go as {form}")
+        seeds.append((host.strip("[]"), int(port)))
+    user, _, password = auth.partition(":")
+    options: dict[str, Any] = {"username": unquote(user) or None, "password": unquote(password) or None}
+    if scheme == "rediss+cluster":
+        options["ssl"] = True
+    for pair in filter(None, query.split("&")):
+        name, _, value = pair.partition("=")
+        if name not in _SSL_KWARGS or scheme != "rediss+cluster":
+            raise ValueError(
+                f"girder_url {safe_url(url)!r}: unknown parameter {name!r}; a rediss+cluster:// URL takes "
+                f"{', '.join(_SSL_KWARGS)}"
+            )
+        options[name] = unquote(value) if name != "ssl_check_hostname" else value.lower() in ("1", "true", "yes")
+    return seeds, options
 
 
 def _kwargs(name: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -4,24 +4,9 @@ The whole contract is here, one method per state transition, each one atomic Lua
 ``girder_celery/lua`` (loaded once per client and called by SHA; redis-py reloads a script that
 a restarted Redis forgot). Values and errors are stored as JSON text; nothing is unpickled.
 
-Keys, all under the prefix:
-
-- ``<prefix>:req:<key>``: the request record, a hash: ``state``, ``payload``, ``name``,
-  ``request`` (readable), ``pool``, ``owner``, ``node``, ``lease_until``, ``value`` or
-  ``error`` and ``memo``, the ``*_at`` times (ms), ``attempts``, ``offers``, ``offered_on``,
-  ``placement``, ``claimed_via``, ``hoists``, ``ran_by``;
-- ``<prefix>:waiters:<key>``: the mailboxes to notify when it settles, a set;
-- ``<prefix>:waits:<key>``: the waits-for edges of a running request, the set of keys it
-  waits for, which expires with its lease (a cycle is refused by walking them);
-- ``<prefix>:graph:<key>``: the sub-requests a request made, a hash ``child -> "r"`` (requested)
-  or ``"c"`` (answered from the store), kept ``graph_ttl_ms`` after it settles (``graph.py``
-  reads it); a settled record's ``subs`` counts them, and each record names its ``parent``;
-- ``<prefix>:stats``: per-task counters since a reset, a hash of ``runs:<name>``, ``ms:<name>``,
-  ``failures:<name>``, ``hits:<name>`` and ``since`` (ms);
-- ``<prefix>:offers:<queue>``: the offers waiting on a queue, a zset of keys by offer time;
-- ``<prefix>:mailbox:<id>``: one waiter's notifications, a list of ``<verdict>:<key>:<data>``;
-  a running request's waiter's ``<id>`` is ``<its key>/<nonce>``, and the owner token of the
-  sub-requests it claims ends in ``><its key>``, so cancel.lua tells who waits for what.
+Keys, all under the prefix, and the hash slots they are in: ``layout.py``. On a Redis Cluster
+an operation over several slots is split into calls of one slot each (``slots.py``): where it
+is split, a comment says why it is still correct.
 
 States of a record: absent -> queued -> running(owner, lease) -> done(value) | failed(error).
 A cancelled request is failed, not memoized, with ``cancelled_at`` and ``cancelled_owner`` (the
@@ -30,16 +15,18 @@ A record answers each call with a ``Verdict`` (see there) and data; ``Outcome`` 
 
 | method | script | transition |
 | --- | --- | --- |
-| ``submit`` | submit.lua | absent, failed (not memoized), lapsed -> queued (offer); or -> running for a claimant |
+| ``submit`` | submit.lua (edge.lua) | absent, failed (not memoized), lapsed -> queued (offer), or running (claimant) |
 | ``claim``, ``claim_first`` | claim.lua | queued, lapsed -> running(owner, lease) |
 | ``renew`` | renew.lua | running(owner) -> running(owner, later lease) |
 | ``complete`` | complete.lua | not settled -> done(value); waiters woken |
 | ``fail`` | fail.lua | not settled -> failed(error); waiters woken |
 | ``release`` | release.lua | running(owner) -> queued (Celery retries it, or a run is given back unfinished) |
 | ``unoffer`` | unoffer.lua | queued, offered -> queued, never offered |
-| ``hoist`` | hoist.lua | queued on a tier -> queued there and on the nearest tier above that can take it |
+| ``hoist`` (tiers.py) | hoist.lua (hoisted.lua) | queued on a tier -> queued there and on the nearest tier above it |
 | ``forget`` | forget.lua | done, failed, corrupt -> absent (and its graph) |
-| ``cancel`` | cancel.lua | queued, running -> failed (cancelled, not memoized), and sub-requests nobody else awaits |
+| ``cancel`` | cancelled.lua | queued, running -> failed (cancelled, not memoized), and sub-requests nobody needs |
+
+In parentheses: the script of a Redis Cluster's split, argued in the method that makes it.
 
 "Lapsed" is running with an expired lease: its owner died, and anyone may take it over.
 
@@ -52,17 +39,23 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
-from dataclasses import dataclass
-from enum import Enum
+from collections.abc import Iterator
 from typing import Any
 
 import redis
 
-from .errors import STORE_UNREACHABLE, GirderConnectionError, GirderError, corrupt, refused, unreachable
-from .keys import Request, decode_value
-from .link import Link
+from . import waitsfor
+from .errors import STORE_UNREACHABLE, GirderConnectionError, refused, unreachable
+from .reads import glob_escape, int_field
+from .slots import slots_of
+from .tiers import HOIST_BACKLOG, HOIST_BATCH, HOIST_PRUNE, WINDOW_TTL_MS, Tiers
+from .tree import CANCEL_LIMIT, cancel_tree
+from .verdicts import NO_CLAIMANT, Claimant, Outcome, Verdict, verdict_of
 
-__all__ = ["RECONNECT_WINDOW", "Claimant", "Outcome", "StateStore", "Verdict", "glob_escape", "int_field"]
+__all__ = [
+    "HOIST_BACKLOG", "HOIST_BATCH", "HOIST_PRUNE", "RECONNECT_WINDOW", "WINDOW_TTL_MS", "Claimant", "Outcome",
+    "StateStore", "Verdict", "glob_escape", "int_field",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -70,124 +63,28 @@ logger = logging.getLogger(__name__)
 MAILBOX_TTL_MS = 24 * 3600 * 1000
 #: How long a waiter, or a node holding an offer, rides out an unreachable store (seconds).
 RECONNECT_WINDOW = 30.0
-#: A hoisting pass moves at most ``HOIST_BATCH`` offers out of each tier, and passes over a tier
-#: holding ``HOIST_BACKLOG`` offers that waited longer than ``girder_hoist_after`` (not keeping
-#: up), or a pool below the top whose window is full. The batch bounds a pass's script and the
-#: copies one pass can send to a tier that is about to fall behind; it is well above what a
-#: tier's consumers take per pass, so that the copies keep pace with a wide pool (issue 12: 16
-#: starved the nine nodes of a root pool). A pool's window starts at ``HOIST_BACKLOG`` and is
-#: at most ``HOIST_BATCH``.
-HOIST_BATCH = 64
-HOIST_BACKLOG = 16
-#: Of a tier whose offers cannot move (the top, or no tier above keeps up), a pass looks at only
-#: the oldest, to drop an entry whose record was lost (such entries are the oldest, and every
-#: node's hoister passes): a saturated grid's hoisters would otherwise read a batch of records
-#: per tier per pass, to move none of them (4 per pass were half the reads of a 12-node fan-out).
-HOIST_PRUNE = 1
-#: How long a pool's hoisting window is kept once no pass adjusts it (see hoist.lua).
-WINDOW_TTL_MS = 24 * 3600 * 1000
-#: Most requests one cancel fails (a bound on its script's run; the rest go on).
-CANCEL_LIMIT = 10_000
-
-
-class Verdict(str, Enum):
-    """What the store answers for a request: its state, or what the caller must do next."""
-
-    #: submit: it is queued now and nothing was offered; the caller must publish an offer.
-    OFFER = "offer"
-    #: submit: already queued and offered. A record's state: waiting for an executor.
-    QUEUED = "queued"
-    #: A live executor holds it (data: the owner token).
-    RUNNING = "running"
-    #: submit with a claimant, claim: the caller holds it now and must run it (data: payload).
-    CLAIMED = "claimed"
-    #: Settled with a value (data: the value's JSON).
-    DONE = "done"
-    #: Settled with an error (data: the error's JSON); a submit restarts it unless memoized.
-    FAILED = "failed"
-    #: submit: refused, it (transitively) waits for its requester (data: the cycle's keys).
-    CYCLE = "cycle"
-    #: submit: refused, the requester's run was cancelled. cancel: it cancelled (data: the keys).
-    CANCELLED = "cancelled"
-    #: claim, forget: the store has no record of it (forgotten, expired or lost).
-    ABSENT = "absent"
-    #: submit, claim, forget: a record girder never writes (data: what is wrong); forget drops it.
-    CORRUPT = "corrupt"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-_VERDICTS = {v.value: v for v in Verdict}
-_SETTLED = (Verdict.DONE, Verdict.FAILED)
-
-
-def _verdict(text: str) -> Verdict:
-    try:
-        return _VERDICTS[text]
-    except KeyError:
-        raise GirderError(f"the state store answered an unknown verdict {text!r}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the store answered for one request: a ``Verdict`` and its data."""
-
-    key: str
-    verdict: Verdict
-    data: str
-
-    @property
-    def settled(self) -> bool:
-        return self.verdict in _SETTLED
-
-    def value(self, request: Request | None = None) -> Any:
-        """The value of a ``done`` outcome; raises a ``GirderError`` naming the key if it does not decode."""
-        try:
-            return decode_value(self.data)
-        except Exception as exc:  # not JSON, or kombu's type tags broken: girder never wrote it
-            raise corrupt(self.key, f"its value is not JSON ({exc!r:.200})", request and request.readable) from None
-
-    def error(self, request: Request | None = None) -> GirderError:
-        """The error of a ``failed`` or ``corrupt`` outcome (naming the key if it does not decode)."""
-        readable = request and request.readable
-        if self.verdict is Verdict.CORRUPT:
-            return corrupt(self.key, self.data, readable)
-        try:
-            return GirderError.from_dict(decode_value(self.data))
-        except Exception as exc:
-            return corrupt(self.key, f"its error is not a girder error in JSON ({exc!r:.200})", readable)
-
-
-@dataclass(frozen=True)
-class Claimant:
-    """Who claims request ``key`` in the same step that submits it, to run it inline."""
-
-    key: str
-    owner: str
-    node: str
-    lease_ms: int
-
-
-_NO_CLAIMANT = Claimant("", "", "", 0)
 
 
 def _load(name: str) -> str:
     return (importlib.resources.files("girder_celery") / "lua" / f"{name}.lua").read_text()
 
 
-class StateStore:
-    """Atomic transitions of request records in one Redis database.
+class StateStore(Tiers):
+    """Atomic transitions of request records in one Redis database, or a Redis Cluster.
 
     Args:
-        client: the Redis client (``decode_responses=True``).
+        client: the Redis client (``decode_responses=True``): a ``redis.Redis``, or a
+            ``redis.RedisCluster``.
         prefix: the prefix of every key (``girder_key_prefix``).
         busy_poll: seconds a thread spins for an awaited reply (see ``link.py``).
         url: the store's URL, named by ``GirderConnectionError``; default: the client's.
         graph_ttl_ms: how long a request's graph is kept after it settles (``girder_graph_ttl``).
     """
 
-    SCRIPTS = ("submit", "claim", "renew", "complete", "fail", "forget", "hoist", "unoffer", "release", "cancel")
+    SCRIPTS = (
+        "submit", "claim", "renew", "complete", "fail", "forget", "hoist", "unoffer", "release", "cancelled",
+        "edge", "hoisted",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -197,36 +94,17 @@ class StateStore:
         url: str = "",
         graph_ttl_ms: int = 86_400_000,
     ) -> None:
-        self.client = client
-        self.prefix = prefix
+        super().__init__(client, prefix)
         self.graph_ttl_ms = graph_ttl_ms
-        self.stats_key = f"{prefix}:stats"
         self.url = url or _url_of(client)
         self._scripts = {name: client.register_script(_load(name)) for name in self.SCRIPTS}
-        self.link = Link(client, list(self._scripts.values()), busy_poll)
-        self._blmpop = True  # until the server says it has no BLMPOP (Redis < 7)
+        #: The hash slots of the store: one on a single Redis, a cluster's otherwise.
+        self.slots = slots_of(client, list(self._scripts.values()), busy_poll)
+        #: Whether this process's sockets are green (gevent, eventlet).
+        self.green = self.slots.green
+        #: A single Redis's link (``link.py``); a cluster has one per master (``slots.py``).
+        self.link = getattr(self.slots, "link", None)
         self._reachable = _Reachable(self.url)
-
-    def record_key(self, key: str) -> str:
-        return f"{self.prefix}:req:{key}"
-
-    def waiters_key(self, key: str) -> str:
-        return f"{self.prefix}:waiters:{key}"
-
-    def offers_key(self, queue: str) -> str:
-        return f"{self.prefix}:offers:{queue}"
-
-    def window_key(self, queue: str) -> str:
-        return f"{self.prefix}:window:{queue}"
-
-    def edges_key(self, key: str) -> str:
-        return f"{self.prefix}:waits:{key}"
-
-    def graph_key(self, key: str) -> str:
-        return f"{self.prefix}:graph:{key}"
-
-    def mailbox_key(self, mailbox_id: str) -> str:
-        return f"{self.prefix}:mailbox:{mailbox_id}"
 
     def reachable(self) -> _Reachable:
         """Around calls made for a caller (``with store.reachable():``): a Redis connection
@@ -256,7 +134,8 @@ class StateStore:
         recheck: bool = False,
         requester_owner: str = "",
     ) -> list[Outcome]:
-        """Submit requests given as ``(key, payload, name, readable, pool)``, in one round trip.
+        """Submit requests given as ``(key, payload, name, readable, pool)``, in one round trip
+        (on a Redis Cluster, see ``_submit_in_parts``).
 
         Registers ``mailbox`` (a full mailbox key, or ``""`` for none) as a waiter on each
         request that is not settled. A ``requester`` (the key of the running request making
@@ -265,63 +144,146 @@ class StateStore:
         answer counts as a cache hit unless this is a waiter's ``recheck``. A requester whose run
         (``requester_owner``) was cancelled is answered ``cancelled``. See ``lua/submit.lua``.
         """
-        waits, offers, graphs = self.edges_key(""), self.offers_key(""), self.graph_key("")
-        edges, graph = self.edges_key(requester), self.graph_key(requester)
-        requester_record = self.record_key(requester)
         hits = "" if recheck else "1"
+        if not self.slots.single:
+            return self._submit_in_parts(items, mailbox, reoffer_after_ms, requester, edge_ttl_ms, claimant, hits,
+                                         requester_owner)  # fmt: skip
+        calls = self._submit_calls(items, mailbox, reoffer_after_ms, requester, edge_ttl_ms, claimant, hits,
+                                   requester_owner)  # fmt: skip
+        replies = self.slots.call_many(self._scripts["submit"], calls)
+        return [Outcome(item[0], verdict_of(v), d or "") for item, (v, d) in zip(items, replies)]
 
-        def call(key: str, payload: str, name: str, readable: str, pool: str) -> tuple[tuple, tuple]:
-            claimer = claimant if claimant is not None and claimant.key == key else _NO_CLAIMANT
-            return (
-                (self.record_key(key), self.waiters_key(key), edges, offers + pool, graph, self.stats_key,
-                 requester_record),
+    def _submit_calls(self, items, mailbox, reoffer_after_ms, requester, edge_ttl_ms, claimant, hits,
+                      requester_owner) -> Iterator[tuple[tuple, tuple]]:  # fmt: skip
+        """submit.lua's ``(keys, args)`` for each of ``items``: every key on a single Redis (one
+        slot), the request's own alone on a Redis Cluster."""
+        single = self.slots.single
+        waits, offers = (self.edges_prefix, self.offers_key("")) if single else ("", "")
+        requesters = (self.edges_key(requester), self.graph_key(requester), self.record_key(requester))
+        for key, payload, name, readable, pool in items:
+            claimer = claimant if claimant is not None and claimant.key == key else NO_CLAIMANT
+            own = (self.record_key(key), self.waiters_key(key), self.graph_key(key))
+            yield (
+                (*own, *requesters, offers + pool, self.stats_key) if single else own,
                 (payload, name, readable, pool, mailbox, reoffer_after_ms, key, requester, waits, edge_ttl_ms,
-                 claimer.owner, claimer.node, claimer.lease_ms, offers, graphs, hits, requester_owner),
+                 claimer.owner, claimer.node, claimer.lease_ms, offers, hits, requester_owner),
             )  # fmt: skip
 
-        replies = self.link.call_many(self._scripts["submit"], (call(*item) for item in items))
-        return [Outcome(item[0], _verdict(v), d or "") for item, (v, d) in zip(items, replies)]
+    def _submit_in_parts(self, items, mailbox, reoffer_after_ms, requester, edge_ttl_ms, claimant, hits,
+                         requester_owner) -> list[Outcome]:  # fmt: skip
+        """``submit`` on a Redis Cluster, where a request's keys, its requester's, the offers
+        and the stats are in different slots: the requester's edges first (``waitsfor.py``),
+        then each request's own transition, in its slot (submit.lua given its own keys only),
+        then what follows from their answers, sent unawaited: the offers' index, the counters,
+        the requester's graph, and the walk for cycles through those running.
+
+        Split per slot, a submit of many requests is the same as many submits of one: each
+        request's transition is atomic in its own slot, and nothing in one depends on another's.
+        The offers' index is written after the record that it indexes: it may name a record
+        that is no longer queued (the hoister drops such entries, hoist.lua and hoisted.lua) or,
+        in a crash between the two, miss one that is (then that offer is not hoisted, and the
+        waiter's re-check offers it again after ``girder_reoffer_after``): the record is the
+        truth, and the index only says what the hoister may look at. Counters and graph edges
+        are reports, written after the transition they report.
+        """
+        keys, edge, owner = [item[0] for item in items], self._scripts["edge"], requester_owner
+        if requester and not waitsfor.write_edges(self.slots, edge, self, requester, keys, owner, edge_ttl_ms):
+            return [Outcome(key, Verdict.CANCELLED, "") for key in keys]
+        calls = self._submit_calls(items, mailbox, reoffer_after_ms, requester, edge_ttl_ms, claimant, hits,
+                                   requester_owner)  # fmt: skip
+        replies = self.slots.call_many(self._scripts["submit"], calls)
+        outcomes, effects, counts = [], [], []
+        for (key, _, name, _, pool), (verdict, data, *index) in zip(items, replies):
+            outcome = Outcome(key, verdict_of(verdict), data or "")
+            outcomes.append(outcome)
+            offered_at, older = index or ("", "")
+            if older:
+                effects.append(("ZREM", self.offers_key(older), key))
+            if offered_at:
+                effects.append(("ZADD", self.offers_key(pool), offered_at, key))
+            if outcome.settled and hits:  # summed in the process (a hit must stay one round trip)
+                counts.append((self.stats_key, f"hits:{name}", 1))
+        if requester:
+            outcomes, withdrawn = waitsfor.refuse_cycles(self.client, self, requester, outcomes, mailbox)
+            effects += withdrawn + waitsfor.graph_effects(self, requester, outcomes)
+        self.slots.effects(effects)
+        if counts:
+            self.slots.count(counts)
+        return outcomes
 
     def claim(self, key: str, owner: str, node: str, lease_ms: int, via: str = "") -> tuple[Verdict, str, int]:
         """Claim ``key`` for ``owner``, from an offer on queue ``via`` (``""``: a waiter claiming
         its own sub-request): ``(verdict, payload or owner, attempts)``."""
-        verdict, data, attempts, _ = self._claim([key], owner, node, lease_ms, via)
-        return _verdict(verdict), data, int(attempts or 0)
+        verdict, data, attempts, _ = self._claim([key], owner, node, lease_ms, via)[:4]
+        return verdict_of(verdict), data, int(attempts or 0)
 
     def claim_first(self, keys: list[str], owner: str, node: str, lease_ms: int) -> tuple[str | None, str]:
         """Claim the first of ``keys`` (a waiter's own sub-requests) that can be claimed, in one
-        round trip: ``(key, payload)``, or ``(None, "")`` if each is running, settled or lost."""
+        round trip: ``(key, payload)``, or ``(None, "")`` if each is running, settled or lost.
+        The keys must be in one slot (``claim_span``)."""
         if not keys:
             return None, ""
-        verdict, data, _, index = self._claim(keys, owner, node, lease_ms, "")
+        verdict, data, _, index = self._claim(keys, owner, node, lease_ms, "")[:4]
         return (keys[index - 1], data) if verdict == Verdict.CLAIMED else (None, "")
 
+    def claim_span(self, keys: list[str]) -> int:
+        """How many of ``keys``, from the first, one ``claim_first`` may scan: all of them on a
+        single Redis, the first and those after it in its slot on a Redis Cluster.
+
+        A waiter's claim scan split per slot is still correct: each claim is atomic on its own
+        record, which is what keeps a request from running twice (invariant 1); the scan only
+        picks which to run next, and taking the slots one call at a time keeps its order of
+        preference (newest first) and claims one request per step, as one call does."""
+        if self.slots.single:
+            return len(keys)
+        first = self.slots.slot(self.record_key(keys[0]))
+        return next((i for i, key in enumerate(keys) if self.slots.slot(self.record_key(key)) != first), len(keys))
+
     def _claim(self, keys: list[str], owner: str, node: str, lease_ms: int, via: str) -> list:
-        return self.link.call(
-            self._scripts["claim"],
-            tuple(self.record_key(k) for k in keys),
-            (owner, node, lease_ms, via, self.offers_key(""), *keys),
-        )
+        records = tuple(self.record_key(k) for k in keys)
+        offers = self.offers_key("") if self.slots.single else ""
+        reply = self.slots.link_for(records[0]).call(self._scripts["claim"], records, (owner, node, lease_ms, via,
+                                                                                       offers, *keys))  # fmt: skip
+        if len(reply) > 4 and reply[4]:  # a cluster's claim: its offer's index entry goes after the record's move
+            self.slots.effects([("ZREM", self.offers_key(reply[4]), keys[reply[3] - 1])])
+        return reply
 
     def renew(self, leases: dict[str, str], lease_ms: int, edge_ttl_ms: int | None = None) -> dict[str, bool]:
         """Extend the leases ``{key: owner}`` and their waits-for edges (by ``edge_ttl_ms``,
-        default twice the lease): ``{key: still ours}``."""
-        keys = list(leases)
+        default twice the lease): ``{key: still ours}``. One call per slot (each lease is a
+        record of its own: renewing them apart is the same as together)."""
         edge_ttl_ms = 2 * lease_ms if edge_ttl_ms is None else edge_ttl_ms
-        replies = self._scripts["renew"](
-            [*(self.record_key(k) for k in keys), *(self.edges_key(k) for k in keys)],
-            [lease_ms, *(leases[k] for k in keys), edge_ttl_ms],
-        )
-        return {k: bool(r) for k, r in zip(keys, replies)}
+        renewed = {}
+        for keys in self._by_slot(list(leases)):
+            replies = self._scripts["renew"](
+                [*(self.record_key(k) for k in keys), *(self.edges_key(k) for k in keys)],
+                [lease_ms, *(leases[k] for k in keys), edge_ttl_ms],
+            )
+            renewed.update((k, bool(r)) for k, r in zip(keys, replies))
+        return renewed
+
+    def _by_slot(self, keys: list[str]) -> list[list[str]]:
+        """``keys`` grouped by the slot of their records (one group on a single Redis)."""
+        if self.slots.single:
+            return [keys] if keys else []
+        groups: dict[int, list[str]] = {}
+        for key in keys:
+            groups.setdefault(self.slots.slot(self.record_key(key)), []).append(key)
+        return list(groups.values())
 
     def complete(self, key: str, owner: str, value: str, ttl_ms: int, skip_mailbox: str = "") -> bool:
         """Store ``value`` (JSON) and wake the waiters but ``skip_mailbox``; False if it was
         already settled (or not ``owner``'s to settle)."""
-        return bool(self.link.call(*self._complete_call(key, owner, value, ttl_ms, skip_mailbox)))
+        script, keys, args = self._complete_call(key, owner, value, ttl_ms, skip_mailbox)
+        return self._notify(key, "done", value, self.slots.link_for(keys[0]).call(script, keys, args))
 
     def complete_unawaited(self, key: str, owner: str, value: str, ttl_ms: int, skip_mailbox: str = "") -> None:
         """``complete``, with its reply read by this thread's next call (see ``link.py``): an
-        executor has nothing to learn from it, and waiters are woken when Redis runs it."""
+        executor has nothing to learn from it, and waiters are woken when Redis runs it. On a
+        Redis Cluster the reply names the mailboxes to wake: it is awaited."""
+        if not self.slots.single:
+            self.complete(key, owner, value, ttl_ms, skip_mailbox)
+            return
         self.link.send(*self._complete_call(key, owner, value, ttl_ms, skip_mailbox))
 
     def _complete_call(self, key, owner, value, ttl_ms, skip_mailbox) -> tuple[Any, tuple, tuple]:
@@ -342,10 +304,34 @@ class StateStore:
         already settled (or, with ``only_if_queued``, claimed by an executor)."""
         memo, queued_only = "1" if memoize else "0", "1" if only_if_queued else ""
         args = (key, owner, error, memo, ttl_ms, MAILBOX_TTL_MS, skip_mailbox, queued_only, self.graph_ttl_ms)
-        return bool(self._scripts["fail"](self._settle_keys(key), args))
+        return self._notify(key, "failed", error, self._scripts["fail"](self._settle_keys(key), args))
 
     def _settle_keys(self, key: str) -> tuple[str, ...]:
-        return self.record_key(key), self.waiters_key(key), self.edges_key(key), self.graph_key(key), self.stats_key
+        own = self.record_key(key), self.waiters_key(key), self.edges_key(key), self.graph_key(key)
+        return (*own, self.stats_key) if self.slots.single else own
+
+    def _notify(self, key: str, verdict: str, data: str, reply: Any) -> bool:
+        """Whether complete.lua or fail.lua stored the outcome; on a Redis Cluster, where they
+        answer the waiters' mailboxes and the counts, this wakes and counts.
+
+        Split from the transition, waking is still "write, then notify" (invariant 4): the
+        outcome is stored in its record before any mailbox hears of it, and a waiter that reads
+        the record meanwhile (its periodic re-check) finds it settled. Should this process die
+        between the two, each waiter's next re-check (``girder_check_interval``) finds the
+        outcome in the record: a wake-up is late, never lost. A mailbox is one key of its own,
+        so each push is one slot."""
+        if not isinstance(reply, list):
+            return bool(reply)
+        _, name, ran_ms, *mailboxes = reply
+        entry = f"{verdict}:{key}:{data}"
+        effects = [c for box in mailboxes for c in (("RPUSH", box, entry), ("PEXPIRE", box, MAILBOX_TTL_MS))]
+        stats = self.stats_key
+        if name and verdict == "failed":
+            effects.append(("HINCRBY", stats, f"failures:{name}", 1))
+        if name and ran_ms != "":
+            effects += [("HINCRBY", stats, f"runs:{name}", 1), ("HINCRBY", stats, f"ms:{name}", ran_ms)]
+        self.slots.effects(effects)
+        return True
 
     def release(self, key: str, owner: str, offered: bool = True) -> bool:
         """Give claimed ``key`` back to queued; False if not ours. ``offered``: Celery has just
@@ -354,19 +340,25 @@ class StateStore:
         return bool(self._scripts["release"]((self.record_key(key),), (owner, "1" if offered else "")))
 
     def unoffer(self, key: str, pool: str) -> bool:
-        """Withdraw the offer of ``key`` on ``pool`` whose message was never sent."""
-        return bool(self._scripts["unoffer"]((self.record_key(key), self.offers_key(pool)), (key,)))
+        """Withdraw the offer of ``key`` on ``pool`` whose message was never sent. On a Redis
+        Cluster the offers' index entry goes after the record's change (see ``_submit_in_parts``)."""
+        if self.slots.single:
+            return bool(self._scripts["unoffer"]((self.record_key(key), self.offers_key(pool)), (key,)))
+        withdrawn = bool(self._scripts["unoffer"]((self.record_key(key),), (key,)))
+        if withdrawn:
+            self.client.zrem(self.offers_key(pool), key)
+        return withdrawn
 
     def forget(self, key: str) -> Verdict:
         """Drop a settled request or a corrupt record: the state it had, ``absent`` or ``corrupt``."""
         return self.forget_many([key])[0]
 
     def forget_many(self, keys: list[str]) -> list[Verdict]:
-        """``forget`` of each of ``keys``, in one round trip."""
+        """``forget`` of each of ``keys``, in one round trip (one per master on a cluster)."""
         if not keys:
             return []
         calls = [((self.record_key(key), self.graph_key(key)), ()) for key in keys]
-        return [_verdict(v) for v in self.link.call_many(self._scripts["forget"], calls)]
+        return [verdict_of(v) for v in self.slots.call_many(self._scripts["forget"], calls)]
 
     def cancel(
         self, key: str, why: str, why_sub: str, ttl_ms: int, limit: int = CANCEL_LIMIT
@@ -374,75 +366,14 @@ class StateStore:
         """Cancel ``key`` (if queued or running) and its sub-requests that no other live request
         waits for, their errors' messages ``why`` and ``why_sub``, kept ``ttl_ms``: ``(verdict,
         the keys cancelled, [(key, node)] of those running from their own messages)``, the verdict
-        ``cancelled``, or the record's state (``done``, ``failed``, ``absent``) or ``corrupt``."""
-        args = (key, f"{self.prefix}:", ttl_ms, MAILBOX_TTL_MS, self.graph_ttl_ms, why, why_sub, limit)
-        verdict, cancelled, running = self._scripts["cancel"]((self.record_key(key),), args)
-        return _verdict(verdict), list(cancelled), list(zip(running[::2], running[1::2]))
-
-    def hoist(self, tiers: list[str], after_ms: int) -> list[tuple[str, str, str, str]]:
-        """One pass up ``tiers`` (a node's queue, its pool, the pool's ancestors): move up to
-        ``HOIST_BATCH`` offers per tier, queued there for over ``after_ms``, to the nearest tier
-        above that can take them: one with fewer than ``HOIST_BACKLOG`` offers that waited as
-        long and, below the top, room in its window (none: they stay); at the top only drop
-        stale entries. The ``(queue, key, name, payload)`` to publish."""
-        reply = self._scripts["hoist"](
-            [*(self.offers_key(tier) for tier in tiers), *(self.window_key(tier) for tier in tiers)],
-            (after_ms, self.record_key(""), HOIST_BATCH, HOIST_BACKLOG, HOIST_PRUNE, WINDOW_TTL_MS, *tiers),
-        )
-        return [tuple(reply[i : i + 4]) for i in range(0, len(reply), 4)]
+        ``cancelled``, or the record's state (``done``, ``failed``, ``absent``) or ``corrupt``.
+        See ``tree.py``."""
+        script, ttls = self._scripts["cancelled"], (ttl_ms, MAILBOX_TTL_MS, self.graph_ttl_ms)
+        return cancel_tree(self.client, self.slots, script, self, key, (why, why_sub), ttls, limit)
 
     def idle(self) -> None:
         """This thread is about to hop or end (see ``link.py``)."""
-        self.link.idle()
-
-    # -- reads and housekeeping -------------------------------------------------------------
-
-    def record(self, key: str) -> dict[str, Any]:
-        """The request record as stored (empty when absent; Redis's WRONGTYPE if not a hash)."""
-        return self.client.hgetall(self.record_key(key))
-
-    def offers(self, queue: str, limit: int) -> tuple[int, int, list[tuple[str, int]]]:
-        """The offers waiting on ``queue``: how many, Redis's clock (ms) and the ``limit``
-        oldest as ``(key, offered at ms)``, in one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zcard(self.offers_key(queue))
-        pipe.time()
-        pipe.zrange(self.offers_key(queue), 0, limit - 1, withscores=True)
-        total, (seconds, micros), oldest = pipe.execute()
-        return total, seconds * 1000 + micros // 1000, [(key, int(at)) for key, at in oldest]
-
-    def requests_of(self, keys: list[str]) -> list[str | None]:
-        """The readable request of each key (None where unknown), for messages."""
-        pipe = self.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.hget(self.record_key(key), "request")
-        return pipe.execute()
-
-    def pop_mailbox(self, mailbox: str, block: float, most: int) -> list[Outcome]:
-        """The outcomes notified to ``mailbox``, up to ``most``, waiting up to ``block`` seconds
-        for the first: one round trip however many are there (``BLMPOP``; before Redis 7,
-        ``BLPOP`` and one each). A waiter that ran sub-requests inline finds the others' piled up."""
-        notified = [_notified(mailbox, entry) for entry in self._pop(mailbox, block, most)]
-        return [outcome for outcome in notified if outcome is not None]
-
-    def _pop(self, mailbox: str, block: float, most: int) -> list[str]:
-        if self._blmpop:
-            try:
-                reply = self.client.blmpop(block, 1, mailbox, direction="LEFT", count=most)
-            except redis.ResponseError:  # unknown before Redis 7 (or refused by an ACL): pop one at a time
-                self._blmpop = False
-            else:
-                return reply[1] if reply else []
-        item = self.client.blpop([mailbox], timeout=block)
-        return [item[1]] if item else []
-
-    def unregister(self, keys: list[str], mailbox: str) -> None:
-        """Withdraw a waiter that gives up: drop its mailbox from ``keys`` and delete it."""
-        pipe = self.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.srem(self.waiters_key(key), mailbox)
-        pipe.delete(mailbox)
-        pipe.execute()
+        self.slots.idle()
 
 
 class _Reachable:
@@ -467,30 +398,9 @@ class _Reachable:
             raise refused(self.url, exc) from exc
 
 
-def glob_escape(text: str) -> str:
-    """``text`` matched literally by Redis's glob patterns (``SCAN MATCH``)."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def int_field(text: str | None) -> int | None:
-    """A record's number field as read (ms, counts), or None where missing or not a number (a
-    report shows a corrupt field as unknown)."""
-    try:
-        return int(text) if text else None
-    except ValueError:
-        return None
-
-
-def _notified(mailbox: str, entry: str) -> Outcome | None:
-    # complete.lua and fail.lua push "<verdict>:<key>:<data>" (data may hold colons); else None.
-    parts = entry.split(":", 2)
-    if len(parts) == 3 and parts[0] in ("done", "failed"):
-        return Outcome(parts[1], _VERDICTS[parts[0]], parts[2])
-    logger.warning("girder: skipped an entry of mailbox %s that girder never writes: %.80r", mailbox, entry)
-    return None
-
-
-def _url_of(client: redis.Redis) -> str:
+def _url_of(client: redis.Redis | redis.RedisCluster) -> str:
+    if isinstance(client, redis.RedisCluster):
+        return "redis+cluster://" + ",".join(f"{node.host}:{node.port}" for node in client.get_primaries())
     kwargs = client.connection_pool.connection_kwargs
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"

@@ -111,9 +111,18 @@ _EVICTS = {
 }
 
 
-def check_eviction(client: redis.Redis, url: str) -> None:
-    """Warn if the state store's ``maxmemory-policy`` may evict girder's keys; a store that
-    will not say (an ACL or a managed Redis refusing CONFIG) is logged, never fatal."""
+def check_eviction(client: redis.Redis | redis.RedisCluster, url: str) -> None:
+    """Warn if the state store's ``maxmemory-policy`` may evict girder's keys (each master's, on
+    a Redis Cluster); a store that will not say (an ACL or a managed Redis refusing CONFIG) is
+    logged, never fatal."""
+    if isinstance(client, redis.RedisCluster):
+        for node in client.get_primaries():
+            _check_eviction(client.get_redis_connection(node), f"{url} (master {node.name})")
+    else:
+        _check_eviction(client, url)
+
+
+def _check_eviction(client: redis.Redis, url: str) -> None:
     try:
         config = client.config_get("maxmemory*")
     except redis.RedisError as exc:

@@ -35,6 +35,8 @@ CLIENT_COMMANDS = (
     "srem", "del",  # a waiter that gives up withdraws its mailbox
     "hmget", "scan", "info",  # the reports: graphs, stats, active requests, forget --task
     "multi", "exec",  # reset_stats: counters dropped and restarted in one step
+    # a cancel's walk (tree.py), and on a Redis Cluster what follows a transition in other slots:
+    "smembers", "rpush", "pexpire", "zadd", "zrem", "hincrby", "hsetnx",
 )  # fmt: skip
 
 
@@ -61,9 +63,14 @@ def _before_7() -> tuple[str, ...]:
     return tuple(sorted({*GIRDER_ACL, "blpop"} - {"blmpop"}))
 
 
-def acl_setuser_line() -> str:
-    """The README's ready-to-paste line, for the default prefix."""
-    return " ".join(["ACL SETUSER girder", *acl_rules("girder", "PASSWORD")])
+#: What a girder user needs besides on a Redis Cluster: redis-py's cluster client reads the slot
+#: map (``CLUSTER SLOTS``) and the commands' key positions (``COMMAND``) as it connects.
+CLUSTER_RULES = ("+cluster|slots", "+command")
+
+
+def acl_setuser_line(cluster: bool = False) -> str:
+    """The README's ready-to-paste line, for the default prefix (on a Redis Cluster's masters)."""
+    return " ".join(["ACL SETUSER girder", *acl_rules("girder", "PASSWORD"), *(CLUSTER_RULES if cluster else ())])
 
 
 # -- certificates ------------------------------------------------------------------------------

@@ -31,17 +31,17 @@ def store(grid: Grid) -> StateStore:
 
 def record(grid: Grid, key: str) -> dict[str, str]:
     """The request record of ``key`` (empty if absent)."""
-    return grid.redis_server.client().hgetall(store(grid).record_key(key))
+    return store(grid).client.hgetall(store(grid).record_key(key))
 
 
 def waiters(grid: Grid, key: str) -> set[str]:
     """The mailboxes registered as waiters on ``key``."""
-    return grid.redis_server.client().smembers(store(grid).waiters_key(key))
+    return store(grid).client.smembers(store(grid).waiters_key(key))
 
 
 def store_keys(grid: Grid) -> list[str]:
     """Every request record under the grid's prefix."""
-    return list(grid.redis_server.client().scan_iter(store(grid).record_key("*")))
+    return list(store(grid).client.scan_iter(store(grid).record_key("*")))
 
 
 def wait_state(grid: Grid, key: str, state: str, timeout: float = 10.0) -> dict[str, str]:

@@ -45,8 +45,12 @@ class Grid(LocalGrid):
     (``load_app``) and in workers; a test may change it before either. ``worker(name, pool,
     concurrency, *flags)`` adds a real worker. ``store_url`` puts girder's state store elsewhere
     than ``redis_server`` (which keeps the broker, backend, run counters and ready lists), and
-    ``backend_url`` Celery's result backend.
+    ``backend_url`` Celery's result backend; ``Grid.default_store``, where set, is the state
+    store of grids that name none (``tests/test_cluster.py`` runs suites on a Redis Cluster).
     """
+
+    #: The state store of grids that name none; None: ``redis_server``.
+    default_store: str | None = None
 
     def __init__(
         self,
@@ -63,7 +67,7 @@ class Grid(LocalGrid):
         env = {
             "GIRDER_TEST_BROKER": broker_url,
             # The state store may be another server (TLS, an ACL user); run counters stay here.
-            "GIRDER_TEST_STORE": store_url or redis_server.url(0),
+            "GIRDER_TEST_STORE": store_url or self.default_store or redis_server.url(0),
             "GIRDER_TEST_COUNTERS": redis_server.url(0),
             # Celery's result backend: Redis unless a test gives another (rpc://, db+sqlite://...).
             "GIRDER_TEST_BACKEND": backend_url or redis_server.url(2),

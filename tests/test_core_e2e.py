@@ -383,7 +383,7 @@ CLIENT = r"""
 import json, os, sys
 import redis
 import tests.gridapp as m
-r = redis.Redis.from_url(os.environ["GIRDER_TEST_STORE"])
+r = redis.Redis.from_url(os.environ["GIRDER_TEST_COUNTERS"])
 r.rpush(sys.argv[1] + ":ready", os.getpid())
 if not r.blpop([sys.argv[1] + ":go"], timeout=30):
     sys.exit("never told to go")

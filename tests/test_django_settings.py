@@ -100,7 +100,7 @@ def test_a_request_goes_where_the_django_settings_say(monkeypatch, redis_server)
         result = double.delay(21)
         assert result.id == double.key(21)
         assert girder.state(double.s(21))["state"] == "queued"
-        assert store.exists(f"{prefix}:req:{result.id}")
+        assert store.exists(girder.store.record_key(result.id))
         assert broker.llen(queue) == 1
     finally:
         for key in [*store.keys(f"{prefix}:*"), queue]:

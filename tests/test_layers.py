@@ -17,14 +17,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "girder_celery"
 #: Layer of each module, ground up.
 LAYERS = {
     0: ("keys", "errors", "settings", "frame", "testing", "render"),
-    1: ("link", "store", "lease", "mirror", "graph", "records", "sentinel"),
+    1: ("link", "store", "lease", "mirror", "graph", "records", "sentinel", "cluster", "slots", "layout", "reads",
+        "tiers", "verdicts", "waitsfor", "tree"),
     2: ("offers",),
     3: ("wait",),
     4: ("execute", "inline", "limits"),
     5: ("runtime", "eager"),
     6: ("task", "worker", "hub", "messages", "cancel"),
     7: ("girder", "__init__", "cli", "pytest_plugin"),
-}
+}  # fmt: skip
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
 
 

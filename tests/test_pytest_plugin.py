@@ -104,7 +104,7 @@ def test_a_users_app_runs_on_a_real_worker_and_each_test_gets_a_clean_store(tmp_
                 store = girder_redis.client(0)
                 store.set("other:key", "kept")
                 store.set("userXXapp:key", "kept")  # what an unescaped user*app:* would match too
-                assert store.exists("user*app:req:" + add.key(1, 2))
+                assert store.exists("user*app:req:{" + add.key(1, 2) + "}")
 
             def test_a_clean_store(girder_store_clean, girder_redis):
                 store, broker = girder_redis.client(0), girder_redis.client(1)

@@ -91,6 +91,14 @@ def waits_on(grid, parent, child) -> bool:
     return bool(girder.store.client.sismember(edges, girder.key_of(child)))
 
 
+def answered(grid, parent, child) -> bool:
+    """Whether the store has answered ``parent``'s submit of ``child``: it is in the parent's graph
+    (written by that submit; on a Redis Cluster after the walk for cycles, ``waitsfor.py``)."""
+    girder = grid.app_module.girder
+    graph = girder.store.graph_key(girder.key_of(parent))
+    return bool(girder.store.client.hexists(graph, girder.key_of(child)))
+
+
 def not_finished(*futures: Future) -> bool:
     """True while every caller still waits; a caller that already returned or raised fails the test
     at once (instead of a poll running into its timeout)."""
@@ -205,7 +213,7 @@ def test_a_cycle_across_two_nodes_fails_fast_naming_the_cycle(grid, pool, bg, ga
     )
     assert state(grid, a)["state"] == state(grid, b)["state"] == "running"
     rt.open_gate(f"{t}:b")
-    wait_until(lambda: not_finished(fa, fb) and waits_on(grid, b, a), 20, "b waiting for a")
+    wait_until(lambda: not_finished(fa, fb) and waits_on(grid, b, a) and answered(grid, b, a), 20, "b waiting for a")
     released = time.monotonic()
     rt.open_gate(f"{t}:a")
 

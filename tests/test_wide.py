@@ -97,8 +97,8 @@ def test_nothing_but_the_memoized_records_is_left_after_a_fan_out(wide):
     store = m.girder.store
     client = wide.redis_server.client()
     left = [k for k in client.scan_iter(match=f"{store.prefix}:*", count=1000) if ":test:" not in k]
-    records = [k for k in left if k.startswith(store.record_key(""))]
-    graphs = [k for k in left if k.startswith(store.graph_key(""))]
+    records = [k for k in left if k.startswith(store.record_prefix)]
+    graphs = [k for k in left if k.startswith(store.graph_prefix)]
     assert sorted(set(left) - set(records) - set(graphs)) == [store.stats_key]
     assert all(0 < client.pttl(k) <= store.graph_ttl_ms for k in graphs)  # each expires
     assert client.hlen(store.graph_key(m.reentrant_tasks.fanout.key(n, 0, t))) == n

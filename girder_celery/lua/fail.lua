@@ -5,10 +5,15 @@
 -- (the sub-requests it made) is kept ARGV[9] ms from now; the record's "subs" says how many it
 -- made (so a graph that expires is told from none).
 --
--- KEYS[1]  request record   <prefix>:req:<key>      hash
--- KEYS[2]  waiter set       <prefix>:waiters:<key>  set of mailbox names
--- KEYS[3]  its edges        <prefix>:waits:<key>    set of keys it waited for
--- KEYS[4]  its graph        <prefix>:graph:<key>    hash of the sub-requests it made
+-- One slot or two parts. Given KEYS[1..5] (a single Redis: one slot) it notifies the waiters
+-- and counts here; given KEYS[1..4] (a Redis Cluster: the request's slot alone) it answers
+-- the mailboxes and the counts, and the caller pushes and counts once it has stored the
+-- outcome (store.py: the value is written before any waiter is told, invariant 4).
+--
+-- KEYS[1]  request record   <prefix>:req:{<key>}      hash
+-- KEYS[2]  waiter set       <prefix>:waiters:{<key>}  set of mailbox names
+-- KEYS[3]  its edges        <prefix>:waits:{<key>}    set of keys it waited for
+-- KEYS[4]  its graph        <prefix>:graph:{<key>}    hash of the sub-requests it made
 -- KEYS[5]  per-task stats   <prefix>:stats          hash: "failures:<name>" += 1, and for a run
 --                                                   "runs:<name>" += 1, "ms:<name>" += run time
 -- ARGV[1]  the request's key
@@ -25,7 +30,8 @@
 -- failed(error); its waits-for edges go.
 -- A key that is not a hash (a corrupt record) is replaced, unless ARGV[8] is "1".
 -- Each waiter's mailbox receives "failed:<key>:<error>".
--- Returns 1 stored, 0 already settled (nothing written).
+-- Returns 1 stored, 0 already settled (nothing written); with KEYS[1..4] instead of 1:
+-- {1, task name or "", run time (ms) if it ran else "", the waiters' mailboxes...}.
 
 local rec = KEYS[1]
 local f = redis.pcall('HMGET', rec, 'state', 'memo', 'name', 'started_at', 'cancelled_owner')
@@ -54,18 +60,30 @@ redis.call('DEL', KEYS[3])
 if redis.call('PEXPIRE', KEYS[4], ARGV[9]) == 1 then
   redis.call('HSET', rec, 'subs', redis.call('HLEN', KEYS[4]))
 end
-if f[3] then
+local one, ran = #KEYS == 5, ''
+if ARGV[2] ~= '' and f[1] == 'running' then
+  ran = now - (tonumber(f[4]) or now)
+end
+if one and f[3] then
   redis.call('HINCRBY', KEYS[5], 'failures:' .. f[3], 1)
-  if ARGV[2] ~= '' and f[1] == 'running' then
+  if ran ~= '' then
     redis.call('HINCRBY', KEYS[5], 'runs:' .. f[3], 1)
-    redis.call('HINCRBY', KEYS[5], 'ms:' .. f[3], now - (tonumber(f[4]) or now))
+    redis.call('HINCRBY', KEYS[5], 'ms:' .. f[3], ran)
   end
 end
 redis.call('SREM', KEYS[2], ARGV[7])
+local mailboxes = redis.call('SMEMBERS', KEYS[2])
+redis.call('DEL', KEYS[2])
+if not one then
+  local reply = {1, f[3] or '', f[3] and ran or ''}
+  for i, mailbox in ipairs(mailboxes) do
+    reply[3 + i] = mailbox
+  end
+  return reply
+end
 local entry = 'failed:' .. ARGV[1] .. ':' .. ARGV[3]
-for _, mailbox in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+for _, mailbox in ipairs(mailboxes) do
   redis.call('RPUSH', mailbox, entry)
   redis.call('PEXPIRE', mailbox, ARGV[6])
 end
-redis.call('DEL', KEYS[2])
 return 1

@@ -4,8 +4,8 @@
 -- whose offered_at is not a number) is dropped too: no script can move it on, and the next
 -- submit of the key (a waiter's next check among them) offers it afresh.
 --
--- KEYS[1]  request record   <prefix>:req:<key>    hash
--- KEYS[2]  its graph        <prefix>:graph:<key>  hash of the sub-requests it made (dropped too)
+-- KEYS[1]  request record   <prefix>:req:{<key>}  hash
+-- KEYS[2]  its graph        <prefix>:graph:{<key>}  hash of the sub-requests it made (dropped too)
 --
 -- Transition: done | failed | corrupt  ->  absent
 -- Returns the state before the call ("done", "failed", "queued", "running"), "corrupt", or

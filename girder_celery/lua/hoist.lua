@@ -19,12 +19,19 @@
 --   its pool's ancestors too, so nothing is out of reach). The top pool has no window: what
 --   reaches it stays there until taken.
 --
--- KEYS[1..n]     offers of the tiers, bottom up: a node's   <prefix>:offers:<queue>  zset of keys
---                queue, its pool, the pool's ancestors                              by time (ms)
--- KEYS[n+1..2n]  the tiers' windows, as KEYS[1..n]          <prefix>:window:<queue>  hash: w, in,
---                                                           over, at (ms)
+-- One slot or two parts. Every tier's offers and window are in the tiers slot. On a single
+-- Redis (ARGV[2] given) the records are read here too. On a Redis Cluster (ARGV[2] ""), they
+-- are in other slots: each due entry is moved as if its record were queued, and the caller
+-- then checks each record (hoisted.lua), dropping the entries whose records are not queued
+-- (store.py says why the index may run ahead of the records this way).
+--
+-- KEYS[1..n]     offers of the tiers, bottom up: a node's   <prefix>:offers:{..}:<queue>  zset of
+--                queue, its pool, the pool's ancestors                                   keys by
+--                                                                                        time (ms)
+-- KEYS[n+1..2n]  the tiers' windows, as KEYS[1..n]          <prefix>:window:{..}:<queue>  hash: w,
+--                                                                               in, over, at (ms)
 -- ARGV[1]        hoist after (ms)
--- ARGV[2]        "<prefix>:req:", the records' key prefix
+-- ARGV[2]        "<prefix>:req:", the records' key prefix; "" on a Redis Cluster
 -- ARGV[3]        most entries to move out of one tier in one call, and the largest window
 -- ARGV[4]        the backlog of stale offers that marks a tier as not keeping up, and a new
 --                pool's window
@@ -36,7 +43,9 @@
 --
 -- Transition: queued, offered on a tier -> queued, offered on a tier above it too (the nearest
 -- that can take it)
--- Returns {queue1, key1, name1, payload1, queue2, ...}: the offers to publish, and where.
+-- Returns {queue1, key1, name1, payload1, queue2, ...}: the offers to publish, and where. With
+-- ARGV[2] "", {queue1 or "", key1, from1, "", ...}: each entry moved to queue1 out of tier from1,
+-- or, with "", looked at and left in from1, for the caller to check against its record.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -45,6 +54,7 @@ local cutoff = now - after
 local batch, backlog, prune = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local n = #KEYS / 2
 local out = {}
+local one = ARGV[2] ~= ''
 
 local function stale(j)
   return redis.call('ZCOUNT', KEYS[j], '-inf', cutoff)
@@ -83,15 +93,22 @@ for i = 1, n do
     end
     local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', cutoff, 'LIMIT', 0, to and batch or prune)
     for _, key in ipairs(due) do
-      local rec = ARGV[2] .. key
-      local f = redis.pcall('HMGET', rec, 'state', 'name', 'payload')
+      local rec, f = ARGV[2] .. '{' .. key .. '}', {'queued', ARGV[6 + i], ''}
+      if one then
+        f = redis.pcall('HMGET', rec, 'state', 'name', 'payload')
+      end
       if f.err or f[1] ~= 'queued' then
         redis.call('ZREM', KEYS[i], key)
+      elseif not to and not one then
+        local m = #out
+        out[m + 1], out[m + 2], out[m + 3], out[m + 4] = '', key, ARGV[6 + i], ''
       elseif to then
         redis.call('ZREM', KEYS[i], key)
         redis.call('ZADD', KEYS[to], now, key)
-        redis.call('HSET', rec, 'offered_on', ARGV[6 + to])
-        redis.call('HINCRBY', rec, 'hoists', 1)
+        if one then
+          redis.call('HSET', rec, 'offered_on', ARGV[6 + to])
+          redis.call('HINCRBY', rec, 'hoists', 1)
+        end
         if to < n then
           redis.call('HINCRBY', KEYS[n + to], 'in', 1)
         end

@@ -4,7 +4,7 @@
 -- unfinished, with no message: an inline run that an enclosing run's time limit interrupted, or
 -- one whose retry its waiter gave up on; the next submit of it offers it at once.
 --
--- KEYS[1]  request record   <prefix>:req:<key>  hash
+-- KEYS[1]  request record   <prefix>:req:{<key>}  hash
 -- ARGV[1]  owner token of the claim being released
 -- ARGV[2]  "1": an offer was just sent (offered now); "": none (never offered)
 --

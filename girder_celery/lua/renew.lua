@@ -4,8 +4,8 @@
 -- 5). A lease that is no longer ours (expired and reclaimed, or settled) is not touched; the
 -- caller learns it lost the lease.
 --
--- KEYS[1..n]     request records   <prefix>:req:<key>    hash
--- KEYS[n+1..2n]  their edges       <prefix>:waits:<key>  set of keys
+-- KEYS[1..n]     request records   <prefix>:req:{<key>}  hash
+-- KEYS[n+1..2n]  their edges       <prefix>:waits:{<key>}  set of keys
 -- ARGV[1]        lease (ms)
 -- ARGV[2..n+1]   the owner token that claimed KEYS[i]
 -- ARGV[n+2]      edge TTL (ms)

@@ -2,8 +2,10 @@
 -- was unreachable), so the request is not left queued with no message anywhere: the next
 -- submit of it, by any waiter, offers it again at once.
 --
--- KEYS[1]  request record          <prefix>:req:<key>     hash
--- KEYS[2]  the queue's offers      <prefix>:offers:<pool> zset of keys by offer time (ms)
+-- KEYS[1]  request record          <prefix>:req:{<key>}         hash
+-- KEYS[2]  the queue's offers      <prefix>:offers:{..}:<pool>  zset of keys by offer time (ms);
+--                                  not given on a Redis Cluster (another slot): the caller
+--                                  drops the entry (an index of the records) after this
 -- ARGV[1]  the request's key
 --
 -- Transition: queued (offered) -> queued (never offered)
@@ -16,5 +18,7 @@ if redis.pcall('HGET', KEYS[1], 'state') ~= 'queued' then
 end
 redis.call('HSET', KEYS[1], 'offered_at', 0)
 redis.call('HDEL', KEYS[1], 'offered_on')
-redis.call('ZREM', KEYS[2], ARGV[1])
+if KEYS[2] then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
 return 1

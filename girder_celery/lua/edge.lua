@@ -1,0 +1,24 @@
+-- edge: a running request records that it waits for its sub-requests, before it submits them,
+-- on a Redis Cluster (invariants 5 and 1). On a single Redis submit.lua does this itself; on a
+-- cluster the requester's keys are in another slot than its sub-requests', so this comes
+-- first, in the requester's slot, and the caller then submits them and walks the edges from
+-- those running (waitsfor.py says why writing the edge first makes that walk find every cycle).
+-- A requester whose run was cancelled (cancel.lua) is answered "cancelled" and requests nothing.
+--
+-- KEYS[1]     requester's record  <prefix>:req:{<requester>}    hash
+-- KEYS[2]     requester's edges   <prefix>:waits:{<requester>}  set of keys
+-- ARGV[1]     the owner token of the requester's run, or "" not to check it
+-- ARGV[2]     TTL (ms) of the requester's edges (refreshed by each submit and renewal)
+-- ARGV[3..]   the sub-requests' keys
+--
+-- Transition: the waits-for graph gains the edges requester -> each key.
+-- Returns "cancelled" (nothing changed), else "ok".
+
+if ARGV[1] ~= '' and redis.pcall('HGET', KEYS[1], 'cancelled_owner') == ARGV[1] then
+  return 'cancelled'
+end
+for i = 3, #ARGV do
+  redis.call('SADD', KEYS[2], ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 'ok'
