@@ -88,6 +88,9 @@ def bare_leaf(tag):
 # and puts the token back, so one release opens the gate for every task waiting on it.
 
 GATE_TIMEOUT = 30
+#: Seconds of one BLPOP at a gate: less than redis-py's default socket timeout (5 s), which would
+#: otherwise end a longer BLPOP with a TimeoutError.
+GATE_SLICE = 1
 
 
 def gate_key(name: str) -> str:
@@ -99,9 +102,10 @@ def open_gate(name: str) -> None:
 
 
 def pass_gate(name: str) -> None:
-    item = gridapp._counter.blpop([gate_key(name)], timeout=GATE_TIMEOUT)
-    if item is None:
-        raise TimeoutError(f"gate {name!r} was not opened within {GATE_TIMEOUT}s")
+    deadline = time.monotonic() + GATE_TIMEOUT
+    while (item := gridapp._counter.blpop([gate_key(name)], timeout=GATE_SLICE)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gate {name!r} was not opened within {GATE_TIMEOUT}s")
     gridapp._counter.rpush(gate_key(name), item[1])
 
 
