@@ -14,8 +14,9 @@ Keys, all under the prefix:
 - ``<prefix>:waits:<key>``: the waits-for edges of a running request, the set of keys it
   waits for, which expires with its lease (a cycle is refused by walking them);
 - ``<prefix>:graph:<key>``: the sub-requests a request made, a hash ``child -> "r"`` (requested)
-  or ``"c"`` (answered from the store), kept ``graph_ttl_ms`` after it settles (``graph.py``
-  reads it); a settled record's ``subs`` counts them, and each record names its ``parent``;
+  or ``"c"`` (answered from the store), kept ``graph_ttl_ms`` after it settles and after its
+  top-level request settles (``keep_graphs``; ``graph.py`` reads and keeps it); a settled
+  record's ``subs`` counts them, and each record names its ``parent`` ("" at top level);
 - ``<prefix>:stats``: per-task counters since a reset, a hash of ``runs:<name>``, ``ms:<name>``,
   ``failures:<name>``, ``hits:<name>`` and ``since`` (ms);
 - ``<prefix>:offers:<queue>``: the offers waiting on a queue, a zset of keys by offer time;
@@ -88,6 +89,9 @@ HOIST_PRUNE = 1
 WINDOW_TTL_MS = 24 * 3600 * 1000
 #: Most requests one cancel fails (a bound on its script's run; the rest go on).
 CANCEL_LIMIT = 10_000
+#: A batch of more graphs than this is first asked ``EXISTS`` by ``keep_graphs``: a wide level of
+#: leaves (1,000 children that made no sub-requests) then costs one command, not two per child.
+EXISTS_FIRST = 16
 
 
 class Verdict(str, Enum):
@@ -184,7 +188,8 @@ class StateStore:
         prefix: the prefix of every key (``girder_key_prefix``).
         busy_poll: seconds a thread spins for an awaited reply (see ``link.py``).
         url: the store's URL, named by ``GirderConnectionError``; default: the client's.
-        graph_ttl_ms: how long a request's graph is kept after it settles (``girder_graph_ttl``).
+        graph_ttl_ms: how long a request's graph is kept after it, and its top-level request,
+            settle (``girder_graph_ttl``).
     """
 
     SCRIPTS = ("submit", "claim", "renew", "complete", "fail", "forget", "hoist", "unoffer", "release", "cancel")
@@ -205,6 +210,7 @@ class StateStore:
         self._scripts = {name: client.register_script(_load(name)) for name in self.SCRIPTS}
         self.link = Link(client, list(self._scripts.values()), busy_poll)
         self._blmpop = True  # until the server says it has no BLMPOP (Redis < 7)
+        self._expire_gt = True  # until it says it has no PEXPIRE ... GT (Redis < 7)
         self._reachable = _Reachable(self.url)
 
     def record_key(self, key: str) -> str:
@@ -412,6 +418,52 @@ class StateStore:
             pipe.hget(self.record_key(key), "request")
         return pipe.execute()
 
+    def keep_graphs(self, keys: list[str]) -> list[dict[str, str]]:
+        """Extend the graphs of requests ``keys`` to ``graph_ttl_ms`` from now and read them
+        (``{child: "r" or "c"}`` each, empty where there is none): one pipelined round trip,
+        after one ``EXISTS`` of them all when there are more than ``EXISTS_FIRST``. A TTL is only
+        ever lengthened, and the graph of a request in flight, which has none until it settles,
+        is given none (``PEXPIRE ... GT``; before Redis 7, ``PTTL`` and then ``PEXPIRE``)."""
+        names = [self.graph_key(key) for key in keys]
+        if len(names) > EXISTS_FIRST and not self.client.exists(*names):
+            return [{} for _ in names]
+        if self._expire_gt:
+            found = self._keep_gt(names)
+            if found is not None:
+                return found
+        return self._keep_by_pttl(names)
+
+    def _keep_gt(self, names: list[str]) -> list[dict[str, str]] | None:
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.pexpire(name, self.graph_ttl_ms, gt=True)
+            pipe.hgetall(name)
+        replies = pipe.execute(raise_on_error=False)
+        refused = next((r for r in replies[::2] if isinstance(r, redis.ResponseError)), None)
+        if isinstance(refused, redis.exceptions.NoPermissionError):
+            raise refused
+        if refused is not None:  # Redis < 7: "wrong number of arguments"
+            self._expire_gt = False
+            return None
+        return [_graph_of(reply) for reply in replies[1::2]]
+
+    def _keep_by_pttl(self, names: list[str]) -> list[dict[str, str]]:
+        # Before Redis 7, a second round trip lengthens the TTLs read by the first. A graph that a
+        # new run of its request drops and starts afresh in between gets a TTL while it runs
+        # (its settle sets one again): a window of one round trip, after a restart of a request
+        # reached by a top-level request's graph.
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.pttl(name)
+            pipe.hgetall(name)
+        replies = pipe.execute(raise_on_error=False)
+        pipe = self.client.pipeline(transaction=False)
+        for name, ttl in zip(names, replies[::2]):
+            if isinstance(ttl, int) and 0 <= ttl < self.graph_ttl_ms:
+                pipe.pexpire(name, self.graph_ttl_ms)
+        pipe.execute()
+        return [_graph_of(reply) for reply in replies[1::2]]
+
     def pop_mailbox(self, mailbox: str, block: float, most: int) -> list[Outcome]:
         """The outcomes notified to ``mailbox``, up to ``most``, waiting up to ``block`` seconds
         for the first: one round trip however many are there (``BLMPOP``; before Redis 7,
@@ -470,6 +522,11 @@ def int_field(text: str | None) -> int | None:
         return int(text) if text else None
     except ValueError:
         return None
+
+
+def _graph_of(reply: Any) -> dict[str, str]:
+    """A graph as a pipeline read it: empty where its key holds no hash (girder never writes one)."""
+    return reply if isinstance(reply, dict) else {}
 
 
 def _notified(mailbox: str, entry: str) -> Outcome | None:
