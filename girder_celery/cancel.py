@@ -39,6 +39,7 @@ from celery.worker import state as worker_state
 from celery.worker.control import Panel, control_command
 
 from .errors import GirderError
+from .graph import keep_graph
 from .keys import is_key
 from .runtime import Runtime
 
@@ -59,6 +60,8 @@ def cancel(runtime: Runtime, key: str, how: str = "girder.cancel") -> list[str]:
         _, cancelled, running = store.cancel(
             key, f"cancelled ({how})", f"cancelled with the request {key} that needed it ({how})", ttl_ms
         )
+    if cancelled:  # its run, if any, may be terminated (or its node gone) before it keeps its graph
+        keep_graph(store, key)
     if running:
         _terminate(runtime.app, running)
     for done in cancelled:  # AsyncResult(key).get() says so instead of waiting

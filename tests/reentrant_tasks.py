@@ -171,6 +171,16 @@ def requests_requests_held(self, gate):
     return requests_held.call(gate)
 
 
+@girder.task(bind=True, name="grid.outlives")
+def outlives(self, gate, tag):
+    """Requests ``fanout(2, 0, tag)`` (which requests two leaves), then runs on until the test
+    opens ``gate``: a root that outlives its sub-request's settle by as long as the test likes."""
+    count_run(self)
+    total = fanout.call(2, 0, tag)
+    pass_gate(gate)
+    return total
+
+
 @girder.task(bind=True, name="grid.sleepy_parent")
 def sleepy_parent(self, n, seconds, tag):
     """Requests ``n`` distinct children that each sleep ``seconds``."""
