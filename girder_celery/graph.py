@@ -16,13 +16,14 @@ flight, for this root, and its sub-requests are walked too.
 A sub-request settles long before its root may, so each hash reachable from a root must outlive
 its own request's settle: ``keep_graph`` extends every hash that ``read_graph`` would walk from a
 *top-level* request (one no request asked for: its record's ``parent`` is empty) to
-``girder_graph_ttl`` from now, as it settles (``execute.py``, ``cancel.py``) and, while it runs,
-every third of ``girder_graph_ttl`` (``GraphKeeper``, at the lease keeper's ticks). So its whole
-graph is kept at least ``girder_graph_ttl`` after it settles. Any other request a user asks for
-as a root is covered with it: a sub-request's ``r``-descendants are among those of the top-level
-request whose walk reached it, which settles after it unless it stopped waiting for it (failed,
-timed out, cancelled). The walk is per top-level request, not per settle (which would cost a
-tree's depth times its size): each top-level settle reads its own graph once.
+``girder_graph_ttl`` from now, as it settles (``execute.py``; ``inline.py`` for a message's
+answer; ``cancel.py``) and, while it runs, every third of ``girder_graph_ttl`` (``GraphKeeper``,
+at the lease keeper's ticks). So its whole graph is kept at least ``girder_graph_ttl`` after it
+settles. Any other request a user asks for as a root is covered with it: a sub-request's
+``r``-descendants are among those of the top-level request whose walk reached it, which settles
+after it unless it stopped waiting for it (failed, timed out, cancelled). The walk is per
+top-level request, not per settle (which would cost a tree's depth times its size): each
+top-level settle reads its own graph once.
 """
 
 from __future__ import annotations
