@@ -46,7 +46,8 @@ class InlineRun:
     Instead of an outcome a run may end with ``retry``, Celery's ``Retry`` (``self.retry()``,
     ``autoretry_for``): the waiter runs it again after its delay, under the same claim; or with
     ``unwind``, an enclosing run's time limit, raised in this run's frame (``limits.py``): the run
-    was given back unfinished, and the waiter re-raises it on the way to that run.
+    was given back unfinished, and the waiter re-raises it on the way to that run. ``requested``
+    says whether it made sub-requests (and has a graph).
     """
 
     owner: str
@@ -54,6 +55,7 @@ class InlineRun:
     outcome: Outcome | None = field(default=None)
     retry: Retry | None = field(default=None)
     unwind: BaseException | None = field(default=None)
+    requested: bool = field(default=False)
 
 
 def encode_result(task: Task, key: str, args: list | tuple, kwargs: dict, value: Any) -> str:
@@ -236,7 +238,9 @@ class Runner:
         finally:
             self.leases.release(key)
             leave(token)
-            if run is None:  # the request a message brought is done
+            if run is not None:
+                run.requested = frame.requested
+            else:  # the request a message brought is done
                 self.limits.clear()
                 self.after_message()
                 if settled and frame.requested:  # its graph, if it is a top-level request's, is kept

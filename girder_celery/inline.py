@@ -161,7 +161,7 @@ class InlineWait(Wait):
             self.runner.leases.hold(key, self.owner)
         else:
             self._settle(run.outcome)
-            if not self.requester:  # a message's answer: a request no request asked for, maybe top-level
+            if run.requested and not self.requester:  # a message's answer, which no request asked for
                 keep_graph(self.store, key)
         return True
 
