@@ -172,7 +172,7 @@ def _check_root(store: StateStore, key: str, record: dict[str, str], has_edges: 
         seconds = store.graph_ttl_ms / 1000
         raise GirderNoGraph(
             f"the graph of {readable} has expired: a graph is kept girder_graph_ttl ({seconds:g} s) after its "
-            "request settles",
+            "top-level request settles",
             key=key,
         )
     if require_edges:
