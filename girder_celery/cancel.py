@@ -60,8 +60,6 @@ def cancel(runtime: Runtime, key: str, how: str = "girder.cancel") -> list[str]:
         _, cancelled, running = store.cancel(
             key, f"cancelled ({how})", f"cancelled with the request {key} that needed it ({how})", ttl_ms
         )
-    if cancelled:  # its run, if any, may be terminated (or its node gone) before it keeps its graph
-        keep_graph(store, key)
     if running:
         _terminate(runtime.app, running)
     for done in cancelled:  # AsyncResult(key).get() says so instead of waiting
@@ -69,6 +67,8 @@ def cancel(runtime: Runtime, key: str, how: str = "girder.cancel") -> list[str]:
             runtime.app.backend.mark_as_revoked(done, reason=f"girder: cancelled ({how})")
         except Exception:
             logger.info("girder: could not mark %s revoked in the result backend", done, exc_info=True)
+    if cancelled:  # its run, if any, may be terminated (or its node gone) before it keeps its graph
+        keep_graph(store, key)
     return cancelled
 
 
