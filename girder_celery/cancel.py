@@ -39,6 +39,7 @@ from celery.worker import state as worker_state
 from celery.worker.control import Panel, control_command
 
 from .errors import GirderError
+from .graph import keep_graph
 from .keys import is_key
 from .runtime import Runtime
 
@@ -66,6 +67,8 @@ def cancel(runtime: Runtime, key: str, how: str = "girder.cancel") -> list[str]:
             runtime.app.backend.mark_as_revoked(done, reason=f"girder: cancelled ({how})")
         except Exception:
             logger.info("girder: could not mark %s revoked in the result backend", done, exc_info=True)
+    if cancelled:  # its run, if any, may be terminated (or its node gone) before it keeps its graph
+        keep_graph(store, key)
     return cancelled
 
 

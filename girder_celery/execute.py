@@ -20,6 +20,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from . import keys
 from .errors import STORE_UNREACHABLE, GirderError, corrupt
 from .frame import Frame, enter, leave
+from .graph import keep_graph
 from .lease import LeaseKeeper
 from .limits import TIME_LIMITS, InlineLimits
 from .mirror import Mirror
@@ -45,7 +46,8 @@ class InlineRun:
     Instead of an outcome a run may end with ``retry``, Celery's ``Retry`` (``self.retry()``,
     ``autoretry_for``): the waiter runs it again after its delay, under the same claim; or with
     ``unwind``, an enclosing run's time limit, raised in this run's frame (``limits.py``): the run
-    was given back unfinished, and the waiter re-raises it on the way to that run.
+    was given back unfinished, and the waiter re-raises it on the way to that run. ``requested``
+    says whether it made sub-requests (and has a graph).
     """
 
     owner: str
@@ -53,6 +55,7 @@ class InlineRun:
     outcome: Outcome | None = field(default=None)
     retry: Retry | None = field(default=None)
     unwind: BaseException | None = field(default=None)
+    requested: bool = field(default=False)
 
 
 def encode_result(task: Task, key: str, args: list | tuple, kwargs: dict, value: Any) -> str:
@@ -210,16 +213,20 @@ class Runner:
         time limits are enforced (``limits.py``), a ``Retry`` is left on it for the waiter to run
         it again, and other Celery control-flow exceptions count as failures.
         """
-        token = enter(Frame(key, context.hostname or "unknown", context.root_id or key, owner))
+        frame = Frame(key, context.hostname or "unknown", context.root_id or key, owner)
+        token = enter(frame)
         skip_mailbox = run.mailbox if run is not None else ""
         # Inline runs and girder's own offers leave the result backend to girder (mirror.py).
         mirror = not task.ignore_result and (run is not None or getattr(context, "girder_mirror", False))
         if mirror:
             self.mirror.before_run(task, key)
         self.leases.hold(key, owner)
+        settled = False
         try:
             outcome, value = self._run(task, key, owner, args, kwargs, run, skip_mailbox)
+            settled = True
         except Exception as exc:
+            settled = not isinstance(exc, _CONTROL_FLOW)  # else Celery retries, ignores or rejects it
             # An inline run to be retried, or given back unfinished, has not failed.
             if mirror and not (run is not None and (run.retry is not None or run.unwind is not None)):
                 self.mirror.put_failure(task, key, exc, context)
@@ -231,9 +238,13 @@ class Runner:
         finally:
             self.leases.release(key)
             leave(token)
-            if run is None:  # the request a message brought is done
+            if run is not None:
+                run.requested = frame.requested
+            else:  # the request a message brought is done
                 self.limits.clear()
                 self.after_message()
+                if settled and frame.requested:  # its graph, if it is a top-level request's, is kept
+                    keep_graph(self.store, key)
 
     def _run(self, task, key, owner, args, kwargs, run, skip_mailbox) -> tuple[Outcome, Any]:
         outcome = None
@@ -294,6 +305,7 @@ class Runner:
         record = self.store.record(key)
         if record.get("state") == "running" and record.get("node") == self.node:
             self._fail(task, key, record.get("owner", ""), args, kwargs, exc, "")
+            keep_graph(self.store, key)
 
     def refuse_unknown(self, key: str, name: str, node: str) -> None:
         """Fail request ``key`` whose message names task ``name``, unknown on ``node``, so its

@@ -25,14 +25,17 @@ __all__ = ["Frame", "current_frame", "enter", "leave", "on_a_shallow_stack"]
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Frame:
-    """A girder request running in this process: its key, node, root and owner token."""
+    """A girder request running in this process: its key, node, root and owner token, and
+    whether it has made sub-requests (its first inline wait sets ``requested``): only then has
+    it a graph to keep as it settles."""
 
     key: str
     node: str
     root_id: str
     owner: str
+    requested: bool = False
 
 
 _current: contextvars.ContextVar[Frame | None] = contextvars.ContextVar("girder_frame", default=None)

@@ -239,7 +239,8 @@ class Girder:
 
         ``cached`` requests were answered from the store without running for this root (their
         own sub-requests are not walked). While the root runs, it shows what is known so far.
-        Kept ``girder_graph_ttl`` after each request settles.
+        Kept whole at least ``girder_graph_ttl`` after the root's top-level request (the root
+        itself, unless another request asked for it) settles.
 
         Raises:
             GirderNoGraph: the store knows no such request, it made no sub-requests, or its

@@ -12,10 +12,26 @@ reached only through ``c`` edges is ``cached``: answered from the store without 
 root; its own sub-requests ran for another root and are not walked (its graph is its own,
 ``girder.graph`` of its key). A request reached by one ``r`` edge at least ran, or was joined in
 flight, for this root, and its sub-requests are walked too.
+
+A sub-request settles long before its root may, so each hash reachable from a root must outlive
+its own request's settle: ``keep_graph`` extends every hash that ``read_graph`` would walk from a
+*top-level* request (one no request asked for: its record's ``parent`` is empty) to
+``girder_graph_ttl`` from now, as it settles (``execute.py``; ``inline.py`` for a message's
+answer; ``cancel.py``) and, while it runs, every third of ``girder_graph_ttl`` (``GraphKeeper``,
+at the lease keeper's ticks). So its whole graph is kept at least ``girder_graph_ttl`` after it
+settles. Any other request a user asks for as a root is covered with it: a sub-request's
+``r``-descendants are among those of the top-level request whose walk reached it, which settles
+after it unless it stopped waiting for it (failed, timed out, cancelled). The walk is per
+top-level request, not per settle (which would cost a tree's depth times its size): each
+top-level settle reads its own graph once.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -23,10 +39,15 @@ import redis
 from .errors import GirderNoGraph
 from .store import StateStore, int_field
 
-__all__ = ["MAX_NODES", "progress_of", "read_graph"]
+__all__ = ["KEEP_BATCH", "MAX_NODES", "GraphKeeper", "keep_graph", "progress_of", "read_graph"]
 
-#: The most requests one graph is read with; a larger one is refused rather than read in full.
+logger = logging.getLogger(__name__)
+
+#: The most requests one graph is read with; a larger one is refused rather than read in full
+#: (and ``keep_graph`` keeps no more of it).
 MAX_NODES = 1_000_000
+#: The graphs ``keep_graph`` extends and reads per pipelined round trip.
+KEEP_BATCH = 1000
 #: The fields of a request record a graph's node shows.
 _FIELDS = ("state", "request", "name", "node", "placement", "attempts", "started_at", "finished_at", "subs")
 _IN_FLIGHT = ("queued", "running")
@@ -69,6 +90,62 @@ def read_graph(store: StateStore, key: str, require_edges: bool = True) -> dict[
     return {"root": key, "nodes": nodes, "edges": [[parent, child] for parent, child in edges]}
 
 
+def keep_graph(store: StateStore, key: str) -> bool | None:
+    """If ``key`` is a top-level request, keep every graph its graph reaches ``girder_graph_ttl``
+    from now (``_keep_levels``). True if it is one, False if it is a sub-request (or unknown);
+    None, logged, if Redis failed it (not the caller's business: what it settled is stored)."""
+    try:
+        if store.client.hget(store.record_key(key), "parent") != "":
+            return False
+        found = _keep_levels(store, key)
+    except redis.RedisError:
+        logger.warning("girder: could not keep the graph of %s whole; it may expire early", key, exc_info=True)
+        return None
+    if found > MAX_NODES:
+        logger.warning("girder: the graph of %s has more than %d requests: only part of it is kept", key, MAX_NODES)
+    return True
+
+
+def _keep_levels(store: StateStore, key: str) -> int:
+    """Keep the graphs ``read_graph`` walks from ``key`` (through ``r`` edges), level by level,
+    ``KEEP_BATCH`` per round trip, each once; past ``MAX_NODES`` requests found, no further
+    level. How many it found."""
+    seen, level = {key}, [key]
+    while level and len(seen) <= MAX_NODES:
+        below: list[str] = []
+        for start in range(0, len(level), KEEP_BATCH):
+            for children in store.keep_graphs(level[start : start + KEEP_BATCH]):
+                fresh = [child for child, how in children.items() if how != "c" and child not in seen]
+                seen.update(fresh)
+                below += fresh
+        level = below
+    return len(seen)
+
+
+class GraphKeeper:
+    """Keeps the graphs of the top-level requests running in this process, every third of
+    ``girder_graph_ttl``: handed the keys running here at each of the lease keeper's ticks (a
+    third of a lease), so each is kept at most ``girder_graph_ttl`` / 3 plus two ticks apart,
+    within ``girder_graph_ttl`` as long as that is more than a lease."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self.period = store.graph_ttl_ms / 3000
+        #: Each key running here, and when (monotonic) its graph is kept next: infinity for a
+        #: sub-request's, which its top-level request keeps.
+        self._due: dict[str, float] = {}
+
+    def running(self, keys: Iterable[str]) -> None:
+        """At a tick: ``keys`` run here now; keep the graphs due (the keeper's thread only)."""
+        now = time.monotonic()
+        self._due = {key: self._due.get(key, now + self.period) for key in keys}
+        for key, due in self._due.items():
+            if due <= now:
+                top_level = keep_graph(self.store, key)
+                if top_level is not None:  # else tried again at the next tick
+                    self._due[key] = now + self.period if top_level else math.inf
+
+
 def progress_of(graph: dict[str, Any]) -> dict[str, int]:
     """Counts of a graph's requests, the root included: ``done``, ``running``, ``queued`` and
     ``failed`` (of those that ran, or run, for this root), ``cached`` (answered from the store),
@@ -95,7 +172,7 @@ def _check_root(store: StateStore, key: str, record: dict[str, str], has_edges: 
         seconds = store.graph_ttl_ms / 1000
         raise GirderNoGraph(
             f"the graph of {readable} has expired: a graph is kept girder_graph_ttl ({seconds:g} s) after its "
-            "request settles",
+            "top-level request settles",
             key=key,
         )
     if require_edges:

@@ -37,6 +37,7 @@ from celery.utils.saferepr import saferepr
 from .errors import GirderCancelled
 from .execute import InlineRun, Runner
 from .frame import Frame, on_a_shallow_stack
+from .graph import keep_graph
 from .keys import Request, decode_payload
 from .store import Claimant, Outcome, Verdict
 from .wait import Wait
@@ -65,6 +66,7 @@ class InlineWait(Wait):
         self.send_offers = runner.concurrency != 1 or any(r.pool and r.pool != self.queue for r in requests)
         self.runner = runner
         self.frame = frame
+        frame.requested = True
         #: Its claims' token names the request it runs them for (cancel.lua reads who waits).
         self.owner = f"{runner.new_owner(frame.node)}>{self.requester}"
         self.lease_ms = runner.leases.lease_ms
@@ -160,6 +162,8 @@ class InlineWait(Wait):
             self.runner.leases.hold(key, self.owner)
         else:
             self._settle(run.outcome)
+            if run.requested and not self.requester:  # a message's answer, which no request asked for
+                keep_graph(self.store, key)
         return True
 
 

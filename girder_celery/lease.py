@@ -2,9 +2,11 @@
 
 One daemon thread per process (a greenlet under gevent) renews every held lease each third of
 the lease in a single script call, so a live executor never loses its claim and a dead process
-(killed, OOM, power loss) leaves leases that expire and are reclaimed (invariant 1). The thread
-starts on the first claim in a process, so prefork children each get their own after the fork,
-and it survives Redis errors: it logs them and tries again at the next tick.
+(killed, OOM, power loss) leaves leases that expire and are reclaimed (invariant 1). A second one
+keeps, at the same pace, the graphs of the top-level requests among them whole
+(``graph.GraphKeeper``), on a thread of its own, so that walking a large graph never delays a
+renewal. Both start on the first claim in a process, so prefork children each get their own
+after the fork, and both survive Redis errors: they log them and try again at the next tick.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
+from .graph import GraphKeeper
 from .store import StateStore
 
 __all__ = ["LeaseKeeper"]
@@ -29,6 +33,7 @@ class LeaseKeeper:
         self.lease_ms = lease_ms
         self.edge_ttl_ms = edge_ttl_ms
         self.interval = lease_ms / 3000
+        self.graphs = GraphKeeper(store)
         self._held: dict[str, str] = {}
         self._lock = threading.Lock()
         self._pid: int | None = None
@@ -48,16 +53,17 @@ class LeaseKeeper:
             return dict(self._held)
 
     def _start(self) -> None:
-        # A forked child inherits the parent's table but not its thread: start afresh.
+        # A forked child inherits the parent's table but not its threads: start afresh.
         self._pid = os.getpid()
         self._held = {}
-        threading.Thread(target=self._run, name="girder-lease-keeper", daemon=True).start()
+        for name, tick in (("girder-lease-keeper", self.renew_once), ("girder-graph-keeper", self.keep_graphs_once)):
+            threading.Thread(target=self._run, args=(tick,), name=name, daemon=True).start()
 
-    def _run(self) -> None:
+    def _run(self, tick: Callable[[], None]) -> None:
         pid = os.getpid()
         while self._pid == pid:
             time.sleep(self.interval)
-            self.renew_once()
+            tick()
 
     def renew_once(self) -> None:
         """Renew every held lease now; a Redis error is logged and retried at the next tick."""
@@ -76,3 +82,11 @@ class LeaseKeeper:
                     "the result of this run is still stored if it is first",
                     key,
                 )
+
+    def keep_graphs_once(self) -> None:
+        """Keep the graphs due of the top-level requests held here; an error is logged and the
+        next tick tries again."""
+        try:
+            self.graphs.running(self.held())
+        except Exception:
+            logger.warning("girder: could not keep the graphs of the requests running here; will retry", exc_info=True)

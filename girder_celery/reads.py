@@ -18,6 +18,10 @@ from .verdicts import Outcome, notified
 
 __all__ = ["Reads", "glob_escape", "int_field"]
 
+#: A batch of more graphs than this is first asked ``EXISTS`` by ``keep_graphs``: a wide level of
+#: leaves (1,000 children that made no sub-requests) then costs one command, not two per child.
+EXISTS_FIRST = 16
+
 
 class Reads(Layout):
     """The reads of one store: ``client`` (single Redis or cluster), keys under ``prefix``."""
@@ -26,6 +30,9 @@ class Reads(Layout):
         super().__init__(prefix)
         self.client = client
         self._blmpop = True  # until the server says it has no BLMPOP (Redis < 7)
+        self._expire_gt = True  # until it says it has no PEXPIRE ... GT (Redis < 7)
+        #: How long a request's graph is kept after it, and its top-level request, settle (ms).
+        self.graph_ttl_ms = 86_400_000
 
     def record(self, key: str) -> dict[str, Any]:
         """The request record as stored (empty when absent; Redis's WRONGTYPE if not a hash)."""
@@ -55,6 +62,52 @@ class Reads(Layout):
         for key in keys:
             pipe.hget(self.record_key(key), "request")
         return pipe.execute()
+
+    def keep_graphs(self, keys: list[str]) -> list[dict[str, str]]:
+        """Extend the graphs of requests ``keys`` to ``graph_ttl_ms`` from now and read them
+        (``{child: "r" or "c"}`` each, empty where there is none): one pipelined round trip,
+        after one ``EXISTS`` of them all when there are more than ``EXISTS_FIRST``. A TTL is only
+        ever lengthened, and the graph of a request in flight, which has none until it settles,
+        is given none (``PEXPIRE ... GT``; before Redis 7, ``PTTL`` and then ``PEXPIRE``)."""
+        names = [self.graph_key(key) for key in keys]
+        if len(names) > EXISTS_FIRST and not self.client.exists(*names):
+            return [{} for _ in names]
+        if self._expire_gt:
+            found = self._keep_gt(names)
+            if found is not None:
+                return found
+        return self._keep_by_pttl(names)
+
+    def _keep_gt(self, names: list[str]) -> list[dict[str, str]] | None:
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.pexpire(name, self.graph_ttl_ms, gt=True)
+            pipe.hgetall(name)
+        replies = pipe.execute(raise_on_error=False)
+        refused = next((r for r in replies[::2] if isinstance(r, redis.ResponseError)), None)
+        if isinstance(refused, redis.exceptions.NoPermissionError):
+            raise refused
+        if refused is not None:  # Redis < 7: "wrong number of arguments"
+            self._expire_gt = False
+            return None
+        return [_graph_of(reply) for reply in replies[1::2]]
+
+    def _keep_by_pttl(self, names: list[str]) -> list[dict[str, str]]:
+        # Before Redis 7, a second round trip lengthens the TTLs read by the first. A graph that a
+        # new run of its request drops and starts afresh in between gets a TTL while it runs
+        # (its settle sets one again): a window of one round trip, after a restart of a request
+        # reached by a top-level request's graph.
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.pttl(name)
+            pipe.hgetall(name)
+        replies = pipe.execute(raise_on_error=False)
+        pipe = self.client.pipeline(transaction=False)
+        for name, ttl in zip(names, replies[::2]):
+            if isinstance(ttl, int) and 0 <= ttl < self.graph_ttl_ms:
+                pipe.pexpire(name, self.graph_ttl_ms)
+        pipe.execute()
+        return [_graph_of(reply) for reply in replies[1::2]]
 
     def pop_mailbox(self, mailbox: str, block: float, most: int) -> list[Outcome]:
         """The outcomes notified to ``mailbox``, up to ``most``, waiting up to ``block`` seconds
@@ -99,3 +152,8 @@ def int_field(text: str | None) -> int | None:
         return int(text) if text else None
     except ValueError:
         return None
+
+
+def _graph_of(reply: Any) -> dict[str, str]:
+    """A graph as a pipeline read it: empty where its key holds no hash (girder never writes one)."""
+    return reply if isinstance(reply, dict) else {}

@@ -81,7 +81,8 @@ class Settings:
     #: under gevent/eventlet.
     busy_poll: float = 0.0002
     #: Seconds the graph of a request (the sub-requests it made, ``girder.graph``) is kept
-    #: after the request settles.
+    #: after its top-level request settles (kept whole while that runs, if this is longer than a
+    #: lease).
     graph_ttl: float = 86400.0
 
     @classmethod

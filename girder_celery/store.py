@@ -78,7 +78,8 @@ class StateStore(Tiers):
         prefix: the prefix of every key (``girder_key_prefix``).
         busy_poll: seconds a thread spins for an awaited reply (see ``link.py``).
         url: the store's URL, named by ``GirderConnectionError``; default: the client's.
-        graph_ttl_ms: how long a request's graph is kept after it settles (``girder_graph_ttl``).
+        graph_ttl_ms: how long a request's graph is kept after it, and its top-level request,
+            settle (``girder_graph_ttl``).
     """
 
     SCRIPTS = (

@@ -34,6 +34,7 @@ CLIENT_COMMANDS = (
     "blmpop",  # a waiter pops its mailbox (BLPOP before Redis 7)
     "srem", "del",  # a waiter that gives up withdraws its mailbox
     "hmget", "scan", "info",  # the reports: graphs, stats, active requests, forget --task
+    "exists", "pexpire",  # keeping a top-level request's graph whole: a batch asked at once, each extended
     "multi", "exec",  # reset_stats: counters dropped and restarted in one step
     # a cancel's walk (tree.py), and on a Redis Cluster what follows a transition in other slots:
     "smembers", "rpush", "pexpire", "zadd", "zrem", "hincrby", "hsetnx",
@@ -53,14 +54,15 @@ GIRDER_ACL = tuple(sorted({*CLIENT_COMMANDS, *script_commands()}))
 
 def acl_rules(prefix: str, password: str, redis_version: str = "7", without: tuple[str, ...] = ()) -> list[str]:
     """The ``ACL SETUSER <user>`` rules of a girder user on keys ``<prefix>:*``: nothing else
-    (and not the commands ``without``). Before Redis 7 there is no BLMPOP: girder uses BLPOP."""
+    (and not the commands ``without``). Before Redis 7 there is no BLMPOP: girder uses BLPOP;
+    and no PEXPIRE ... GT: it reads graphs' TTLs with PTTL."""
     commands = GIRDER_ACL if int(redis_version.split(".")[0]) >= 7 else _before_7()
     granted = (f"+{c}" for c in commands if c not in without)
     return ["reset", "on", f">{password}", f"~{prefix}:*", "resetchannels", *granted]
 
 
 def _before_7() -> tuple[str, ...]:
-    return tuple(sorted({*GIRDER_ACL, "blpop"} - {"blmpop"}))
+    return tuple(sorted({*GIRDER_ACL, "blpop", "pttl"} - {"blmpop"}))
 
 
 #: What a girder user needs besides on a Redis Cluster: redis-py's cluster client reads the slot

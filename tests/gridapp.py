@@ -38,6 +38,7 @@ app.conf.update(
     girder_pools=json.loads(os.environ.get("GIRDER_TEST_POOLS", "{}")),
     girder_volunteer=os.environ.get("GIRDER_TEST_VOLUNTEER", "1") == "1",
     girder_hoist_after=float(os.environ.get("GIRDER_TEST_HOIST_AFTER", "0.1")),
+    girder_graph_ttl=float(os.environ.get("GIRDER_TEST_GRAPH_TTL", "86400")),
     task_acks_late=os.environ.get("GIRDER_TEST_ACKS_LATE", "0") == "1",
     result_expires=int(os.environ.get("GIRDER_TEST_RESULT_EXPIRES", "86400")),
     worker_hijack_root_logger=False,

@@ -79,6 +79,7 @@ class Grid(LocalGrid):
             "GIRDER_TEST_POOLS": "{}",
             "GIRDER_TEST_VOLUNTEER": "1",
             "GIRDER_TEST_HOIST_AFTER": "0.1",
+            "GIRDER_TEST_GRAPH_TTL": "86400",
             "GIRDER_TEST_ACKS_LATE": "0",
             "GIRDER_TEST_REOFFER": "300",
             "GIRDER_TEST_RESULT_EXPIRES": "86400",

@@ -88,6 +88,9 @@ def bare_leaf(tag):
 # and puts the token back, so one release opens the gate for every task waiting on it.
 
 GATE_TIMEOUT = 30
+#: Seconds of one BLPOP at a gate: less than redis-py's default socket timeout (5 s), which would
+#: otherwise end a longer BLPOP with a TimeoutError.
+GATE_SLICE = 1
 
 
 def gate_key(name: str) -> str:
@@ -99,9 +102,10 @@ def open_gate(name: str) -> None:
 
 
 def pass_gate(name: str) -> None:
-    item = gridapp._counter.blpop([gate_key(name)], timeout=GATE_TIMEOUT)
-    if item is None:
-        raise TimeoutError(f"gate {name!r} was not opened within {GATE_TIMEOUT}s")
+    deadline = time.monotonic() + GATE_TIMEOUT
+    while (item := gridapp._counter.blpop([gate_key(name)], timeout=GATE_SLICE)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gate {name!r} was not opened within {GATE_TIMEOUT}s")
     gridapp._counter.rpush(gate_key(name), item[1])
 
 
@@ -165,6 +169,16 @@ def requests_requests_held(self, gate):
     """Requests ``requests_held(gate)``: the Clojure deadlock's C, when A is requests_held."""
     count_run(self)
     return requests_held.call(gate)
+
+
+@girder.task(bind=True, name="grid.outlives")
+def outlives(self, gate, tag):
+    """Requests ``fanout(2, 0, tag)`` (which requests two leaves), then runs on until the test
+    opens ``gate``: a root that outlives its sub-request's settle by as long as the test likes."""
+    count_run(self)
+    total = fanout.call(2, 0, tag)
+    pass_gate(gate)
+    return total
 
 
 @girder.task(bind=True, name="grid.sleepy_parent")

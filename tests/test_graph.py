@@ -20,6 +20,7 @@ import uuid
 import pytest
 
 from girder_celery import GirderError
+from girder_celery.errors import GirderNoGraph
 from tests.conftest import IN_CI
 from tests.harness import Grid, repointed, wait_until
 from tests.test_cli import ROOT, celery
@@ -290,3 +291,94 @@ def test_bad_input_unknown_key_no_sub_requests_expired_graph_exit_2(grid):
     assert version_alone.returncode == 2 and "--version needs --task" in version_alone.stderr
     empty = celery(grid.env, "forget", "--task", "")
     assert empty.returncode == 2 and "--task" in empty.stderr and "Traceback" not in empty.stderr
+
+
+def test_cancelling_a_top_level_request_keeps_its_graph(grid):
+    """girder.cancel of a running top-level request keeps its graph then (its run may be
+    terminated before it could): its settled sub-request's graph, given 5 s to live, is kept
+    girder_graph_ttl (a day) from then."""
+    m, tag = grid.app_module, uuid.uuid4().hex[:8]
+    rt, store, gate = m.reentrant_tasks, m.girder.store, f"cancelled-{tag}"
+    root, mid = rt.outlives.key(gate, tag), rt.fanout.s(2, 0, tag)
+    rt.outlives.delay(gate, tag)
+    try:
+        wait_until(lambda: m.girder.state(mid)["state"] == "done", 30, "its sub-request to settle")
+        mid_graph = store.graph_key(m.girder.key_of(mid))
+        store.client.pexpire(mid_graph, 5000)
+        assert m.girder.cancel(root) == [root]
+        assert store.client.pttl(mid_graph) > 3_600_000
+    finally:
+        rt.open_gate(gate)
+
+
+#: The grid whose root outlives its graph's TTL: girder_graph_ttl and the lease (seconds). Its
+#: lease keeper ticks each third of the lease, so it keeps a running root's graph well within it.
+SHORT_TTL, SHORT_LEASE = 4.0, 2.0
+
+
+@pytest.fixture
+def short_ttl(redis_server):
+    """One -c 1 node of a grid whose graphs are kept SHORT_TTL seconds."""
+    g = Grid(redis_server, "redis", lease=SHORT_LEASE)
+    g.env["GIRDER_TEST_GRAPH_TTL"] = str(SHORT_TTL)
+    g.load_app()
+    g.worker("w", "prefork", 1)
+    yield g
+    g.kill()
+    g.close()
+
+
+def store_ms(store) -> int:
+    """Redis's clock (ms), by which TTLs run out."""
+    seconds, micros = store.client.time()
+    return seconds * 1000 + micros // 1000
+
+
+def kept_as_long(store, key: str, than: str) -> bool:
+    """Whether the graph of ``key`` expires no sooner than that of ``than`` (read in this order,
+    so the clock moving on between the two can only shorten the second)."""
+    pipe = store.client.pipeline(transaction=False)
+    pipe.pttl(store.graph_key(key))
+    pipe.pttl(store.graph_key(than))
+    mine, theirs = pipe.execute()
+    return mine >= theirs > 0
+
+
+def edges_of(girder, key: str) -> set[tuple[str, str]]:
+    return {tuple(edge) for edge in girder.graph(key)["edges"]}
+
+
+@pytest.mark.parametrize("how", ["delay", "alias"])
+def test_a_root_that_outlives_the_graph_ttl_keeps_its_sub_requests_graphs(short_ttl, how):
+    """girder_graph_ttl of 4 s and a top-level root that runs past it, from its own message
+    (delay) or run inline by a canvas step's alias: its sub-request fanout(2) settles with its
+    two leaves, the root runs on for 1.5 TTL more, then settles. Its graph shows the grandchildren
+    edges all along, just after it settles and still most of a TTL after; the sub-request's own
+    graph too; then both have expired, and say so."""
+    m, tag = short_ttl.app_module, uuid.uuid4().hex[:8]
+    girder, rt, ttl_ms = m.girder, m.reentrant_tasks, int(SHORT_TTL * 1000)
+    store, gate = girder.store, f"outlives-{tag}"
+    root, mid = rt.outlives.key(gate, tag), rt.fanout.key(2, 0, tag)
+    below = {(mid, rt.leaf.key(f"{tag}.{i}")) for i in range(2)}
+    whole = {(root, mid), *below}
+    if how == "delay":
+        rt.outlives.delay(gate, tag)
+    else:
+        rt.outlives.apply_async((gate, tag), task_id=str(uuid.uuid4()))
+    mid_settled = int(wait_until(lambda: store.record(mid).get("finished_at"), 30, "fanout(2) to settle"))
+    wait_until(lambda: store_ms(store) > mid_settled + 1.5 * ttl_ms, 2 * SHORT_TTL, "1.5 TTLs to pass")
+    assert girder.state(root)["state"] == "running"
+    assert edges_of(girder, root) == whole  # kept while it runs, past the sub-request's own TTL
+    rt.open_gate(gate)
+    assert girder.request(rt.outlives.s(gate, tag), timeout=30) == 2
+    settled = int(store.record(root)["finished_at"])
+    assert edges_of(girder, root) == whole and edges_of(girder, mid) == below
+    # As it settles, the graphs it reaches are kept as long as its own, which expires a TTL later.
+    wait_until(lambda: kept_as_long(store, mid, root), 5, "its graph to be kept whole as it settled")
+    wait_until(lambda: store_ms(store) > settled + ttl_ms - 1000, SHORT_TTL, "all but the last second of a TTL")
+    assert edges_of(girder, root) == whole and edges_of(girder, mid) == below
+    graphs = [store.graph_key(root), store.graph_key(mid)]
+    wait_until(lambda: not store.client.exists(*graphs), SHORT_TTL, "the graphs to expire")
+    for key in (root, mid):
+        with pytest.raises(GirderNoGraph, match="has expired: a graph is kept girder_graph_ttl"):
+            girder.graph(key)
