@@ -1,13 +1,13 @@
 """Cancelling a request tree, from a client or from Celery's revoke (invariant 1: the store is the truth).
 
 ``cancel`` fails a request in flight and every sub-request of it that no other live request
-waits for, in one script (``lua/cancel.lua``): their waiters get a ``GirderCancelled`` at once,
-a claim of a cancelled record refuses, so queued ones never run, and nothing is memoized, so an
-identical request made afterwards runs at once. A cancelled run stops at its next girder call at
-the latest (its submit is answered ``cancelled``) or as its wait wakes; a run from its own message
-on a pool that can end a job (prefork) is terminated there, by Celery's own ``Request.terminate``
-(the ``girder_terminate`` control command, sent to the nodes that run them), and the pool replaces
-the process: the node lives on.
+waits for (the walk of ``tree.py``, each request failed by ``lua/cancelled.lua``): their waiters
+get a ``GirderCancelled`` at once, a claim of a cancelled record refuses, so queued ones never
+run, and nothing is memoized, so an identical request made afterwards runs at once. A cancelled
+run stops at its next girder call at the latest (its submit is answered ``cancelled``) or as its
+wait wakes; a run from its own message on a pool that can end a job (prefork) is terminated
+there, by Celery's own ``Request.terminate`` (the ``girder_terminate`` control command, sent to
+the nodes that run them), and the pool replaces the process: the node lives on.
 
 Celery's revoke (``AsyncResult(key).revoke()``, ``app.control.revoke``, Flower's button) reaches
 every worker as the ``revoke`` control command, which would put the id in the worker's revoked

@@ -31,7 +31,7 @@ __all__ = [
 
 #: The ``exc_type`` of the ``GirderError`` for a corrupt record.
 CORRUPT = "girder_celery.CorruptRecord"
-#: The ``exc_type`` of a cancelled request's error (``GirderCancelled``), as cancel.lua stores it.
+#: The ``exc_type`` of a cancelled request's error (``GirderCancelled``), as cancelled.lua stores it.
 CANCELLED = "girder_celery.GirderCancelled"
 
 

@@ -4,7 +4,7 @@
 work (invariant 2), it claims the newest of its own pending sub-requests that is still queued
 and runs it here, and blocks only when every one left is running on a live executor. It runs
 nothing but its own sub-requests (invariant 3). Its mailbox and the owner token of its claims
-name the request it waits for, so ``cancel.lua`` tells who waits for what; a cancelled run
+name the request it waits for, so a cancel's walk (``tree.py``) tells who waits for what; a cancelled run
 stops here, at its next submit (answered ``cancelled``) or as its wait hears of it.
 
 An inline run goes through Celery's own tracer, so it has a real request context
@@ -67,7 +67,7 @@ class InlineWait(Wait):
         self.runner = runner
         self.frame = frame
         frame.requested = True
-        #: Its claims' token names the request it runs them for (cancel.lua reads who waits).
+        #: Its claims' token names the request it runs them for (a cancel's walk, tree.py, reads who waits).
         self.owner = f"{runner.new_owner(frame.node)}>{self.requester}"
         self.lease_ms = runner.leases.lease_ms
         #: Sub-requests last seen queued, oldest first (a dict as an ordered set); a claim scan
@@ -113,7 +113,7 @@ class InlineWait(Wait):
                 raise GirderCancelled("cancelled while it ran", key=self.requester)
 
     def _stray(self, outcome: Outcome) -> None:
-        if outcome.key == self.requester and outcome.verdict is Verdict.FAILED:  # cancelled (cancel.lua)
+        if outcome.key == self.requester and outcome.verdict is Verdict.FAILED:  # cancelled (cancelled.lua)
             raise outcome.error()
 
     def _settle(self, outcome: Outcome) -> None:

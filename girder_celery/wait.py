@@ -60,7 +60,7 @@ class Wait:
         self.requests = requests
         self.unique = {r.key: r for r in requests}
         self.timeout = offers.settings.request_timeout if timeout is None else timeout
-        #: A running request's waiter's mailbox is named after it (cancel.lua reads who waits).
+        #: A running request's waiter's mailbox is named after it (a cancel's walk, tree.py, reads who waits).
         self.mailbox = self.store.mailbox_key(f"{requester}/{unique_id()}" if requester else unique_id())
         #: key -> its answer as it settled: the value itself, or its GirderError (an Outcome
         #: object per request would outlive the wait's need of it: issue 12).
@@ -133,7 +133,7 @@ class Wait:
         return False
 
     def _stray(self, outcome: Outcome) -> None:
-        """A notification of a request this waiter no longer waits for (cancel.lua tells a
+        """A notification of a request this waiter no longer waits for (a cancel tells a
         running request's waiter of its own cancellation this way)."""
 
     def _before_block(self) -> None:

@@ -22,7 +22,7 @@
 -- ARGV[6]  mailbox not to notify (the inline runner's own, which has the value), or ""
 -- ARGV[7]  graph TTL (ms)
 --
--- Transition: anything but done, memoized failed or this run's cancellation (cancel.lua)  ->
+-- Transition: anything but done, memoized failed or this run's cancellation (cancelled.lua)  ->
 -- done(value); its waits-for edges go.
 -- A key that is not a hash (a corrupt record) is replaced.
 -- Each waiter's mailbox receives "done:<key>:<value>".

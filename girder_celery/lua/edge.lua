@@ -3,7 +3,7 @@
 -- cluster the requester's keys are in another slot than its sub-requests', so this comes
 -- first, in the requester's slot, and the caller then submits them and walks the edges from
 -- those running (waitsfor.py says why writing the edge first makes that walk find every cycle).
--- A requester whose run was cancelled (cancel.lua) is answered "cancelled" and requests nothing.
+-- A requester whose run was cancelled (cancelled.lua) is answered "cancelled" and requests nothing.
 --
 -- KEYS[1]     requester's record  <prefix>:req:{<requester>}    hash
 -- KEYS[2]     requester's edges   <prefix>:waits:{<requester>}  set of keys

@@ -26,7 +26,7 @@
 -- ARGV[8]  "1" to fail it only if nobody has claimed it (still queued), else ""
 -- ARGV[9]  graph TTL (ms)
 --
--- Transition: anything but done, memoized failed or this run's cancellation (cancel.lua)  ->
+-- Transition: anything but done, memoized failed or this run's cancellation (cancelled.lua)  ->
 -- failed(error); its waits-for edges go.
 -- A key that is not a hash (a corrupt record) is replaced, unless ARGV[8] is "1".
 -- Each waiter's mailbox receives "failed:<key>:<error>".

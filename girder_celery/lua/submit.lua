@@ -4,7 +4,7 @@
 -- request (the requester) records the edge requester -> request in the waits-for graph and is
 -- refused if that edge closes a cycle; the requester may also claim it here, to run it inline.
 -- It also records the edge in the requester's graph, which outlives the run (girder.graph), and
--- counts a cache hit in the per-task stats. A requester whose run was cancelled (cancel.lua) is
+-- counts a cache hit in the per-task stats. A requester whose run was cancelled (cancelled.lua) is
 -- answered "cancelled" and requests nothing: that is where a cancelled run stops at the latest.
 --
 -- One slot or two parts. Given KEYS[1..8] (a single Redis: one slot), it does all of the above
