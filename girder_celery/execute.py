@@ -335,4 +335,5 @@ class Runner:
         if self.store.green:
             self.release_thread()
         else:
+            self.store.flush()
             self.mirror.flush()

@@ -69,16 +69,22 @@ _REDIRECTED = (redis.exceptions.AskError, redis.exceptions.TryAgainError, redis.
 CALL_CHUNK = 1000
 
 
+#: A call whose reply is not awaited: the way to make it again through the client's own path,
+#: and what is to be done with its reply, if anything (``Link.send``'s ``on_reply``).
+_Unawaited = tuple[Callable[[], Any], Callable[[Any], Any] | None]
+
+
 class _Held:
-    """One thread's connection, the calls whose replies it has not read yet, each kept as the
-    way to make it again through the client's own path, and the calls it owes: those the
-    client could not make again either, the store being unreachable (a failover, say)."""
+    """One thread's connection, the calls whose replies it has not read yet, the calls it owes:
+    those the client could not make again either, the store being unreachable (a failover,
+    say), and the replies read but not yet handed to their ``on_reply``."""
 
     def __init__(self, pool: redis.ConnectionPool) -> None:
         self.pool = pool
         self.pid = os.getpid()
-        self.unread: list[Callable[[], Any]] = []
-        self.owed: list[Callable[[], Any]] = []
+        self.unread: list[_Unawaited] = []
+        self.owed: list[_Unawaited] = []
+        self.replies: list[tuple[Callable[[Any], Any], Any]] = []
         self.connection = None
 
     def give_back(self) -> None:
@@ -104,6 +110,8 @@ class Link:
         unconfirmed: what a reply that cannot be read leaves unconfirmed, for the log.
         fallback: the client whose own path makes a call again (default ``client``; on a
             Redis Cluster, the cluster's client, ``client`` being one master's).
+        on_fallback: called whenever a call goes the fallback's way (on a Redis Cluster, the
+            slots may have moved: ``slots.py`` forgets which master it thought held each).
     """
 
     def __init__(
@@ -113,9 +121,11 @@ class Link:
         busy_poll: float = 0.0,
         unconfirmed: str = "a completion; the state store is unreachable",
         fallback: Any = None,
+        on_fallback: Callable[[], Any] | None = None,
     ) -> None:
         self.client = client
         self.fallback = client if fallback is None else fallback
+        self.on_fallback = on_fallback
         self.scripts = scripts
         #: Whether this process's sockets are green (gevent, eventlet).
         self.green = green_sockets()
@@ -150,6 +160,8 @@ class Link:
         """``reply``, or, if a cluster node did not run the call (``MOVED``, ...), the reply of
         the call made again through the cluster's client."""
         if isinstance(reply, _REDIRECTED):
+            if self.on_fallback is not None:
+                self.on_fallback()
             return script(*call, client=self.fallback)
         return reply
 
@@ -163,13 +175,15 @@ class Link:
             self._read_unread(held)
             if self.busy_poll:
                 _await_reply(held.connection, self.busy_poll)
-            return [self._redirected(script, call, self._read_one(held)) for call in calls]
+            replies = [self._redirected(script, call, self._read_one(held)) for call in calls]
         except _FALL_BACK:
             self._reset(held)
-            return [script(keys, args, client=self.fallback) for keys, args in calls]
+            replies = [script(keys, args, client=self.fallback) for keys, args in calls]
         except BaseException:
             self._interrupted(held)
             raise
+        self._deliver(held)
+        return replies
 
     def _read_one(self, held: _Held) -> Any:
         try:
@@ -180,10 +194,12 @@ class Link:
         except redis.exceptions.ResponseError as exc:
             return exc
 
-    def send(self, script: Script, keys: tuple, args: tuple) -> None:
-        """Run ``script`` without waiting for its reply; the thread's next call reads it."""
+    def send(self, script: Script, keys: tuple, args: tuple, on_reply: Callable[[Any], Any] | None = None) -> None:
+        """Run ``script`` without waiting for its reply; the thread's next call on this link reads
+        it, or ``flush``, and hands it to ``on_reply``, if given (after that call's own reply is
+        read, so ``on_reply`` may send on this link)."""
         held = self._held()
-        again = functools.partial(script, keys, args, client=self.fallback)
+        again = functools.partial(script, keys, args, client=self.fallback), on_reply
         try:
             if held.connection is None or held.owed:
                 self._ready(held)
@@ -199,6 +215,7 @@ class Link:
             raise
         else:
             held.unread.append(again)
+        self._deliver(held)
 
     def send_commands(self, commands: list[tuple], again: Callable[[tuple], Any]) -> None:
         """Send ``commands`` together without waiting for their replies, reading first the
@@ -206,18 +223,34 @@ class Link:
         ``again(command)`` makes one through the client's path if its reply is an error or
         the connection breaks before the reply is read."""
         held = self._held()
+        calls = [(functools.partial(again, c), None) for c in commands]
         try:
             if held.connection is None or held.owed:
                 self._ready(held)
             self._read_unread(held)
             _send(held, [chunk for command in commands for chunk in _pack(held, command)])
         except _FALL_BACK:
-            self._owe(held, *(functools.partial(again, c) for c in commands))
+            self._owe(held, *calls)
         except BaseException:
-            self._interrupted(held, *(functools.partial(again, c) for c in commands))
+            self._interrupted(held, *calls)
             raise
         else:
-            held.unread.extend(functools.partial(again, c) for c in commands)
+            held.unread.extend(calls)
+        self._deliver(held)
+
+    def flush(self) -> None:
+        """Read the replies this thread left unread, and hand them to their ``on_reply``, now
+        (a Redis Cluster's completion names the waiters to wake in its reply, ``slots.py``);
+        the thread keeps its connection."""
+        held = getattr(self._local, "held", None)
+        if held is None or held.pid != os.getpid() or not (held.unread or held.owed or held.replies):
+            return  # nothing left, or a forked child's copy: the parent reads its own replies
+        try:
+            self._make_again(held, [])
+            self._read_unread(held)
+        except _FALL_BACK:
+            self._owe(held)
+        self._deliver(held)
 
     def idle(self) -> None:
         """This thread is about to hop or end: read the replies it left unread and give its
@@ -233,6 +266,7 @@ class Link:
                 self._read_unread(held)
             except _FALL_BACK:
                 self._reset(held)
+            self._deliver(held)
         except STORE_UNREACHABLE:
             # Not raised at a thread's pause: a completion that never ran leaves its request
             # to its lease, which expires, and to its waiters, who offer it again.
@@ -263,18 +297,28 @@ class Link:
 
     def _read_unread(self, held: _Held) -> None:
         while held.unread:
-            again = held.unread[0]
+            again, on_reply = held.unread[0]
             try:
-                held.connection.read_response()
+                reply = held.connection.read_response()
             except redis.exceptions.ResponseError as exc:
                 # The call failed as a whole (NOSCRIPT after a restart, say): the client's
                 # path runs it again, loading the script if need be.
                 logger.debug("girder: an unread reply was an error (%s); calling again", exc)
                 self._loaded = False
-                again()
+                reply = again()
             held.unread.pop(0)
+            if on_reply is not None:
+                held.replies.append((on_reply, reply))
 
-    def _interrupted(self, held: _Held, *unsent: Callable[[], Any]) -> None:
+    @staticmethod
+    def _deliver(held: _Held) -> None:
+        """Hand each reply read to its ``on_reply``, once nothing is in flight on this thread's
+        connection but calls in ``unread`` (an ``on_reply`` may send on it)."""
+        while held.replies:
+            on_reply, reply = held.replies.pop(0)
+            on_reply(reply)
+
+    def _interrupted(self, held: _Held, *unsent: _Unawaited) -> None:
         """An exception cut this thread's exchange short (a time limit's signal, raised between
         a send and its reply): a reply may be left on the socket, where the next call would take
         it for its own. The connection is dropped, and what it left unconfirmed (with ``unsent``,
@@ -284,13 +328,15 @@ class Link:
         with contextlib.suppress(Exception):
             self._reset(held)
 
-    def _reset(self, held: _Held, *more: Callable[[], Any]) -> None:
+    def _reset(self, held: _Held, *more: _Unawaited) -> None:
         """Drop a broken connection; whatever it had not confirmed (and ``more``) is made again
         (``_make_again``). The thread's next call takes a connection from the pool, which
         connects it as the client's own path does: behind Sentinel, to the master the sentinels
         name now (a connection reconnecting by itself would go back to the address it had, a
         dead or demoted master's)."""
         unread, held.unread = held.unread, []
+        if self.on_fallback is not None:
+            self.on_fallback()
         if held.connection is not None:
             held.connection.disconnect()
             held.give_back()
@@ -301,20 +347,22 @@ class Link:
         self._make_again(held, [*unread, *more])
 
     @staticmethod
-    def _make_again(held: _Held, calls: list[Callable[[], Any]]) -> None:
+    def _make_again(held: _Held, calls: list[_Unawaited]) -> None:
         """Make what ``held`` owes, then ``calls``, in order, through the client's path. Those it
         cannot make now, the store being unreachable, stay owed, to be made before the thread's
         next call (a completion sent as a failover begins lands on the new master, instead of
         being left to its lease), and the error is raised."""
         calls, held.owed = [*held.owed, *calls], []
-        for i, again in enumerate(calls):
+        for i, (again, on_reply) in enumerate(calls):
             try:
-                again()
+                reply = again()
             except STORE_UNREACHABLE:
                 held.owed = calls[i:]
                 raise
+            if on_reply is not None:
+                held.replies.append((on_reply, reply))
 
-    def _owe(self, held: _Held, *calls: Callable[[], Any]) -> None:
+    def _owe(self, held: _Held, *calls: _Unawaited) -> None:
         """``_reset``, for calls whose replies nobody awaits: owed, not raised, if the store is
         unreachable."""
         try:

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -60,6 +60,16 @@ class Slots:
         """``script`` once per ``(keys, args)``, each on the master of its keys, replies in order."""
         return self.link.call_many(script, calls)
 
+    def send(self, script: Script, keys: tuple, args: tuple, on_reply: Callable[[Any], Any]) -> None:
+        """``script`` on the master of its keys, its reply read later and handed to ``on_reply``:
+        by this thread's next call on that master's link, or by ``flush``."""
+        self.link.send(script, keys, args, on_reply)
+
+    def flush(self) -> None:
+        """Hand this thread's unread replies to their ``on_reply`` now, before it blocks or takes
+        its next message. On a single Redis a script does all that follows from it itself, so
+        nothing waits on a reply: they are read with the thread's next call."""
+
     def effects(self, commands: list[tuple]) -> None:
         """Send ``commands`` (each naming its one key first), unawaited (see ``Link.send_commands``)."""
         if commands:
@@ -90,20 +100,32 @@ class ClusterSlots(Slots):
         self.green = green_sockets()
         self._counts: Counter[tuple[str, str]] = Counter()
         self._counting_pid: int | None = None
+        #: Per thread: the links holding replies that an ``on_reply`` waits for.
+        self._unflushed = threading.local()
+        #: slot -> the link to its master, as last found: forgotten whenever a link falls back
+        #: to the cluster's client (a MOVED, a master gone), which then refreshes its slot map.
+        self._slot_links: dict[int, Link] = {}
         atexit.register(self._send_counts)
 
     def slot(self, name: str) -> int:
         return key_slot(name.encode())
 
     def link_for(self, name: str) -> Link:
-        node = self.client.nodes_manager.get_node_from_slot(self.slot(name))
+        slot = key_slot(name.encode())
+        link = self._slot_links.get(slot)
+        if link is None:  # asking the cluster's client costs several microseconds a key
+            link = self._slot_links[slot] = self._link_of(self.client.nodes_manager.get_node_from_slot(slot))
+        return link
+
+    def _link_of(self, node: Any) -> Link:
         link = self._links.get(node.name)
         if link is None:
             with self._lock:
                 link = self._links.get(node.name)
                 if link is None:
                     master = self.client.get_redis_connection(node)
-                    link = Link(master, self.scripts, self.busy_poll, fallback=self.client)
+                    link = Link(master, self.scripts, self.busy_poll, fallback=self.client,
+                                on_fallback=self._slot_links.clear)  # fmt: skip
                     self._links[node.name] = link
         return link
 
@@ -117,7 +139,23 @@ class ClusterSlots(Slots):
         for link, indexes in by_link.values():
             for i, reply in zip(indexes, link.call_many(script, [calls[i] for i in indexes])):
                 replies[i] = reply
+        self.flush()  # the replies unread on other masters' links have long arrived, as a rule
         return replies
+
+    def send(self, script: Script, keys: tuple, args: tuple, on_reply: Callable[[Any], Any]) -> None:
+        link = self.link_for(keys[0])
+        link.send(script, keys, args, on_reply)
+        unflushed = self._unflushed.__dict__.setdefault("links", {})
+        unflushed[id(link)] = link
+
+    def flush(self) -> None:
+        """Here a completion's reply names the mailboxes to wake (``StateStore._notify``): read,
+        and acted on, with the thread's next submit (so an inline run costs one round trip, as
+        on a single Redis), and at the latest before the thread blocks, takes its next message
+        or pauses."""
+        unflushed = self._unflushed.__dict__.pop("links", None)
+        for link in (unflushed or {}).values():
+            link.flush()
 
     def effects(self, commands: list[tuple]) -> None:
         by_link: dict[int, tuple[Link, list[tuple]]] = {}
@@ -152,6 +190,7 @@ class ClusterSlots(Slots):
             self.effects([("HINCRBY", name, field, n) for (name, field), n in counts.items()])
 
     def idle(self) -> None:
+        self.flush()
         self._send_counts()
         for link in list(self._links.values()):
             link.idle()

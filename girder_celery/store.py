@@ -37,6 +37,7 @@ the key and what is wrong; ``forget`` drops it. Mailbox entries girder never wri
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import logging
 from collections.abc import Iterator
@@ -186,13 +187,24 @@ class StateStore(Tiers):
         waiter's re-check offers it again after ``girder_reoffer_after``): the record is the
         truth, and the index only says what the hoister may look at. Counters and graph edges
         are reports, written after the transition they report.
+
+        A submit of one request sends the edges beside its transition, not before it
+        (``waitsfor.send_edges`` says why that is still correct), so it costs one round trip.
         """
         keys, edge, owner = [item[0] for item in items], self._scripts["edge"], requester_owner
-        if requester and not waitsfor.write_edges(self.slots, edge, self, requester, keys, owner, edge_ttl_ms):
-            return [Outcome(key, Verdict.CANCELLED, "") for key in keys]
+        overlap = bool(requester) and len(items) == 1
+        edged: list[str | None] = []  # which keys are new in the requester's graph, None if cancelled
+        if overlap:
+            waitsfor.send_edges(self.slots, edge, self, requester, keys, owner, edge_ttl_ms, edged.append)
+        elif requester:
+            edged.append(waitsfor.write_edges(self.slots, edge, self, requester, keys, owner, edge_ttl_ms))
+            if edged[0] is None:
+                return [Outcome(key, Verdict.CANCELLED, "") for key in keys]
         calls = self._submit_calls(items, mailbox, reoffer_after_ms, requester, edge_ttl_ms, claimant, hits,
                                    requester_owner)  # fmt: skip
-        replies = self.slots.call_many(self._scripts["submit"], calls)
+        replies = self.slots.call_many(self._scripts["submit"], calls)  # reads the edges' reply too
+        if overlap and (not edged or edged[0] is None):
+            return waitsfor.give_back(self, items, replies, mailbox, claimant, unreachable=not edged)
         outcomes, effects, counts = [], [], []
         for (key, _, name, _, pool), (verdict, data, *index) in zip(items, replies):
             outcome = Outcome(key, verdict_of(verdict), data or "")
@@ -205,8 +217,9 @@ class StateStore(Tiers):
             if outcome.settled and hits:  # summed in the process (a hit must stay one round trip)
                 counts.append((self.stats_key, f"hits:{name}", 1))
         if requester:
-            outcomes, withdrawn = waitsfor.refuse_cycles(self.client, self, requester, outcomes, mailbox)
-            effects += withdrawn + waitsfor.graph_effects(self, requester, outcomes)
+            running = waitsfor.running_now(self.client, self, outcomes) if overlap else set()
+            outcomes, withdrawn = waitsfor.refuse_cycles(self.client, self, requester, outcomes, mailbox, running)
+            effects += withdrawn + waitsfor.graph_effects(self, requester, outcomes, edged[0])
         self.slots.effects(effects)
         if counts:
             self.slots.count(counts)
@@ -281,11 +294,10 @@ class StateStore(Tiers):
     def complete_unawaited(self, key: str, owner: str, value: str, ttl_ms: int, skip_mailbox: str = "") -> None:
         """``complete``, with its reply read by this thread's next call (see ``link.py``): an
         executor has nothing to learn from it, and waiters are woken when Redis runs it. On a
-        Redis Cluster the reply names the mailboxes to wake: it is awaited."""
-        if not self.slots.single:
-            self.complete(key, owner, value, ttl_ms, skip_mailbox)
-            return
-        self.link.send(*self._complete_call(key, owner, value, ttl_ms, skip_mailbox))
+        Redis Cluster the reply names the mailboxes to wake, which are woken once it is read:
+        with the thread's next submit, or ``flush`` (see ``slots.py``)."""
+        script, keys, args = self._complete_call(key, owner, value, ttl_ms, skip_mailbox)
+        self.slots.send(script, keys, args, functools.partial(self._notify, key, "done", value))
 
     def _complete_call(self, key, owner, value, ttl_ms, skip_mailbox) -> tuple[Any, tuple, tuple]:
         args = (key, owner, value, ttl_ms, MAILBOX_TTL_MS, skip_mailbox, self.graph_ttl_ms)
@@ -325,13 +337,14 @@ class StateStore(Tiers):
             return bool(reply)
         _, name, ran_ms, *mailboxes = reply
         entry = f"{verdict}:{key}:{data}"
-        effects = [c for box in mailboxes for c in (("RPUSH", box, entry), ("PEXPIRE", box, MAILBOX_TTL_MS))]
-        stats = self.stats_key
+        self.slots.effects([c for box in mailboxes for c in (("RPUSH", box, entry), ("PEXPIRE", box, MAILBOX_TTL_MS))])
+        stats, counts = self.stats_key, []
         if name and verdict == "failed":
-            effects.append(("HINCRBY", stats, f"failures:{name}", 1))
+            counts.append((stats, f"failures:{name}", 1))
         if name and ran_ms != "":
-            effects += [("HINCRBY", stats, f"runs:{name}", 1), ("HINCRBY", stats, f"ms:{name}", ran_ms)]
-        self.slots.effects(effects)
+            counts += [(stats, f"runs:{name}", 1), (stats, f"ms:{name}", int(ran_ms))]
+        if counts:  # summed in the process, as cache hits are (slots.py)
+            self.slots.count(counts)
         return True
 
     def release(self, key: str, owner: str, offered: bool = True) -> bool:
@@ -371,6 +384,11 @@ class StateStore(Tiers):
         See ``tree.py``."""
         script, ttls = self._scripts["cancelled"], (ttl_ms, MAILBOX_TTL_MS, self.graph_ttl_ms)
         return cancel_tree(self.client, self.slots, script, self, key, (why, why_sub), ttls, limit)
+
+    def flush(self) -> None:
+        """This thread is about to block or take its next message: what its unread replies
+        leave to do is done now (on a Redis Cluster, waking a completion's waiters)."""
+        self.slots.flush()
 
     def idle(self) -> None:
         """This thread is about to hop or end (see ``link.py``)."""

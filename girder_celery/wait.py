@@ -176,6 +176,7 @@ class Wait:
 
     def _pop(self, block: float) -> None:
         self._before_block()
+        self.store.flush()  # nothing this thread left to do waits on its block
         for outcome in self.store.pop_mailbox(self.mailbox, max(block, 0.01), len(self.pending)):
             if outcome.key in self.pending:
                 self._settle(outcome)
