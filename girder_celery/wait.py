@@ -81,6 +81,9 @@ class Wait:
         finally:
             if self.pending:
                 self._withdraw()
+            # Before control goes back to the caller's code, which may compute for a long time: a
+            # Redis Cluster's completions of the runs made here wake their other waiters now.
+            self.store.flush()
         return self._answers()
 
     def _first_submit(self) -> float | None:

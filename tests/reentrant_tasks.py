@@ -27,6 +27,16 @@ def fib(self, n):
     return n if n < 2 else fib.call(n - 1) + fib.call(n - 2)
 
 
+@girder.task(bind=True, name="grid.then_hold")
+def then_hold(self, tag):
+    """Asks for ``gated(tag)`` (run inline here, as a rule), then holds until the test opens the
+    gate ``tag + ":hold"`` (at most 20 s): a task computing after its sub-request."""
+    count_run(self)
+    value = gridapp.gated.call(tag)
+    gridapp._counter.blpop([gridapp.gate_key(f"{tag}:hold")], timeout=20)
+    return value
+
+
 @girder.task(bind=True, name="grid.fanout")
 def fanout(self, n, grandchildren=0, tag=""):
     count_run(self)

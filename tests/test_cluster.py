@@ -11,6 +11,7 @@ after all of that, and each bad configuration a clear error at call time and at 
 from __future__ import annotations
 
 import inspect
+import threading
 import time
 import uuid
 
@@ -24,6 +25,7 @@ from girder_celery.testing import ClusterGroup, RedisServer, free_port
 from tests import test_access, test_cancel, test_core_e2e, test_reentrant, test_store, test_tiers
 from tests.access_support import CLUSTER_RULES, acl_rules, acl_setuser_line
 from tests.conftest import POOLS, _fast_stop
+from tests.core_support import open_gate
 from tests.harness import Grid, repointed, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -308,6 +310,28 @@ def test_cancel_a_tree(grid, bg):
 
 gate = test_reentrant.gate
 tiers = test_tiers.tiers
+
+
+def test_a_sub_requests_other_waiter_is_woken_while_its_requester_computes_on(live):
+    """p runs c inline, then computes on (holds on a gate); a client that waits for c meanwhile
+    gets c's answer as it completes: the completion's reply, which names the client's mailbox,
+    is read before p's wait hands control back to p's code, not at p's next call or end, nor at
+    the client's next check (5 s here)."""
+    m, tag = live.app_module, uuid.uuid4().hex[:8]
+    key, store = m.gated.key(tag), m.girder.store
+    parent = m.reentrant_tasks.then_hold.delay(tag)
+    wait_until(lambda: store.record(key).get("state") == "running", 15, "p to run c")
+    answers: list = []
+    client = threading.Thread(target=lambda: answers.append(m.gated.call(tag)), daemon=True)
+    client.start()
+    wait_until(lambda: store.client.scard(store.waiters_key(key)) >= 1, 10, "the client to wait for c")
+    open_gate(live, tag)
+    started = time.monotonic()
+    client.join(10)
+    waited = time.monotonic() - started
+    open_gate(live, f"{tag}:hold")
+    assert answers == [tag] and waited < 2.5, (answers, waited)
+    assert parent.get(timeout=15) == tag
 
 
 def test_graph_and_reports_on_the_cluster(live):
