@@ -119,7 +119,8 @@ class Reads(Layout):
     def _pop(self, mailbox: str, block: float, most: int) -> list[str]:
         if self._blmpop:
             try:
-                reply = self.client.blmpop(block, 1, mailbox, direction="LEFT", count=most)
+                reply = self.client.execute_command("BLMPOP", block, 1, mailbox, "LEFT", "COUNT", most,
+                                                    **self._node_of(mailbox))  # fmt: skip
             except redis.RedisError as exc:
                 # Unknown before Redis 7 (a cluster's client says so itself), or refused by an
                 # ACL: pop one at a time. A store out of reach is raised.
@@ -130,6 +131,14 @@ class Reads(Layout):
                 return reply[1] if reply else []
         item = self.client.blpop([mailbox], timeout=block)
         return [item[1]] if item else []
+
+    def _node_of(self, name: str) -> dict[str, Any]:
+        """Where a cluster's client sends a command on key ``name`` that it would otherwise ask the
+        server to find the keys of (``COMMAND GETKEYS``, a round trip of its own: BLMPOP, whose
+        number of keys moves them); nothing on a single Redis. A redirection is still followed."""
+        if isinstance(self.client, redis.RedisCluster):
+            return {"target_nodes": self.client.get_node_from_key(name)}
+        return {}
 
     def unregister(self, keys: list[str], mailbox: str) -> None:
         """Withdraw a waiter that gives up: drop its mailbox from ``keys`` and delete it."""
