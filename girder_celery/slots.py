@@ -150,9 +150,9 @@ class ClusterSlots(Slots):
 
     def flush(self) -> None:
         """Here a completion's reply names the mailboxes to wake (``StateStore._notify``): read,
-        and acted on, with the thread's next submit (so an inline run costs one round trip, as
-        on a single Redis), and at the latest before the thread blocks, takes its next message
-        or pauses."""
+        and acted on, with the thread's next submit (its round trip carries the reply, as a
+        rule), and at the latest before the thread blocks, before a wait hands control back to
+        its caller's code (``Wait.run``), after a message's run, or as the thread pauses."""
         unflushed = self._unflushed.__dict__.pop("links", None)
         for link in (unflushed or {}).values():
             link.flush()

@@ -27,7 +27,7 @@ reads: a cycle it reports has every edge present when read, as the single Redis'
 
 A submit of one request (a running request asking for the next sub-request it needs, the
 common case) sends step 1 without awaiting it, beside step 2, so that the two round trips
-overlap (``send_edges``): an inline run then costs one round trip, as on a single Redis. Both
+overlap (``send_edges``): the submit then costs one round trip, as on a single Redis. Both
 replies are read before anything else is done, so the edge is written before the sub-request
 can run inline and before step 3's walk, but step 2 may read the sub-request's state before the
 edge is written. The argument above still holds for whatever step 2 answers then: ``claimed``
@@ -43,7 +43,7 @@ what step 2 did: the claim, the waiter, the offer (``give_back``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import redis
@@ -127,7 +127,7 @@ def running_now(client: Any, layout: Layout, outcomes: list[Outcome]) -> set[str
 
 
 def refuse_cycles(
-    client: Any, layout: Layout, requester: str, outcomes: list[Outcome], mailbox: str, running: set[str] = frozenset()
+    client: Any, layout: Layout, requester: str, outcomes: list[Outcome], mailbox: str, running: Collection[str] = ()
 ) -> tuple[list[Outcome], list[tuple]]:
     """Step 3: ``outcomes`` with each request that waits, transitively, for ``requester``
     answered ``cycle`` (its data: the cycle's keys, requester first and last, as submit.lua
