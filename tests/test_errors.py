@@ -179,6 +179,9 @@ def test_cache_errors_memoizes_the_failure_until_forgotten(live):
     assert runs(live, "grid.flaky", key) == 1
     rec = record(live, key)
     assert (rec["state"], rec["memo"]) == ("failed", "1")
+    # The run's own copy goes to the result backend after its waiters hear (mirror.py): awaited
+    # here, or it could land after delay()'s copy, over it.
+    wait_until(lambda: m.app.AsyncResult(key).state == "FAILURE", 10, "the run's copy in the result backend")
     with pytest.raises(GirderError, match=f"bad {a}"):
         m.memo_fail.delay(a).get(timeout=5)  # answered without a message, through the backend
     assert runs(live, "grid.flaky", key) == 1
