@@ -245,12 +245,7 @@ class Link:
         held = getattr(self._local, "held", None)
         if held is None or held.pid != os.getpid() or not (held.unread or held.owed or held.replies):
             return  # nothing left, or a forked child's copy: the parent reads its own replies
-        try:
-            self._make_again(held, [])
-            self._read_unread(held)
-        except _FALL_BACK:
-            self._owe(held)
-        self._deliver(held)
+        self._read_all(held, self._owe)
 
     def idle(self) -> None:
         """This thread is about to hop or end: read the replies it left unread and give its
@@ -261,12 +256,7 @@ class Link:
             return
         self._local.held = None
         try:
-            try:
-                self._make_again(held, [])
-                self._read_unread(held)
-            except _FALL_BACK:
-                self._reset(held)
-            self._deliver(held)
+            self._read_all(held, self._reset)
         except STORE_UNREACHABLE:
             # Not raised at a thread's pause: a completion that never ran leaves its request
             # to its lease, which expires, and to its waiters, who offer it again.
@@ -275,6 +265,17 @@ class Link:
             held.give_back()
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _read_all(self, held: _Held, broken: Callable[[_Held], Any]) -> None:
+        """Make what ``held`` owes, read every reply it left unread, hand them on; a connection
+        that breaks meanwhile goes to ``broken`` (``_owe``, or ``_reset``, which raises if the
+        store is unreachable)."""
+        try:
+            self._make_again(held, [])
+            self._read_unread(held)
+        except _FALL_BACK:
+            broken(held)
+        self._deliver(held)
 
     def _held(self) -> _Held:
         held = getattr(self._local, "held", None)

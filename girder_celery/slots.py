@@ -60,7 +60,7 @@ class Slots:
         """``script`` once per ``(keys, args)``, each on the master of its keys, replies in order."""
         return self.link.call_many(script, calls)
 
-    def send(self, script: Script, keys: tuple, args: tuple, on_reply: Callable[[Any], Any]) -> None:
+    def send(self, script: Script, keys: tuple, args: tuple, on_reply: Callable[[Any], Any] | None) -> None:
         """``script`` on the master of its keys, its reply read later and handed to ``on_reply``:
         by this thread's next call on that master's link, or by ``flush``."""
         self.link.send(script, keys, args, on_reply)
@@ -142,7 +142,7 @@ class ClusterSlots(Slots):
         self.flush()  # the replies unread on other masters' links have long arrived, as a rule
         return replies
 
-    def send(self, script: Script, keys: tuple, args: tuple, on_reply: Callable[[Any], Any]) -> None:
+    def send(self, script: Script, keys: tuple, args: tuple, on_reply: Callable[[Any], Any] | None) -> None:
         link = self.link_for(keys[0])
         link.send(script, keys, args, on_reply)
         unflushed = self._unflushed.__dict__.setdefault("links", {})

@@ -297,7 +297,9 @@ class StateStore(Tiers):
         Redis Cluster the reply names the mailboxes to wake, which are woken once it is read:
         with the thread's next submit, or ``flush`` (see ``slots.py``)."""
         script, keys, args = self._complete_call(key, owner, value, ttl_ms, skip_mailbox)
-        self.slots.send(script, keys, args, functools.partial(self._notify, key, "done", value))
+        # On a single Redis complete.lua wakes the waiters itself: its reply leaves nothing to do.
+        notify = None if self.slots.single else functools.partial(self._notify, key, "done", value)
+        self.slots.send(script, keys, args, notify)
 
     def _complete_call(self, key, owner, value, ttl_ms, skip_mailbox) -> tuple[Any, tuple, tuple]:
         args = (key, owner, value, ttl_ms, MAILBOX_TTL_MS, skip_mailbox, self.graph_ttl_ms)
@@ -386,8 +388,9 @@ class StateStore(Tiers):
         return cancel_tree(self.client, self.slots, script, self, key, (why, why_sub), ttls, limit)
 
     def flush(self) -> None:
-        """This thread is about to block or take its next message: what its unread replies
-        leave to do is done now (on a Redis Cluster, waking a completion's waiters)."""
+        """This thread is about to block, hand control back to its caller's code or take its next
+        message: what its unread replies leave to do is done now (on a Redis Cluster, waking a
+        completion's waiters)."""
         self.slots.flush()
 
     def idle(self) -> None:
