@@ -244,7 +244,7 @@ class Runner:
                 self.limits.clear()
                 self.after_message()
                 if settled and frame.requested:  # its graph, if it is a top-level request's, is kept
-                    keep_graph(self.store, key)
+                    self.leases.graphs.settled(key)
 
     def _run(self, task, key, owner, args, kwargs, run, skip_mailbox) -> tuple[Outcome, Any]:
         outcome = None

@@ -28,8 +28,9 @@ T = TypeVar("T")
 @dataclass
 class Frame:
     """A girder request running in this process: its key, node, root and owner token, and
-    whether it has made sub-requests (its first inline wait sets ``requested``): only then has
-    it a graph to keep as it settles."""
+    whether it has requested sub-requests that were not answered from the store (its inline
+    waits set ``requested``): only then has its graph an ``r`` edge, and graphs below its own
+    to keep as it settles (``graph.keep_graph``; its own graph's TTL is set by its settle)."""
 
     key: str
     node: str

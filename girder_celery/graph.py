@@ -17,8 +17,9 @@ A sub-request settles long before its root may, so each hash reachable from a ro
 its own request's settle: ``keep_graph`` extends every hash that ``read_graph`` would walk from a
 *top-level* request (one no request asked for: its record's ``parent`` is empty) to
 ``girder_graph_ttl`` from now, as it settles (``execute.py``; ``inline.py`` for a message's
-answer; ``cancel.py``) and, while it runs, every third of ``girder_graph_ttl`` (``GraphKeeper``,
-at the lease keeper's ticks). So its whole graph is kept at least ``girder_graph_ttl`` after it
+answer; both walked on the graph keeper's thread, off the executor's path; ``cancel.py``) and,
+while it runs, every third of ``girder_graph_ttl`` (``GraphKeeper``, at the lease keeper's
+ticks). So its whole graph is kept at least ``girder_graph_ttl`` after it
 settles. Any other request a user asks for as a root is covered with it: a sub-request's
 ``r``-descendants are among those of the top-level request whose walk reached it, which settles
 after it unless it stopped waiting for it (failed, timed out, cancelled). The walk is per
@@ -28,8 +29,10 @@ top-level settle reads its own graph once.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -126,7 +129,10 @@ class GraphKeeper:
     """Keeps the graphs of the top-level requests running in this process, every third of
     ``girder_graph_ttl``: handed the keys running here at each of the lease keeper's ticks (a
     third of a lease), so each is kept at most ``girder_graph_ttl`` / 3 plus two ticks apart,
-    within ``girder_graph_ttl`` as long as that is more than a lease."""
+    within ``girder_graph_ttl`` as long as that is more than a lease. And those that settled
+    here (``settled``), walked at once on the keeper's thread: a walk costs a round trip per
+    level of the graph, which the executor would otherwise pay before its next message (every
+    node at once, where many requests waited on one sub-request)."""
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
@@ -134,6 +140,23 @@ class GraphKeeper:
         #: Each key running here, and when (monotonic) its graph is kept next: infinity for a
         #: sub-request's, which its top-level request keeps.
         self._due: dict[str, float] = {}
+        #: Requests that settled here with sub-requests of their own, to be walked; set wakes
+        #: the keeper's thread for them.
+        self._settled: collections.deque[str] = collections.deque()
+        self.wake = threading.Event()
+
+    def settled(self, key: str) -> None:
+        """Request ``key``, which requested sub-requests, settled here: keep its whole graph if
+        it is a top-level request, soon, on the keeper's thread."""
+        self._settled.append(key)
+        self.wake.set()
+
+    def walk_settled(self, deadline: float = math.inf) -> None:
+        """Keep the graphs of the requests settled here so far (the keeper's thread, or at exit
+        until ``deadline``, monotonic); a Redis error is logged by ``keep_graph``, and that
+        graph may expire early."""
+        while self._settled and time.monotonic() < deadline:
+            keep_graph(self.store, self._settled.popleft())
 
     def running(self, keys: Iterable[str]) -> None:
         """At a tick: ``keys`` run here now; keep the graphs due (the keeper's thread only)."""

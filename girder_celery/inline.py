@@ -37,7 +37,6 @@ from celery.utils.saferepr import saferepr
 from .errors import GirderCancelled
 from .execute import InlineRun, Runner
 from .frame import Frame, on_a_shallow_stack
-from .graph import keep_graph
 from .keys import Request, decode_payload
 from .store import Claimant, Outcome, Verdict
 from .wait import Wait
@@ -66,7 +65,6 @@ class InlineWait(Wait):
         self.send_offers = runner.concurrency != 1 or any(r.pool and r.pool != self.queue for r in requests)
         self.runner = runner
         self.frame = frame
-        frame.requested = True
         #: Its claims' token names the request it runs them for (a cancel's walk, tree.py, reads who waits).
         self.owner = f"{runner.new_owner(frame.node)}>{self.requester}"
         self.lease_ms = runner.leases.lease_ms
@@ -84,9 +82,13 @@ class InlineWait(Wait):
     def _submit(self, requests: list[Request]) -> list[Outcome]:
         claimant = Claimant(requests[-1].key, self.owner, self.frame.node, self.lease_ms)
         offer, requester, owner = self.send_offers, self.requester, self.frame.owner
-        return self.offers.submit(
-            requests, self.mailbox, offer, requester, claimant, queue=self.queue, requester_owner=owner
-        )
+        try:
+            return self.offers.submit(
+                requests, self.mailbox, offer, requester, claimant, queue=self.queue, requester_owner=owner
+            )
+        except BaseException:  # it may have landed, its reply lost: its edges may say "r"
+            self.frame.requested = True
+            raise
 
     def _resubmit(self, reoffer: bool) -> list[Outcome]:
         # Whatever became claimable again (an expired lease, a lost record, an offer dropped in
@@ -105,6 +107,8 @@ class InlineWait(Wait):
         super()._absorb(outcomes)
         for outcome in outcomes:
             verdict = outcome.verdict
+            if not outcome.settled:  # edged "r" (a sub-request answered from the store is "c")
+                self.frame.requested = True
             if verdict is Verdict.CLAIMED:  # by the submit: run it first
                 self.claimed = outcome.key
             elif (verdict is Verdict.QUEUED or verdict is Verdict.OFFER) and outcome.key in self.pending:
@@ -163,7 +167,7 @@ class InlineWait(Wait):
         else:
             self._settle(run.outcome)
             if run.requested and not self.requester:  # a message's answer, which no request asked for
-                keep_graph(self.store, key)
+                self.runner.leases.graphs.settled(key)
         return True
 
 

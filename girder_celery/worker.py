@@ -232,3 +232,9 @@ def install(runtime: Runtime) -> None:
             logger.warning("girder: could not fail request %s at its hard time limit", task_id, exc_info=True)
 
     signals.task_failure.connect(on_task_failure, weak=False)
+
+    def on_process_shutdown(**_: Any) -> None:
+        # A prefork child ends with os._exit, past atexit: the graphs of what it settled last.
+        runtime.runner.leases.finish_walks()
+
+    signals.worker_process_shutdown.connect(on_process_shutdown, weak=False)

@@ -8,6 +8,7 @@ workers: the transitions are made here, as an executor makes them.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +20,7 @@ from girder_celery import graph
 from girder_celery.errors import GirderNoGraph
 from girder_celery.graph import GraphKeeper, keep_graph, progress_of, read_graph
 from girder_celery.keys import encode_payload, request_key
+from girder_celery.lease import LeaseKeeper
 from girder_celery.reads import EXISTS_FIRST
 from girder_celery.records import active, forget_task, reset_stats, stats
 from girder_celery.store import Claimant, StateStore
@@ -355,3 +357,25 @@ def test_the_graph_keeper_keeps_a_running_top_level_requests_graph_every_third_o
     wait_until(lambda: time.monotonic() > again + 1, 3, "another third")
     keeper.running([tree["mid"]])  # root settled: only mid, a sub-request, still runs here
     assert ttl_of(short, tree["mid"]) <= 2000
+
+
+def test_a_top_level_request_settled_here_is_walked_at_once_on_the_keepers_thread(store, monkeypatch):
+    """A top-level request that settled here is handed to the lease keeper's graph thread
+    (``GraphKeeper.settled``), which walks it at once, not a tick (a third of a lease) later, and
+    not on the thread that settled it: that thread goes on to its next message."""
+    tree = a_tree(store)
+    leases = LeaseKeeper(store, lease_ms=60_000, edge_ttl_ms=60_000)  # a tick every 20 s
+    walkers: list[str] = []
+    walk = graph.keep_graph
+
+    def recorded(s, key):
+        walkers.append(threading.current_thread().name)
+        return walk(s, key)
+
+    monkeypatch.setattr(graph, "keep_graph", recorded)
+    leases.hold(tree["root"], "n1/1/x")  # a claim starts the keeper's threads
+    leases.release(tree["root"])
+    assert ttl_of(store, tree["mid"]) <= 5000
+    leases.graphs.settled(tree["root"])
+    wait_until(lambda: ttl_of(store, tree["mid"]) > HOUR - 60_000, 5, "the settled root's graph to be kept")
+    assert walkers == ["girder-graph-keeper"]
