@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import itertools
+import math
 import time
 from typing import Any
 
@@ -39,6 +40,7 @@ from .execute import InlineRun, Runner
 from .frame import Frame, on_a_shallow_stack
 from .keys import Request, decode_payload
 from .store import Claimant, Outcome, Verdict
+from .tiers import EARLY_HOIST
 from .wait import Wait
 
 __all__ = ["InlineWait", "run_inline"]
@@ -74,6 +76,8 @@ class InlineWait(Wait):
         self.claimable: dict[str, None] = {}
         #: The sub-request the submit claimed for this waiter, to run first.
         self.claimed: str | None = None
+        #: Whether its first inline run has been timed, for ``_hoist_early`` (done once).
+        self.timed = False
         #: Sub-requests run here that Celery retries: key -> (when the retry is due, monotonic,
         #: and the retries so far). Each stays claimed by this waiter, its lease held, and runs
         #: here again once due; meanwhile the waiter runs its others and blocks no later.
@@ -160,7 +164,11 @@ class InlineWait(Wait):
                     self.pending[other] = Verdict.RUNNING
         if key is None or key not in self.pending:
             return False
+        started = time.monotonic()
         run = run_inline(self.runner, self.unique[key], self.owner, self.mailbox, self.frame, retries)
+        if not self.timed:
+            self.timed = True
+            self._hoist_early(time.monotonic() - started)
         if run.retry is not None:
             self.retrying[key] = (time.monotonic() + retry_delay(run.retry), retries + 1)
             self.runner.leases.hold(key, self.owner)
@@ -169,6 +177,23 @@ class InlineWait(Wait):
             if run.requested and not self.requester:  # a message's answer, which no request asked for
                 self.runner.leases.graphs.settled(key)
         return True
+
+    def _hoist_early(self, took: float) -> None:
+        """Its first inline run took ``took`` s: of the sub-requests still queued on this node's
+        own queue, all but the newest its executors get to within ``girder_hoist_after`` (this
+        waiter runs the newest first) are expected to wait longer than that, which is what
+        hoisting waits for. The oldest of them (at most ``EARLY_HOIST``) are made due now, so a
+        wide fan-out of long children gets help from the pool when its first child ends, not
+        ``girder_hoist_after`` after its submit; children that take less than a message's worth
+        of time are kept here, as age alone would keep them (nothing is due before that)."""
+        after = self.runner.settings.hoist_after
+        if not after or took <= 0 or not self.claimable:
+            return
+        kept = math.ceil(after / took * max(1, self.runner.concurrency))
+        own = [key for key in self.claimable if self.unique[key].pool in ("", None, self.queue)]
+        due = own[: max(0, len(own) - kept)][:EARLY_HOIST]
+        if due:
+            self.offers.hoist_early(self.queue, due)
 
 
 def retry_delay(retry: Retry) -> float:

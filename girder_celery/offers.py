@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from functools import cached_property
 
@@ -38,6 +39,9 @@ class Offers:
         self._node_prefix = f"{settings.key_prefix}.node."
         #: Whether the hoister's last pass failed (its next failure is logged without a traceback).
         self._hoisting_failed = False
+        #: Set when offers of this process were made due early (``hoist_early``): the hoister
+        #: of this process, if it runs one, passes at once instead of at its next tick.
+        self.hoist_now = threading.Event()
 
     def submit(
         self,
@@ -155,6 +159,17 @@ class Offers:
         # Celery does not store this offer's result; the runner mirrors it (see mirror.py).
         with app.producer_or_acquire() as producer:
             app.amqp.send_task_message(producer, name, message, headers={"girder_mirror": True}, **options)
+
+    def hoist_early(self, tier: str, keys: list[str]) -> None:
+        """Offers of ``keys`` on ``tier`` are expected to wait longer than ``girder_hoist_after``:
+        make them due now and wake the hoister. A Redis error is only logged: they are due as
+        they age anyway."""
+        try:
+            self.store.make_due(tier, keys)
+        except redis.RedisError as exc:
+            logger.info("girder: could not hoist %d offer(s) early (%s); they go as they age", len(keys), exc)
+            return
+        self.hoist_now.set()
 
     def hoist(self, tiers: list[str]) -> None:
         """One pass up ``tiers`` (node queue, pool, ancestors): copy the offers that waited

@@ -13,7 +13,7 @@ from typing import Any
 from .reads import Reads
 from .slots import Slots
 
-__all__ = ["HOIST_BACKLOG", "HOIST_BATCH", "HOIST_PRUNE", "WINDOW_TTL_MS", "Tiers"]
+__all__ = ["EARLY_HOIST", "HOIST_BACKLOG", "HOIST_BATCH", "HOIST_PRUNE", "WINDOW_TTL_MS", "Tiers"]
 
 #: A hoisting pass moves at most ``HOIST_BATCH`` offers out of each tier, and passes over a tier
 #: holding ``HOIST_BACKLOG`` offers that waited longer than ``girder_hoist_after`` (not keeping
@@ -31,6 +31,9 @@ HOIST_BACKLOG = 16
 HOIST_PRUNE = 1
 #: How long a pool's hoisting window is kept once no pass adjusts it (see hoist.lua).
 WINDOW_TTL_MS = 24 * 3600 * 1000
+#: Most offers a waiter makes due at once (``make_due``): what two passes move out of a tier; the
+#: rest are due as they age, by then.
+EARLY_HOIST = 2 * HOIST_BATCH
 
 
 class Tiers(Reads):
@@ -52,6 +55,13 @@ class Tiers(Reads):
         )
         moves = [tuple(reply[i : i + 4]) for i in range(0, len(reply), 4)]
         return moves if self.slots.single else self._hoisted(moves)
+
+    def make_due(self, tier: str, keys: list[str]) -> None:
+        """Make the offers of ``keys`` on ``tier`` due for the next hoisting pass, as if they had
+        waited since the epoch: a waiter expects them to wait longer than ``girder_hoist_after``.
+        Only entries still there are changed (XX): one claimed meanwhile is not offered again."""
+        if keys:
+            self.client.zadd(self.offers_key(tier), dict.fromkeys(keys, 0), xx=True)
 
     def _hoisted(self, moves: list[tuple[str, str, str, str]]) -> list[tuple[str, str, str, str]]:
         """A cluster's hoist, the records' side: each entry hoist.lua moved up to a queue (or

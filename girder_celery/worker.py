@@ -7,10 +7,10 @@ checks the state store at start, so a wrong URL is a clear error there rather th
 and warns if the store may evict girder's keys (an evicted running record makes its request
 run twice, against invariant 1), and installs the event-loop wakers of ``hub.py``. ``Hoister``
 runs a thread that copies offers that waited longer than ``girder_hoist_after`` up a tier (the
-seed's distributor). The handlers fail a girder request whose message names a task this
-worker does not know, or whose run Celery's pool ended at its hard time limit (prefork kills
-the process), so its waiters hear of it (invariant 1). Celery's ``revoke`` command cancels a girder
-request instead of blocking its key (``cancel.py``).
+seed's distributor), and those a waiter made due early at once. The handlers fail a girder
+request whose message names a task this worker does not know, or whose run Celery's pool ended
+at its hard time limit (prefork kills the process), so its waiters hear of it (invariant 1).
+Celery's ``revoke`` command cancels a girder request instead of blocking its key (``cancel.py``).
 
 ``MessageCheck`` refuses malformed messages of plain tasks as girder's strategy does its own.
 """
@@ -160,7 +160,8 @@ class MessageCheck(bootsteps.StartStopStep):
 
 
 class Hoister(bootsteps.StartStopStep):
-    """Every half ``girder_hoist_after``, copies this node's stale offers up the pool tree.
+    """Every half ``girder_hoist_after``, copies this node's stale offers up the pool tree, and at
+    once when a waiter of this process made some of its offers due early (``Offers.hoist_now``).
 
     It runs in a thread of its own (a greenlet under gevent), not on the worker's timer: under
     ``-P solo`` the timer shares the thread that runs tasks, and an overburdened node is exactly
@@ -172,6 +173,7 @@ class Hoister(bootsteps.StartStopStep):
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         self.stopping = threading.Event()
+        self.wake: threading.Event | None = None
         super().__init__(worker, **kwargs)
 
     def start(self, worker: Any) -> None:
@@ -181,15 +183,21 @@ class Hoister(bootsteps.StartStopStep):
             return
         tiers = [offers.node_queue(worker.hostname), *settings.pool_chain(runtime.node_pool)]
         self.stopping.clear()
+        self.wake = offers.hoist_now
         args = (offers, tiers, settings.hoist_after / 2)
         threading.Thread(target=self._run, args=args, name="girder-hoister", daemon=True).start()
 
     def _run(self, offers: Offers, tiers: list[str], every: float) -> None:
-        while not self.stopping.wait(every):
-            offers.hoist(tiers)
+        while not self.stopping.is_set():
+            offers.hoist_now.wait(every)
+            offers.hoist_now.clear()
+            if not self.stopping.is_set():
+                offers.hoist(tiers)
 
     def stop(self, worker: Any) -> None:
         self.stopping.set()
+        if self.wake is not None:
+            self.wake.set()
 
 
 def install(runtime: Runtime) -> None:

@@ -528,6 +528,20 @@ def test_hoist_copies_due_offers_to_the_tier_above_and_leaves_fresh_ones(store):
     assert [store.record(k)["hoists"] for k in due] == ["1", "1"]
 
 
+def test_offers_made_due_early_move_at_the_next_pass_and_a_claimed_one_is_not_offered_again(store):
+    """make_due dates the offers named as long due, so the next pass copies them up however
+    fresh they were; the others stay, and one claimed meanwhile (its entry gone) is not put back."""
+    now = redis_now_ms(store.client)
+    fresh = queued_on(store, "node", 4, at_ms=now)
+    claimed = fresh[0]
+    assert store.claim(claimed, "n1/1/x", "n1", HOUR, "node")[0] == "claimed"
+    store.make_due("node", fresh[:3])
+    moved = store.hoist(["node", "pool"], HOUR)
+    assert sorted(key for _, key, _, _ in moved) == sorted(fresh[1:3])
+    assert store.client.zrange(store.offers_key("node"), 0, -1) == [fresh[3]]
+    assert claimed not in store.client.zrange(store.offers_key("pool"), 0, -1)
+
+
 def test_hoist_passes_over_a_tier_that_is_not_keeping_up(store):
     """A pool with HOIST_BACKLOG offers of its own long due is not keeping up: a node's due
     offers go straight to the tier above it, not behind them (one copy, not two)."""

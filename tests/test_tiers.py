@@ -68,6 +68,29 @@ def test_an_overburdened_node_gets_help_from_an_idle_one(grid):
 
 
 @pytest.mark.invariant1
+def test_long_children_get_help_once_the_first_one_ends_not_hoist_after_later(redis_server, broker):
+    """With girder_hoist_after at 3 s, a solo node's fan-out of 12 children of 0.3 s: its first
+    inline child shows the rest would wait well over 3 s, so the oldest are made due then and the
+    idle node runs copies long before any offer has waited 3 s. Each child still runs once."""
+    grid = Grid(redis_server, broker)
+    grid.env["GIRDER_TEST_HOIST_AFTER"] = "3"
+    grid.load_app()
+    try:
+        w1, w2 = grid.worker("w1", "solo", 1), grid.worker("w2", "solo", 1)
+        m, t, tag = grid.app_module, grid.app_module.tier_tasks, uuid.uuid4().hex
+        result = m.girder.request(t.tier_fan.s(12, 0.3, tag), timeout=60, pool=m.girder.node_queue(w1.hostname))
+        assert result["parent"] == w1.hostname
+        records = [m.girder.store.record(t.tier_child.key(0.3, f"{tag}.{i}")) for i in range(12)]
+        helped = [r for r in records if r["node"] == w2.hostname]
+        assert helped, result
+        waited = min(int(r["started_at"]) - int(r["created_at"]) for r in helped)
+        assert waited < 3000, f"the first copy ran {waited} ms after its submit: it waited out girder_hoist_after"
+        assert [runs(grid, t.tier_child, 0.3, f"{tag}.{i}") for i in range(12)] == [1] * 12
+    finally:
+        grid.close()
+
+
+@pytest.mark.invariant1
 def test_nested_pools_a_fan_out_in_a_gets_help_from_b(tiers):
     """A fan-out in pool a gets help from pool b through their parent r; each child runs once."""
     wa = tiers.worker("wa", "solo", 1, "--girder-pool", tiers.pools["a"])
