@@ -311,6 +311,30 @@ def test_cancelling_a_top_level_request_keeps_its_graph(grid):
         rt.open_gate(gate)
 
 
+def test_a_prefork_child_that_exits_after_its_request_still_keeps_its_graph(redis_server):
+    """A prefork child with --max-tasks-per-child 1 exits as its top-level request settles, by
+    os._exit (no atexit): the walk handed to its graph keeper's thread is done all the same (by
+    that thread, woken at the settle, or else by the child's worker_process_shutdown), so the
+    settled sub-request's graph, given 5 s to live, is kept girder_graph_ttl (a day) from then."""
+    g = Grid(redis_server, "redis")
+    g.load_app()
+    try:
+        g.worker("w", "prefork", 1, "--max-tasks-per-child", "1")
+        m, tag = g.app_module, uuid.uuid4().hex[:8]
+        rt, store, gate = m.reentrant_tasks, m.girder.store, f"child-exits-{tag}"
+        mid = rt.fanout.s(2, 0, tag)
+        rt.outlives.delay(gate, tag)
+        wait_until(lambda: m.girder.state(mid)["state"] == "done", 30, "its sub-request to settle")
+        mid_graph = store.graph_key(m.girder.key_of(mid))
+        store.client.pexpire(mid_graph, 5000)
+        rt.open_gate(gate)
+        assert m.girder.request(rt.outlives.s(gate, tag), timeout=30) == 2
+        wait_until(lambda: store.client.pttl(mid_graph) > 3_600_000, 10, "its graph to be kept as the root settled")
+    finally:
+        g.kill()
+        g.close()
+
+
 #: The grid whose root outlives its graph's TTL: girder_graph_ttl and the lease (seconds). Its
 #: lease keeper ticks each third of the lease, so it keeps a running root's graph well within it.
 SHORT_TTL, SHORT_LEASE = 4.0, 2.0
