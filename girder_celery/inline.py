@@ -184,8 +184,8 @@ class InlineWait(Wait):
         waiter runs the newest first) are expected to wait longer than that, which is what
         hoisting waits for. The oldest of them (at most ``EARLY_HOIST``) are made due now, so a
         wide fan-out of long children gets help from the pool when its first child ends, not
-        ``girder_hoist_after`` after its submit; children that take less than a message's worth
-        of time are kept here, as age alone would keep them (nothing is due before that)."""
+        ``girder_hoist_after`` after its submit. Of short children, only those beyond the
+        newest ``girder_hoist_after`` / ``took`` go early, which age would send a little later."""
         after = self.runner.settings.hoist_after
         if not after or took <= 0 or not self.claimable:
             return
