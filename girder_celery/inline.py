@@ -190,10 +190,14 @@ class InlineWait(Wait):
         if not after or took <= 0 or not self.claimable:
             return
         kept = math.ceil(after / took * max(1, self.runner.concurrency))
-        own = [key for key in self.claimable if self.unique[key].pool in ("", None, self.queue)]
-        due = own[: max(0, len(own) - kept)][:EARLY_HOIST]
+        # Counted, then the oldest taken: no list of a wide fan-out's every key (issue 12).
+        count = sum(map(self._offered_here, self.claimable))
+        due = list(itertools.islice(filter(self._offered_here, self.claimable), min(EARLY_HOIST, max(0, count - kept))))
         if due:
             self.offers.hoist_early(self.queue, due)
+
+    def _offered_here(self, key: str) -> bool:
+        return self.unique[key].pool in ("", None, self.queue)
 
 
 def retry_delay(retry: Retry) -> float:
