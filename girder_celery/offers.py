@@ -171,13 +171,21 @@ class Offers:
             return
         self.hoist_now.set()
 
-    def hoist(self, tiers: list[str]) -> None:
+    def hoist(self, tiers: list[str]) -> float:
         """One pass up ``tiers`` (node queue, pool, ancestors): copy the offers that waited
-        longer than ``girder_hoist_after`` to the nearest tier above that keeps up. A Redis or
-        broker error is logged, the first of a run of them with its traceback (the passes come
-        twenty times a second), and the next pass tries again."""
+        longer than ``girder_hoist_after`` to the nearest tier above that keeps up. Returns how
+        long to wait for the next pass (s): until the oldest offer left is due, but at least
+        half ``girder_hoist_after`` and at most all of it, so that no offer is hoisted later
+        than half ``girder_hoist_after`` after it is due, and an idle node passes ten times a
+        second at the default. A Redis or broker error is logged, the first of a run of them
+        with its traceback (the passes come up to twenty times a second), and the next pass
+        tries again after the shortest wait."""
+        after = self.settings.hoist_after
+        due_in = after / 2
         try:
-            for queue, key, name, payload in self.store.hoist(tiers, self.settings.hoist_after_ms):
+            hoisted = self.store.hoist(tiers, self.settings.hoist_after_ms)
+            due_in = hoisted.due_in_ms / 1000
+            for queue, key, name, payload in hoisted.copies:
                 try:
                     args, kwargs = decode_payload(payload)
                 except Exception:  # a corrupt record must not cost the rest of the pass their copies
@@ -194,3 +202,4 @@ class Offers:
             if self._hoisting_failed:
                 logger.info("girder: hoisting works again")
             self._hoisting_failed = False
+        return min(max(due_in, after / 2), after)

@@ -8,12 +8,12 @@ their side follows, each in its own slot (``_hoisted``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from .reads import Reads
 from .slots import Slots
 
-__all__ = ["EARLY_HOIST", "HOIST_BACKLOG", "HOIST_BATCH", "HOIST_PRUNE", "WINDOW_TTL_MS", "Tiers"]
+__all__ = ["EARLY_HOIST", "HOIST_BACKLOG", "HOIST_BATCH", "HOIST_PRUNE", "WINDOW_TTL_MS", "Pass", "Tiers"]
 
 #: A hoisting pass moves at most ``HOIST_BATCH`` offers out of each tier, and passes over a tier
 #: holding ``HOIST_BACKLOG`` offers that waited longer than ``girder_hoist_after`` (not keeping
@@ -36,25 +36,34 @@ WINDOW_TTL_MS = 24 * 3600 * 1000
 EARLY_HOIST = 2 * HOIST_BATCH
 
 
+class Pass(NamedTuple):
+    """What one hoisting pass did: the ``(queue, key, name, payload)`` copies to publish, and
+    the ms until the oldest offer left below the top tier is due (``after_ms`` when none is
+    left; 0 or less when one is due and nothing above could take it)."""
+
+    copies: list[tuple[str, str, str, str]]
+    due_in_ms: int
+
+
 class Tiers(Reads):
     """``StateStore``'s hoisting transition, with its scripts and slots."""
 
     slots: Slots
     _scripts: dict[str, Any]
 
-    def hoist(self, tiers: list[str], after_ms: int) -> list[tuple[str, str, str, str]]:
+    def hoist(self, tiers: list[str], after_ms: int) -> Pass:
         """One pass up ``tiers`` (a node's queue, its pool, the pool's ancestors): move up to
         ``HOIST_BATCH`` offers per tier, queued there for over ``after_ms``, to the nearest tier
         above that can take them: one with fewer than ``HOIST_BACKLOG`` offers that waited as
         long and, below the top, room in its window (none: they stay); at the top only drop
-        stale entries. The ``(queue, key, name, payload)`` to publish."""
+        stale entries."""
         records = self.record_prefix if self.slots.single else ""
-        reply = self._scripts["hoist"](
+        due_in, *reply = self._scripts["hoist"](
             [*(self.offers_key(tier) for tier in tiers), *(self.window_key(tier) for tier in tiers)],
             (after_ms, records, HOIST_BATCH, HOIST_BACKLOG, HOIST_PRUNE, WINDOW_TTL_MS, *tiers),
         )
         moves = [tuple(reply[i : i + 4]) for i in range(0, len(reply), 4)]
-        return moves if self.slots.single else self._hoisted(moves)
+        return Pass(moves if self.slots.single else self._hoisted(moves), int(due_in))
 
     def make_due(self, tier: str, keys: list[str]) -> None:
         """Make the offers of ``keys`` on ``tier`` due for the next hoisting pass, as if they had

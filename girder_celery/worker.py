@@ -28,7 +28,7 @@ from celery.exceptions import TimeLimitExceeded
 
 from .cancel import install_revoke
 from .errors import safe_url
-from .hub import wake_hub_for_queued_callbacks, wake_hub_when_requests_end
+from .hub import wake_hub_at_shutdown, wake_hub_for_queued_callbacks, wake_hub_when_requests_end
 from .keys import is_key
 from .messages import checked
 from .offers import Offers
@@ -92,6 +92,7 @@ class GirderStep(bootsteps.StartStopStep):
             return
         if not wake_hub_for_queued_callbacks(hub):
             logger.warning("girder: this kombu's event loop has no waker; acks queued by a task may wait up to 10 s")
+        wake_hub_at_shutdown(hub, worker.hostname)
         if worker.app.conf.worker_disable_prefetch and getattr(worker, "pool", None) is not None:
             wake_hub_when_requests_end(worker.pool, hub)
 
@@ -160,8 +161,9 @@ class MessageCheck(bootsteps.StartStopStep):
 
 
 class Hoister(bootsteps.StartStopStep):
-    """Every half ``girder_hoist_after``, copies this node's stale offers up the pool tree, and at
-    once when a waiter of this process made some of its offers due early (``Offers.hoist_now``).
+    """Copies this node's stale offers up the pool tree: a pass when the oldest offer left is
+    due, every half to whole ``girder_hoist_after`` (``Offers.hoist``), and one at once when a
+    waiter of this process made some of its offers due early (``Offers.hoist_now``).
 
     It runs in a thread of its own (a greenlet under gevent), not on the worker's timer: under
     ``-P solo`` the timer shares the thread that runs tasks, and an overburdened node is exactly
@@ -187,12 +189,13 @@ class Hoister(bootsteps.StartStopStep):
         args = (offers, tiers, settings.hoist_after / 2)
         threading.Thread(target=self._run, args=args, name="girder-hoister", daemon=True).start()
 
-    def _run(self, offers: Offers, tiers: list[str], every: float) -> None:
+    def _run(self, offers: Offers, tiers: list[str], first: float) -> None:
+        wait = first
         while not self.stopping.is_set():
-            offers.hoist_now.wait(every)
+            offers.hoist_now.wait(wait)
             offers.hoist_now.clear()
             if not self.stopping.is_set():
-                offers.hoist(tiers)
+                wait = offers.hoist(tiers)
 
     def stop(self, worker: Any) -> None:
         self.stopping.set()

@@ -8,14 +8,18 @@ a fixed time in place of an event. Redis key names come from the state store's o
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import redis
 from kombu import Connection
 
 from girder_celery.store import StateStore
+from girder_celery.worker import Hoister
 from tests.harness import Grid, wait_until
 
 
@@ -130,6 +134,26 @@ def forget_queue(grid: Grid, queue: str) -> None:
             conn.default_channel.queue_delete(queue)
     except Exception:
         pass
+
+
+@contextmanager
+def hoister_loop(grid: Grid, offers, first: float) -> Iterator[tuple[str, str]]:
+    """The ``Hoister`` bootstep's loop in a thread, minus the worker, over two dead queues
+    ``(source, destination)``, its first wait ``first`` s; stopped, joined and the queues deleted
+    on exit. ``offers`` is the app's ``Offers``, or what stands in for it (``hoist``, ``hoist_now``)."""
+    source, destination = dead_queue(grid), dead_queue(grid)
+    hoister = Hoister.__new__(Hoister)
+    hoister.stopping, hoister.wake = threading.Event(), offers.hoist_now
+    loop = threading.Thread(target=hoister._run, args=(offers, [source, destination], first), daemon=True)
+    loop.start()
+    try:
+        yield source, destination
+    finally:
+        hoister.stop(None)
+        loop.join(5)
+        forget_queue(grid, source)
+        forget_queue(grid, destination)
+    assert not loop.is_alive()
 
 
 def received(worker, key: str) -> int:

@@ -3,7 +3,8 @@
 Celery queues a message's ack on the hub; a solo worker running messages from a queued read
 queues acks that way, and the hub then polled for up to 10 s before sending them (on RabbitMQ,
 with the prefetch window held by the unsent acks, nothing else ended that poll). Girder's worker
-step installs a tick hook that wakes the poll instead. This drives a real kombu ``Hub``.
+step installs a tick hook that wakes the poll instead. This drives a real kombu ``Hub``; the last
+test, a real worker, which its step wakes as a shutdown is asked for.
 """
 
 from __future__ import annotations
@@ -95,3 +96,18 @@ def test_a_request_ending_on_a_pool_thread_wakes_the_loop():
         hub.close()
         quiet.close()
         _peer.close()
+
+
+def test_an_idle_worker_stops_at_once_on_a_warm_shutdown(grid):
+    """SIGTERM to an idle worker stops it well within the hub's longest poll (10 s), on either
+    broker: one signalled as it is ready (before its loop's first poll, or during it), and one
+    signalled a couple of seconds into its poll. On RabbitMQ nothing else ended that poll: such
+    nodes took 9.4-9.7 s."""
+    polling = grid.worker("w1", "solo", 1)
+    just_ready = grid.worker("w2", "solo", 1)
+    for worker in (just_ready, polling):
+        started = time.monotonic()
+        worker.terminate()
+        worker.proc.wait(30)
+        stopped = time.monotonic() - started
+        assert stopped < 4, f"the warm shutdown took {stopped:.1f} s; its log ends:\n{worker.output(lines=20)}"

@@ -520,7 +520,7 @@ def test_hoist_copies_due_offers_to_the_tier_above_and_leaves_fresh_ones(store):
     """An offer that waited longer than the hoist delay moves up one tier, recorded there with
     the copy counted; one that has not waited that long stays."""
     due, fresh = queued_on(store, "node", 2), queued_on(store, "node", 1, at_ms=redis_now_ms(store.client) + HOUR)
-    moved = store.hoist(["node", "pool", "root"], 100)
+    moved = store.hoist(["node", "pool", "root"], 100).copies
     assert sorted(moved) == sorted(("pool", k, "t.add", "[[1,2],{}]") for k in due)
     assert set(store.client.zrange(store.offers_key("pool"), 0, -1)) == set(due)
     assert store.client.zrange(store.offers_key("node"), 0, -1) == fresh
@@ -536,7 +536,7 @@ def test_offers_made_due_early_move_at_the_next_pass_and_a_claimed_one_is_not_of
     claimed = fresh[0]
     assert store.claim(claimed, "n1/1/x", "n1", HOUR, "node")[0] == "claimed"
     store.make_due("node", fresh[:3])
-    moved = store.hoist(["node", "pool"], HOUR)
+    moved = store.hoist(["node", "pool"], HOUR).copies
     assert sorted(key for _, key, _, _ in moved) == sorted(fresh[1:3])
     assert store.client.zrange(store.offers_key("node"), 0, -1) == [fresh[3]]
     assert claimed not in store.client.zrange(store.offers_key("pool"), 0, -1)
@@ -547,7 +547,7 @@ def test_hoist_passes_over_a_tier_that_is_not_keeping_up(store):
     offers go straight to the tier above it, not behind them (one copy, not two)."""
     backlog = queued_on(store, "pool", HOIST_BACKLOG)
     due = queued_on(store, "node", 3)
-    moved = store.hoist(["node", "pool", "root"], 100)
+    moved = store.hoist(["node", "pool", "root"], 100).copies
     assert {(queue, key) for queue, key, _, _ in moved if key in due} == {("root", k) for k in due}
     assert set(due) <= set(store.client.zrange(store.offers_key("root"), 0, -1))
     assert not set(due) & set(store.client.zrange(store.offers_key("pool"), 0, -1))
@@ -561,7 +561,7 @@ def test_hoist_moves_nothing_when_no_tier_above_keeps_up_and_looks_only_at_the_o
     lost = new_key()
     store.client.zadd(store.offers_key("node"), {lost: 0})  # its record expired or was deleted
     waiting = queued_on(store, "node", HOIST_PRUNE + 3, at_ms=1)
-    assert store.hoist(["node", "root"], 100) == []
+    assert store.hoist(["node", "root"], 100).copies == []
     assert set(store.client.zrange(store.offers_key("node"), 0, -1)) == set(waiting)
     assert [store.record(k).get("hoists", "0") for k in waiting] == ["0"] * len(waiting)
 
@@ -570,9 +570,25 @@ def test_hoist_moves_at_most_a_batch_per_tier_per_pass(store):
     """One pass moves at most HOIST_BATCH offers out of a tier, oldest first."""
     keys = queued_on(store, "node", HOIST_BATCH + 5)
     store.client.zadd(store.offers_key("node"), {k: i for i, k in enumerate(keys)})
-    moved = store.hoist(["node", "pool"], 100)
+    moved = store.hoist(["node", "pool"], 100).copies
     assert [key for _, key, _, _ in moved] == keys[:HOIST_BATCH]
     assert store.client.zrange(store.offers_key("node"), 0, -1) == keys[HOIST_BATCH:]
+
+
+def test_a_pass_says_when_the_oldest_offer_left_below_the_top_is_due(store):
+    """due_in_ms times the next pass: a whole hoist delay when nothing is queued below the top
+    (what sits in the top tier never moves on, so it does not count), the time left on the oldest
+    fresh offer, and none when one is due but no tier above can take it."""
+    queued_on(store, "root", 1)
+    assert store.hoist(["node", "pool", "root"], 1000).due_in_ms == 1000
+    now = redis_now_ms(store.client)
+    queued_on(store, "node", 1, at_ms=now - 200)
+    queued_on(store, "pool", 1, at_ms=now - 300)
+    assert 500 < store.hoist(["node", "pool", "root"], 1000).due_in_ms <= 700
+    queued_on(store, "root", HOIST_BACKLOG)
+    queued_on(store, "node", 1)  # long due, and the root is not keeping up: it stays
+    hoisted = store.hoist(["node", "root"], 1000)
+    assert hoisted.copies == [] and hoisted.due_in_ms <= 0
 
 
 def test_a_submit_wider_than_a_pipeline_chunk_answers_every_request_in_order(store):
@@ -596,7 +612,7 @@ def test_a_pool_that_hoisted_offers_on_gets_a_smaller_window_and_the_rest_go_up(
     store.client.hset(store.window_key("pool"), mapping={"w": 4, "in": 4, "over": 3, "at": 0})
     due = queued_on(store, "node", 5)
     store.client.zadd(store.offers_key("node"), {k: i for i, k in enumerate(due)})
-    moved = store.hoist(["node", "pool", "root"], 100)
+    moved = store.hoist(["node", "pool", "root"], 100).copies
     assert [(queue, key) for queue, key, _, _ in moved] == [("pool", k) for k in due[:2]] + [
         ("root", k) for k in due[2:]
     ]
@@ -608,7 +624,7 @@ def test_a_pool_that_took_a_window_of_offers_gets_a_larger_one(store):
     """A pool given a whole window in the last period, none hoisted on, takes half as many more."""
     store.client.hset(store.window_key("pool"), mapping={"w": 4, "in": 4, "over": 0, "at": 0})
     queued_on(store, "node", 8)
-    moved = store.hoist(["node", "pool", "root"], 100)
+    moved = store.hoist(["node", "pool", "root"], 100).copies
     assert sorted(queue for queue, _, _, _ in moved) == ["pool"] * 6 + ["root"] * 2
     assert store.client.hget(store.window_key("pool"), "w") == "6"
 
@@ -619,7 +635,7 @@ def test_offers_hoisted_out_of_a_pool_count_against_its_window(store):
     now = redis_now_ms(store.client)
     store.client.hset(store.window_key("pool"), mapping={"w": 16, "in": 0, "over": 0, "at": now + HOUR})
     stuck = queued_on(store, "pool", 3)
-    moved = store.hoist(["node", "pool", "root"], 100)
+    moved = store.hoist(["node", "pool", "root"], 100).copies
     assert sorted(key for _, key, _, _ in moved) == sorted(stuck)
     assert store.client.hmget(store.window_key("pool"), "w", "over") == ["16", "3"]
 

@@ -13,7 +13,8 @@ import uuid
 import pytest
 
 from girder_celery.testing import delete_amqp_queue
-from tests.harness import Grid
+from tests.core_support import drain_ids, hoister_loop
+from tests.harness import Grid, wait_until
 
 
 @pytest.fixture
@@ -37,15 +38,44 @@ def runs(grid, task, *args) -> int:
 
 
 def test_local_first_small_children_run_on_the_parents_node(grid):
-    """Small children of a fan-out run on their parent's node, inline or from its own queue."""
+    """Small children of a fan-out run on their parent's node, inline or from its own queue:
+    five of 1 ms, which take well under girder_hoist_after in all even where a loaded machine
+    makes the first of them take 20 ms (so the waiter's estimate from it hoists none early)."""
     w1, w2 = grid.worker("w1", "solo", 1), grid.worker("w2", "solo", 1)
     m, t = grid.app_module, grid.app_module.tier_tasks
     tag = uuid.uuid4().hex
-    result = m.girder.request(t.tier_fan.s(10, 0.001, tag), timeout=30)
+    result = m.girder.request(t.tier_fan.s(5, 0.001, tag), timeout=30)
     assert result["parent"] in (w1.hostname, w2.hostname)
-    assert result["children"] == [result["parent"]] * 10
-    placements = {m.girder.state(t.tier_child.s(0.001, f"{tag}.{i}"))["placement"] for i in range(10)}
+    assert result["children"] == [result["parent"]] * 5
+    placements = {m.girder.state(t.tier_child.s(0.001, f"{tag}.{i}"))["placement"] for i in range(5)}
     assert placements <= {"inline", "local"}
+
+
+class PassTimes:
+    """A node's ``Offers`` for the hoister's loop, noting when each pass begins."""
+
+    def __init__(self, offers) -> None:
+        self.offers, self.hoist_now, self.at = offers, offers.hoist_now, []
+
+    def hoist(self, tiers: list[str]) -> float:
+        self.at.append(time.monotonic())
+        return self.offers.hoist(tiers)
+
+
+def test_an_idle_hoister_passes_once_per_hoist_after_and_copies_a_fresh_offer_when_it_is_due(grid):
+    """With nothing queued below the top, the hoister's passes come a whole girder_hoist_after
+    apart, not half; an offer queued meanwhile is still copied up a tier once it is due."""
+    m = grid.app_module
+    after = m.girder.runtime.settings.hoist_after
+    passes = PassTimes(m.girder.runtime.offers)
+    with hoister_loop(grid, passes, after / 2) as (source, destination):
+        wait_until(lambda: len(passes.at) >= 6, 10, "six idle passes")
+        gaps = [b - a for a, b in zip(passes.at[1:], passes.at[2:])]
+        assert min(gaps) >= 0.9 * after, gaps
+        fresh = m.tier_tasks.tier_child.prepare((0.001, uuid.uuid4().hex), {}, source)
+        m.girder.runtime.offers.submit([fresh], "", offer=False)  # its index entry only, on source
+        assert drain_ids(grid, destination, fresh.key, timeout=10) == []
+        assert m.girder.store.record(fresh.key)["hoists"] == "1"
 
 
 @pytest.mark.invariant1

@@ -43,9 +43,12 @@
 --
 -- Transition: queued, offered on a tier -> queued, offered on a tier above it too (the nearest
 -- that can take it)
--- Returns {queue1, key1, name1, payload1, queue2, ...}: the offers to publish, and where. With
--- ARGV[2] "", {queue1 or "", key1, from1, "", ...}: each entry moved to queue1 out of tier from1,
--- or, with "", looked at and left in from1, for the caller to check against its record.
+-- Returns {due_in, queue1, key1, name1, payload1, queue2, ...}: due_in, the ms until the oldest
+-- offer left in a tier below the top is due (ARGV[1] when there is none: an offer made now is due
+-- then; 0 or less when one is due and could not move), for the caller to time its next pass;
+-- then the offers to publish, and where. With ARGV[2] "", {due_in, queue1 or "", key1, from1, "",
+-- ...}: each entry moved to queue1 out of tier from1, or, with "", looked at and left in from1,
+-- for the caller to check against its record.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -53,7 +56,7 @@ local after = tonumber(ARGV[1])
 local cutoff = now - after
 local batch, backlog, prune = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local n = #KEYS / 2
-local out = {}
+local out = {after}
 local one = ARGV[2] ~= ''
 
 local function stale(j)
@@ -126,6 +129,13 @@ for i = 1, n do
         end
       end
     end
+  end
+end
+
+for i = 1, n - 1 do
+  local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  if oldest[2] then
+    out[1] = math.min(out[1], tonumber(oldest[2]) - cutoff)
   end
 end
 return out

@@ -138,7 +138,7 @@ def test_hoist_drops_an_offer_whose_record_is_not_a_hash_and_moves_the_others(st
     good, (bad, _, _) = new_key(), plant(store, "a set")
     submit(store, good, pool="low")
     store.client.zadd(store.offers_key("low"), {bad: 0})
-    moved = store.hoist(["low", "high"], 0)
+    moved = store.hoist(["low", "high"], 0).copies
     assert [entry[:2] for entry in moved] == [("high", good)]
     assert store.client.zrange(store.offers_key("low"), 0, -1) == []
 

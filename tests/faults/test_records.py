@@ -15,8 +15,7 @@ import pytest
 
 from girder_celery import GirderError
 from girder_celery.errors import CORRUPT
-from girder_celery.worker import Hoister
-from tests.core_support import dead_queue, drain_ids, forget_queue, open_gate, runs, tag
+from tests.core_support import dead_queue, drain_ids, forget_queue, hoister_loop, open_gate, runs, tag
 from tests.harness import Grid, repointed, wait_until
 from tests.test_cli import celery
 
@@ -150,23 +149,12 @@ def test_offers_hoisted_early_are_copied_at_once_not_at_the_hoisters_next_tick(g
     hoister that passes every 60 s copies them up a tier at once."""
     m = grid.app_module
     offers = m.girder.runtime.offers
-    source, destination = dead_queue(grid), dead_queue(grid)
-    hoister = Hoister.__new__(Hoister)  # its loop, as the bootstep starts it, minus the worker
-    hoister.stopping, hoister.wake = threading.Event(), offers.hoist_now
-    loop = threading.Thread(target=hoister._run, args=(offers, [source, destination], 60.0), daemon=True)
-    loop.start()
-    try:
+    with hoister_loop(grid, offers, 60.0) as (source, destination):
         fresh = m.add.prepare((next(_numbers), 1), {}, source)
         offers.submit([fresh], "", offer=False)  # recorded on source, not yet due for a minute
         offers.hoist_early(source, [fresh.key])
         assert drain_ids(grid, destination, fresh.key, timeout=10) == []  # its copy, well within a minute
         assert m.girder.store.record(fresh.key)["hoists"] == "1"
-    finally:
-        hoister.stop(None)
-        loop.join(5)
-        forget_queue(grid, source)
-        forget_queue(grid, destination)
-    assert not loop.is_alive()
 
 
 def test_requests_with_return_exceptions_put_the_corrupt_records_error_in_its_place(grid):
