@@ -42,6 +42,9 @@ class Offers:
         #: Set when offers of this process were made due early (``hoist_early``): the hoister
         #: of this process, if it runs one, passes at once instead of at its next tick.
         self.hoist_now = threading.Event()
+        #: The tiers this process's hoister passes up (its node's queue, pool and the pool's
+        #: ancestors), set as it starts; None where no hoister runs.
+        self.hoist_tiers: list[str] | None = None
 
     def submit(
         self,
@@ -160,16 +163,21 @@ class Offers:
         with app.producer_or_acquire() as producer:
             app.amqp.send_task_message(producer, name, message, headers={"girder_mirror": True}, **options)
 
-    def hoist_early(self, tier: str, keys: list[str]) -> None:
+    def hoist_early(self, tier: str, keys: list[str], here: bool = False) -> None:
         """Offers of ``keys`` on ``tier`` are expected to wait longer than ``girder_hoist_after``:
-        make them due now and wake the hoister. A Redis error is only logged: they are due as
-        they age anyway."""
+        make them due now and wake the hoister, or, ``here``, pass on the calling thread instead:
+        a waiter about to submit the rest of a wide fan-out would hold the hoister off the
+        interpreter (its thread needs the GIL for every copy) and Redis (a pipeline of submits)
+        for as long as that takes. A Redis error is only logged: they are due as they age anyway."""
         try:
             self.store.make_due(tier, keys)
         except redis.RedisError as exc:
             logger.info("girder: could not hoist %d offer(s) early (%s); they go as they age", len(keys), exc)
             return
-        self.hoist_now.set()
+        if here and self.hoist_tiers:
+            self.hoist(self.hoist_tiers)
+        else:
+            self.hoist_now.set()
 
     def hoist(self, tiers: list[str]) -> float:
         """One pass up ``tiers`` (node queue, pool, ancestors): copy the offers that waited

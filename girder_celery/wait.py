@@ -24,6 +24,7 @@ import contextlib
 import copy
 import itertools
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import redis
@@ -93,7 +94,8 @@ class Wait:
         Every request then counts as queued until the first check after the store's return
         submits them all again. A store never reached is reported at once: a wrong URL."""
         try:
-            self._absorb(self._submit(list(self.unique.values())))
+            for part in self._parts(list(self.unique.values())):
+                self._absorb(self._submit(part))
         except (*STORE_UNREACHABLE, GirderConnectionError):
             if not self.store.reached:
                 raise
@@ -102,6 +104,10 @@ class Wait:
         return None
 
     # -- hooks an inline waiter overrides ----------------------------------------------------
+
+    def _parts(self, requests: list[Request]) -> Iterator[list[Request]]:
+        """The first submit's parts, each absorbed before the next is asked for: all at once."""
+        yield requests
 
     def _submit(self, requests: list[Request]) -> list[Outcome]:
         return self.offers.submit(requests, self.mailbox)

@@ -183,7 +183,7 @@ class Hoister(bootsteps.StartStopStep):
         settings, offers = runtime.settings, runtime.offers
         if not settings.hoist_after:
             return
-        tiers = [offers.node_queue(worker.hostname), *settings.pool_chain(runtime.node_pool)]
+        tiers = offers.hoist_tiers = [offers.node_queue(worker.hostname), *settings.pool_chain(runtime.node_pool)]
         self.stopping.clear()
         self.wake = offers.hoist_now
         args = (offers, tiers, settings.hoist_after / 2)

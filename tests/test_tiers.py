@@ -121,6 +121,40 @@ def test_long_children_get_help_once_the_first_one_ends_not_hoist_after_later(re
 
 
 @pytest.mark.invariant1
+def test_a_fan_out_wider_than_a_node_can_run_within_hoist_after_gets_help_at_its_submit(redis_server, broker):
+    """With girder_hoist_after at 0.3 s, a solo node's fan-out of 3,100 children: even at
+    INLINE_RUN_FLOOR each it could run only 3,000 of them within 0.3 s, so its oldest are made due
+    as soon as they are submitted, before the rest, and the idle node runs copies of them while
+    the newest (run first, inline) still takes 1 s and before any offer has waited 0.3 s. Each
+    child still runs once."""
+    from girder_celery.inline import INLINE_RUN_FLOOR
+
+    after, n = 0.3, 3100
+    assert n > after / INLINE_RUN_FLOOR  # the premise: wider than the floor lets the node run
+    grid = Grid(redis_server, broker)
+    grid.env["GIRDER_TEST_HOIST_AFTER"] = str(after)
+    grid.load_app()
+    try:
+        w1, w2 = grid.worker("w1", "solo", 1), grid.worker("w2", "solo", 1)
+        m, t, tag = grid.app_module, grid.app_module.tier_tasks, uuid.uuid4().hex
+        fan = t.tier_fan_newest_long.s(n, 1.0, tag)
+        result = m.girder.request(fan, timeout=120, pool=m.girder.node_queue(w1.hostname))
+        assert result["parent"] == w1.hostname
+        sigs = [t.tier_child.s(0, f"{tag}.{i}") for i in range(n - 1)] + [t.tier_child.s(1.0, f"{tag}.newest")]
+        pipe = m.girder.store.client.pipeline(transaction=False)
+        for sig in sigs:
+            pipe.hmget(m.girder.store.record_key(m.girder.key_of(sig)), "node", "created_at", "started_at")
+        records = pipe.execute()
+        helped = [int(started) - int(created) for node, created, started in records if node == w2.hostname]
+        assert helped, "the idle node ran none"
+        assert min(helped) < after * 1000, f"the first copy ran {min(helped)} ms after its submit: it waited to age"
+        counts = m._counter.mget([m.runs_key(sig.task, m.girder.key_of(sig)) for sig in sigs])
+        assert [int(c or 0) for c in counts] == [1] * n
+    finally:
+        grid.close()
+
+
+@pytest.mark.invariant1
 def test_nested_pools_a_fan_out_in_a_gets_help_from_b(tiers):
     """A fan-out in pool a gets help from pool b through their parent r; each child runs once."""
     wa = tiers.worker("wa", "solo", 1, "--girder-pool", tiers.pools["a"])

@@ -18,3 +18,13 @@ def tier_fan(self, n, seconds, tag):
     count_run(self)
     nodes = girder.requests([tier_child.s(seconds, f"{tag}.{i}") for i in range(n)], timeout=60)
     return {"parent": self.request.hostname, "children": nodes}
+
+
+@girder.task(bind=True, name="grid.tier_fan_newest_long")
+def tier_fan_newest_long(self, n, seconds, tag):
+    """Requests ``n`` distinct children at once, all trivial but the newest (which its waiter runs
+    first), of ``seconds``; the nodes that ran them, in order."""
+    count_run(self)
+    sigs = [tier_child.s(0, f"{tag}.{i}") for i in range(n - 1)] + [tier_child.s(seconds, f"{tag}.newest")]
+    nodes = girder.requests(sigs, timeout=60)
+    return {"parent": self.request.hostname, "children": nodes}
