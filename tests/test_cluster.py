@@ -97,9 +97,14 @@ STORE_TESTS = [
 ]  # fmt: skip
 
 
+#: The client name of the ``store`` fixture's connections (``CLIENT SETNAME``), so that a test can
+#: kill those alone: not the shared worker's, whose dead connections would cost later tests seconds.
+STORE_CLIENT = "girder-test-store"
+
+
 @pytest.fixture
 def store(cluster):
-    s = StateStore(cluster.client(), prefix=f"st-{uuid.uuid4().hex[:8]}")
+    s = StateStore(cluster.client(client_name=STORE_CLIENT), prefix=f"st-{uuid.uuid4().hex[:8]}")
     yield s
     for name in s.client.scan_iter(f"{s.prefix}:*"):
         s.client.delete(name)
@@ -214,8 +219,9 @@ def test_an_unawaited_completion_wakes_its_waiters_with_the_next_submit_or_a_flu
 
 
 def test_an_unawaited_completion_sent_on_a_killed_connection_is_made_again_and_wakes(store, cluster):
-    """Every client's connection killed (CLIENT KILL on each master) before a completion is sent
-    on the thread's link: its reply cannot be read, so the completion is made again through the
+    """Every connection of the store killed (CLIENT KILL on each master, by id, of those named
+    ``STORE_CLIENT``: the shared worker's are left alone) before a completion is sent on the
+    thread's link: its reply cannot be read, so the completion is made again through the
     cluster's client, and the reply of that call wakes the waiter. (A wake-up sent on a killed
     connection is itself found lost by the thread's next call on that master's link, here its
     ``idle``; a waiter's periodic check would find the record settled meanwhile.)"""
@@ -223,9 +229,13 @@ def test_an_unawaited_completion_sent_on_a_killed_connection_is_made_again_and_w
         key, box = test_store.new_key(), store.mailbox_key(uuid.uuid4().hex)
         owner = test_store.claimed(store, key)
         store.submit([test_store.item(key)], box, test_store.HOUR)  # the links are connected
+        killed = 0
         for server in cluster.servers:
             with server.client() as admin:
-                admin.client_kill_filter(_type="normal", skipme=True)
+                for client in admin.client_list():
+                    if client.get("name") == STORE_CLIENT:
+                        killed += admin.client_kill_filter(_id=client["id"])
+        assert killed, "no connection of the store was found to kill"
         store.complete_unawaited(key, owner, str(round_), test_store.HOUR)
         store.flush()
         assert store.record(key)["value"] == str(round_)

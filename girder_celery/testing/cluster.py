@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -99,8 +100,11 @@ class ClusterGroup:
         auth = f":{self.password}@" if self.password else ""
         return f"redis+cluster://{auth}" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:seeds])
 
-    def client(self) -> redis.RedisCluster:
-        return redis.RedisCluster(host="127.0.0.1", port=self.ports[0], password=self.password, decode_responses=True)
+    def client(self, **options: Any) -> redis.RedisCluster:
+        """A client of the cluster (``options`` go to ``redis.RedisCluster``, e.g. ``client_name``)."""
+        return redis.RedisCluster(
+            host="127.0.0.1", port=self.ports[0], password=self.password, decode_responses=True, **options
+        )
 
     def close(self) -> None:
         """Stop every node and remove their directories."""
