@@ -97,9 +97,8 @@ class InlineWait(Wait):
         a part before the next is asked for), so this node's hoister copies them to the pool while
         the rest are submitted, and a wide fan-out gets help within milliseconds of its submit, not
         once all of it is in (2,000 took 80 ms) and has aged (issue 12)."""
-        after, concurrency = self.runner.settings.hoist_after, max(1, self.runner.concurrency)
         here = sum(map(self._here, requests))
-        early = min(EARLY_HOIST, here - math.ceil(after / INLINE_RUN_FLOOR * concurrency)) if after else 0
+        early = min(EARLY_HOIST, here - self._kept(INLINE_RUN_FLOOR)) if self.runner.settings.hoist_after else 0
         if early <= 0:
             yield requests
             return
@@ -210,15 +209,14 @@ class InlineWait(Wait):
         of the ``count`` sub-requests queued on this node's own queue (default: those still
         claimable), all but the newest its executors get to within ``girder_hoist_after`` (this
         waiter runs the newest first) are expected to wait longer than that, which is what
-        hoisting waits for. The oldest of them (at most ``EARLY_HOIST`` in all) are made due now,
-        so a wide fan-out of long children gets help from the pool when its first child ends, not
+        hoisting waits for. The oldest ``EARLY_HOIST`` of them, less those made due already, are
+        made due now, so a wide fan-out of long children gets help from the pool when its first child ends, not
         ``girder_hoist_after`` after its submit. Of short children, only those beyond the
         newest ``girder_hoist_after`` / ``took`` go early, which age would send a little later.
         ``now``: copied up on this thread at once (``Offers.hoist_early``)."""
-        after = self.runner.settings.hoist_after
-        if not after or took <= 0 or not self.claimable:
+        if not self.runner.settings.hoist_after or took <= 0 or not self.claimable:
             return
-        kept = math.ceil(after / took * max(1, self.runner.concurrency))
+        kept = self._kept(took)
         # Counted, then the oldest taken: no list of a wide fan-out's every key (issue 12).
         if count is None:
             count = sum(map(self._offered_here, self.claimable))
@@ -227,6 +225,10 @@ class InlineWait(Wait):
         if due:
             self.made_due.update(due)
             self.offers.hoist_early(self.queue, due, here=now)
+
+    def _kept(self, took: float) -> int:
+        """How many sub-requests of ``took`` s each this node's executors run within ``girder_hoist_after``."""
+        return math.ceil(self.runner.settings.hoist_after / took * max(1, self.runner.concurrency))
 
     def _offered_here(self, key: str) -> bool:
         return self._here(self.unique[key])

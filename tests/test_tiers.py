@@ -140,7 +140,7 @@ def test_a_fan_out_wider_than_a_node_can_run_within_hoist_after_gets_help_at_its
         fan = t.tier_fan_newest_long.s(n, 1.0, tag)
         result = m.girder.request(fan, timeout=120, pool=m.girder.node_queue(w1.hostname))
         assert result["parent"] == w1.hostname
-        sigs = [t.tier_child.s(0, f"{tag}.{i}") for i in range(n - 1)] + [t.tier_child.s(1.0, f"{tag}.newest")]
+        sigs = t.newest_long_children(n, 1.0, tag)
         pipe = m.girder.store.client.pipeline(transaction=False)
         for sig in sigs:
             pipe.hmget(m.girder.store.record_key(m.girder.key_of(sig)), "node", "created_at", "started_at")

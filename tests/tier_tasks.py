@@ -25,6 +25,10 @@ def tier_fan_newest_long(self, n, seconds, tag):
     """Requests ``n`` distinct children at once, all trivial but the newest (which its waiter runs
     first), of ``seconds``; the nodes that ran them, in order."""
     count_run(self)
-    sigs = [tier_child.s(0, f"{tag}.{i}") for i in range(n - 1)] + [tier_child.s(seconds, f"{tag}.newest")]
-    nodes = girder.requests(sigs, timeout=60)
+    nodes = girder.requests(newest_long_children(n, seconds, tag), timeout=60)
     return {"parent": self.request.hostname, "children": nodes}
+
+
+def newest_long_children(n, seconds, tag):
+    """``tier_fan_newest_long``'s children, in order: ``n - 1`` trivial ones, then one of ``seconds``."""
+    return [tier_child.s(0, f"{tag}.{i}") for i in range(n - 1)] + [tier_child.s(seconds, f"{tag}.newest")]
