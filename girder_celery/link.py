@@ -13,7 +13,11 @@ Anything unusual falls back to the client's own path, which reconnects, retries 
 scripts: a connection error, a script Redis forgot (``NOSCRIPT``), or an unread reply that
 turns out to be an error (the call is made again: completing a settled request is a no-op).
 An exception raised into a call between its send and its reply (a time limit's signal) drops
-the connection the same way, so no later call reads a reply that is not its own. A
+the connection the same way, so no later call reads a reply that is not its own. A call whose
+reply is not awaited first reads the replies still unread and then looks whether the server has
+closed the connection since (``CLIENT KILL``, its idle ``timeout``): a closed connection would
+take the call without a word, and its loss would be found only at the thread's next call, which
+an executor waiting for its next message does not make, so the call goes the client's way. A
 thread gives its connection back to the client's pool before it hops or ends; one that blocks
 or takes its next message keeps it, and its unread replies, until its next call. (Should an
 operator flush Redis's scripts meanwhile, that call makes the completion again; a thread that
@@ -201,8 +205,7 @@ class Link:
         held = self._held()
         again = functools.partial(script, keys, args, client=self.fallback), on_reply
         try:
-            if held.connection is None or held.owed:
-                self._ready(held)
+            self._ready_to_send(held)
             if not self._loaded:
                 for known in self.scripts:
                     self.client.script_load(known.script)
@@ -225,9 +228,7 @@ class Link:
         held = self._held()
         calls = [(functools.partial(again, c), None) for c in commands]
         try:
-            if held.connection is None or held.owed:
-                self._ready(held)
-            self._read_unread(held)
+            self._ready_to_send(held)
             _send(held, [chunk for command in commands for chunk in _pack(held, command)])
         except _FALL_BACK:
             self._owe(held, *calls)
@@ -291,6 +292,20 @@ class Link:
             held.connection = held.pool.get_connection()
             if _server_of(held.connection) != self._scripts_on:
                 self._loaded = False
+
+    def _ready_to_send(self, held: _Held) -> None:
+        """``_ready``, for a call whose reply is not awaited: a connection the server closed
+        while nothing was in flight on it (``CLIENT KILL``, its idle ``timeout``, a restart)
+        would take the call without a word and lose it, found out only at the thread's next
+        call on this link, which an executor waiting for its next message may not make: a
+        waiter woken through it then slept until its periodic check. Found closed, it raises
+        as a broken one does, and the call goes the client's way at once."""
+        if held.connection is None or held.owed:
+            self._ready(held)
+            return
+        self._read_unread(held)  # sent earlier, long arrived as a rule: after them, nothing is due
+        if _closed(held.connection):
+            raise redis.exceptions.ConnectionError("the server closed this thread's connection to it")
 
     @staticmethod
     def _pack(held: _Held, script: Script, keys: tuple, args: tuple) -> Any:
@@ -370,6 +385,15 @@ class Link:
             self._reset(held, *calls)
         except STORE_UNREACHABLE:
             logger.info("girder: the state store is unreachable; %d call(s) owed to it", len(held.owed))
+
+
+def _closed(connection: Any) -> bool:
+    """Whether the server has closed ``connection``, on which no reply is awaited: then
+    anything it can read (its end of file, as a rule) says so; a poll that returns at once."""
+    try:
+        return bool(connection.can_read(0))
+    except (redis.exceptions.ConnectionError, OSError):
+        return True
 
 
 def _server_of(connection: Any) -> tuple:

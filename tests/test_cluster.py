@@ -11,6 +11,7 @@ after all of that, and each bad configuration a clear error at call time and at 
 from __future__ import annotations
 
 import inspect
+import select
 import threading
 import time
 import uuid
@@ -218,17 +219,30 @@ def test_an_unawaited_completion_wakes_its_waiters_with_the_next_submit_or_a_flu
         assert store.pop_mailbox(box, 1.0, 5) == [test_store.Outcome(key, "done", "7")], wake
 
 
+def _held_sockets(store: StateStore) -> list:
+    """The sockets this thread's links to the masters hold."""
+    helds = (getattr(link._local, "held", None) for link in store.slots._links.values())
+    return [held.connection._sock for held in helds if held is not None and held.connection is not None]
+
+
+def _all_readable(sockets: list) -> bool:
+    """Whether each of ``sockets`` can be read (here: its end of file has arrived)."""
+    return len(select.select(sockets, [], [], 0)[0]) == len(sockets)
+
+
 def test_an_unawaited_completion_sent_on_a_killed_connection_is_made_again_and_wakes(store, cluster):
     """Every connection of the store killed (CLIENT KILL on each master, by id, of those named
     ``STORE_CLIENT``: the shared worker's are left alone) before a completion is sent on the
-    thread's link: its reply cannot be read, so the completion is made again through the
-    cluster's client, and the reply of that call wakes the waiter. (A wake-up sent on a killed
-    connection is itself found lost by the thread's next call on that master's link, here its
-    ``idle``; a waiter's periodic check would find the record settled meanwhile.)"""
+    thread's link, and before its wake-up is sent on the mailbox's master's link, which holds
+    an earlier send's unread reply: each is found closed as it is about to send, and the call
+    goes the cluster client's way at once. The waiter is woken with no later call on the links:
+    a solo worker's executor, waiting for its next message, makes none (a wake-up lost so slept
+    until the waiter's periodic check, 5 s)."""
     for round_ in range(3):
         key, box = test_store.new_key(), store.mailbox_key(uuid.uuid4().hex)
         owner = test_store.claimed(store, key)
         store.submit([test_store.item(key)], box, test_store.HOUR)  # the links are connected
+        store.slots.effects([("PEXPIRE", box, test_store.HOUR)])  # and the mailbox's has a reply unread
         killed = 0
         for server in cluster.servers:
             with server.client() as admin:
@@ -236,10 +250,10 @@ def test_an_unawaited_completion_sent_on_a_killed_connection_is_made_again_and_w
                     if client.get("name") == STORE_CLIENT:
                         killed += admin.client_kill_filter(_id=client["id"])
         assert killed, "no connection of the store was found to kill"
+        wait_until(lambda: _all_readable(_held_sockets(store)), 5, "the kills to reach the links")
         store.complete_unawaited(key, owner, str(round_), test_store.HOUR)
         store.flush()
         assert store.record(key)["value"] == str(round_)
-        store.idle()
         assert store.pop_mailbox(box, 2.0, 5) == [test_store.Outcome(key, "done", str(round_))], round_
 
 

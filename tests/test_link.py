@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import select
 import signal
 import subprocess
 import sys
@@ -92,6 +93,41 @@ def test_a_killed_connection_falls_back_and_sends_its_unconfirmed_completion_aga
     assert store.claim(new_key(), "n1/1/a", "n1", 1000)[0] == "absent"
     assert store.record(key)["state"] == "done"
     assert store.client.blpop([mailbox], timeout=5) is not None
+
+
+def _killed(client: redis.Redis, connection: Any) -> None:
+    """Kill ``connection`` from the server's side and wait until its end of file has reached it."""
+    host, port = connection._sock.getsockname()[:2]
+    client.execute_command("CLIENT", "KILL", "ADDR", f"{host}:{port}")
+    wait_until(lambda: select.select([connection._sock], [], [], 0)[0], 5, "the killed connection's end of file")
+
+
+def test_an_unawaited_completion_on_a_connection_the_server_closed_lands_without_a_later_call(store):
+    """A completion sent on the thread's connection after the server closed it (here CLIENT
+    KILL; an idle ``timeout`` alike) lands at once, through the client's path: nothing is lost
+    until a next call on the link, which an executor waiting for its next message never makes."""
+    key, mailbox = running(store)
+    store.claim(new_key(), "n1/1/a", "n1", 1000)  # this thread now holds its connection, nothing unread
+    _killed(store.client, store.link._local.held.connection)
+    store.complete_unawaited(key, "n1/1/a", "3", 0)
+    assert store.client.blpop([mailbox], timeout=2) is not None, "the waiter was not woken"
+    assert store.record(key)["state"] == "done"
+
+
+def test_sent_commands_after_the_server_closed_the_connection_land_without_a_later_call(store):
+    """Commands sent unawaited (a mirror's copy, a cluster's wake-up) after replies of earlier
+    sends, on a connection the server closed since, are made through ``again`` at once."""
+    link = Link(store.client, [])
+    name = f"{store.prefix}:box"
+
+    def again(command: tuple) -> None:
+        store.client.execute_command(*command)
+
+    link.send_commands([("RPUSH", name, "first")], again)  # its reply is left unread
+    _killed(store.client, link._local.held.connection)
+    link.send_commands([("RPUSH", name, "second")], again)
+    assert store.client.lrange(name, 0, -1) == ["first", "second"]
+    link.idle()
 
 
 def test_threads_give_their_connection_back_when_they_end(store):
