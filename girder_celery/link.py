@@ -300,11 +300,11 @@ class Link:
         call on this link, which an executor waiting for its next message may not make: a
         waiter woken through it then slept until its periodic check. Found closed, it raises
         as a broken one does, and the call goes the client's way at once."""
-        if held.connection is None or held.owed:
+        fresh = held.connection is None  # the pool looked at it as it lent it
+        if fresh or held.owed:
             self._ready(held)
-            return
         self._read_unread(held)  # sent earlier, long arrived as a rule: after them, nothing is due
-        if _closed(held.connection):
+        if not fresh and _closed(held.connection):
             raise redis.exceptions.ConnectionError("the server closed this thread's connection to it")
 
     @staticmethod
