@@ -10,8 +10,11 @@ after all of that, and each bad configuration a clear error at call time and at 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
 import select
+import socket
 import threading
 import time
 import uuid
@@ -255,6 +258,57 @@ def test_an_unawaited_completion_sent_on_a_killed_connection_is_made_again_and_w
         store.flush()
         assert store.record(key)["value"] == str(round_)
         assert store.pop_mailbox(box, 2.0, 5) == [test_store.Outcome(key, "done", str(round_))], round_
+
+
+def _local_addresses(pid: int) -> set[str]:
+    """The local ``host:port`` of each IPv4 TCP socket process ``pid`` holds (/proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    addresses = set()
+    with open(f"/proc/{pid}/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                ip, port = fields[1].split(":")
+                addresses.add(f"{socket.inet_ntoa(bytes.fromhex(ip)[::-1])}:{int(port, 16)}")
+    return addresses
+
+
+def test_a_worker_whose_store_connections_the_servers_closed_answers_without_waiting_for_a_check(redis_server, cluster):
+    """A solo worker's connections to every master closed by the servers (CLIENT KILL; an idle
+    ``timeout`` alike) between requests: each of the next requests is answered at once, not after
+    its waiter's periodic check (5 s here), three times over. A wake-up sent on a closed link used
+    to be lost until the worker's next call there, which a worker waiting for its next message
+    does not make."""
+    g = Grid(redis_server, "redis", check=5)
+    try:
+        g.load_app()
+        pid = g.start_workers(["closed"], "solo", 1)[0].proc.pid
+        m = g.app_module
+        base = test_core_e2e.num()
+        for i in range(20):  # records on every master: the worker's links to each are connected
+            assert m.add.call(base + i) == base + i
+        for round_ in range(3):
+            theirs = _local_addresses(pid)
+            killed = 0
+            for server in cluster.servers:
+                with server.client() as admin:
+                    for client in admin.client_list():
+                        if client["addr"] in theirs:
+                            killed += admin.client_kill_filter(_id=client["id"])
+            assert killed, "none of the worker's connections to the masters was found"
+            for i in range(6):
+                x = base + 100 * (round_ + 1) + i
+                started = time.monotonic()
+                assert m.girder.request(m.add.s(x), timeout=10) == x
+                took = time.monotonic() - started
+                assert took < 2.0, f"round {round_}, call {i} took {took:.1f} s: a wake-up waited for the check"
+    finally:
+        _fast_stop(g)
 
 
 def test_a_sub_request_answered_from_the_store_is_in_its_requesters_graph_as_such(store):
