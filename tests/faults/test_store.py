@@ -190,3 +190,24 @@ def test_the_store_killed_and_restarted_empty_mid_dag(make_fault_grid, private_r
     figures.add("store restarted empty mid-DAG -> answer", finished - back, STORE_RETURN)
     assert_runs(grid, {k: (1, before + 1) for k, before in started.items()})
     assert_serving(grid, nodes.values())
+
+
+def test_a_run_longer_than_the_stores_idle_timeout_is_answered_as_it_ends(make_fault_grid, private_redis):
+    """The store closes connections idle for over a second (Redis's ``timeout 1``), and a request
+    runs 2.5 s: meanwhile the server closes the connection the node claimed it on. Its completion,
+    sent as the run ends, goes on a fresh connection, so the caller is answered as the run ends
+    and the request runs once; sent on the closed one it was lost, and the request waited for its
+    lease (30 s here) or the node's next message."""
+    store = private_redis()
+    grid = make_fault_grid("redis", lease=30, check=5, store=store)
+    grid.worker("n1", "solo", 1)
+    m = grid.app_module
+    with store.client() as admin:
+        admin.config_set("timeout", 1)
+    for round_ in range(2):
+        x = tag()
+        started = time.monotonic()
+        assert m.girder.request(m.slow.s(2.5, x), timeout=20)["tag"] == x
+        took = time.monotonic() - started
+        assert took < 2.5 + 1.5, f"round {round_}: answered {took:.1f} s after the call"
+        assert runs(grid, "grid.slow", m.slow.key(2.5, x)) == 1
